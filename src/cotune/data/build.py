@@ -1,0 +1,143 @@
+"""From a TrainConfig to training and validation DataLoaders (the data half of a recipe's setup)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cotune.data.batching import LengthGroupedBatchSampler, PaddingCollator, pad_fraction
+from cotune.data.cookbook import cookbook_dataset
+from cotune.data.dataset import SFTDataset, encode_samples
+from cotune.data.records import DataError, load_samples, report_problems, split_train_test
+from cotune.models.families import ModelFamily
+
+
+@dataclass
+class DataBundle:
+    """What the training loop needs from the data step."""
+
+    train: torch.utils.data.DataLoader
+    val: torch.utils.data.DataLoader | None
+    train_sampler: Any = None
+    report: list[str] = field(default_factory=list)
+    cookbook: bool = False
+
+
+def _loader(dataset, sampler, collate, workers: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+def build_data(
+    cfg: Any,
+    processor: Any,
+    family: ModelFamily,
+    rank: int = 0,
+    world_size: int = 1,
+    augment: Callable | None = None,
+    log: Callable[[str], None] = print,
+) -> DataBundle:
+    """Reads, validates, splits, tokenizes and batches the data named by ``cfg``.
+
+    Bad records are reported with file:line and skipped, or, with ``data.on_error: raise``, all of
+    them are listed in one error before any training starts.
+    """
+    tokenizer = processor.tokenizer
+    if cfg.dataset == "custom_dataset" or cfg.custom_dataset.file:
+        return _build_cookbook(cfg, processor, family, rank, world_size, log)
+    d = cfg.data
+    samples, problems = load_samples(cfg.dataset, d.image_root, d.system_prompt)
+    total = len(samples) + len(problems)
+    if d.test_file:
+        val_samples, val_problems = load_samples(d.test_file, d.image_root, d.system_prompt)
+        problems += val_problems
+        total += len(val_samples) + len(val_problems)
+        train_samples = samples
+    else:
+        train_samples, val_samples = split_train_test(samples, d.test_split_ratio, d.split_seed)
+    train_enc, p1, s1 = encode_samples(train_samples, processor, family, d.max_seq_len, d.overlength)
+    val_enc, p2, s2 = encode_samples(val_samples, processor, family, d.max_seq_len, d.overlength)
+    problems += p1 + p2
+    report_problems(problems, d.on_error, total, log=log if rank == 0 else (lambda s: None))
+    if not train_enc:
+        raise DataError(f"no usable training samples in {cfg.dataset}")
+    report = [
+        f"train: {s1.describe(d.max_seq_len)}",
+        f"validation: {s2.describe(d.max_seq_len)}"
+        + ("" if d.test_file else f" (seeded split of {cfg.dataset})"),
+    ]
+    if problems:
+        report.append(f"skipped {len(problems)} records (see the list above)")
+
+    image_id = family.image_token_id(tokenizer)
+    collate = PaddingCollator(tokenizer.pad_token_id, family, image_id)
+    train_ds = SFTDataset(train_enc, processor, family, augment=augment)
+    train_sampler = LengthGroupedBatchSampler(
+        train_ds.lengths, cfg.batch_size_training, seed=cfg.seed, rank=rank, world_size=world_size
+    )
+    plain = LengthGroupedBatchSampler(
+        train_ds.lengths, cfg.batch_size_training, seed=cfg.seed, group_by_length=False
+    )
+    grouped = pad_fraction(train_ds.lengths, train_sampler.global_batches())
+    ungrouped = pad_fraction(train_ds.lengths, plain.global_batches())
+    report.append(f"padding: {grouped:.1%} of tokens with length grouping ({ungrouped:.1%} without)")
+    val = None
+    if cfg.run_validation and val_enc:
+        val_ds = SFTDataset(val_enc, processor, family)
+        val_sampler = LengthGroupedBatchSampler(
+            val_ds.lengths,
+            cfg.val_batch_size or cfg.batch_size_training,
+            shuffle=False,
+            rank=rank,
+            world_size=world_size,
+        )
+        val = _loader(val_ds, val_sampler, collate, cfg.num_workers_dataloader)
+    train = _loader(train_ds, train_sampler, collate, cfg.num_workers_dataloader)
+    return DataBundle(train=train, val=val, train_sampler=train_sampler, report=report)
+
+
+def _build_cookbook(cfg, processor, family, rank, world_size, log) -> DataBundle:
+    """llama-cookbook dataset file: its own records and (optionally) its own collator."""
+    if not cfg.custom_dataset.file:
+        raise DataError(
+            "dataset is 'custom_dataset' but custom_dataset.file is not set (or pass --dataset FILE)"
+        )
+    train_ds, collate = cookbook_dataset(cfg.custom_dataset, processor, "train")
+    if collate is None:
+        tokenizer = processor.tokenizer
+        collate = PaddingCollator(tokenizer.pad_token_id, family, family.image_token_id(tokenizer))
+    sampler = LengthGroupedBatchSampler(
+        [1] * len(train_ds),
+        cfg.batch_size_training,
+        seed=cfg.seed,
+        group_by_length=False,
+        rank=rank,
+        world_size=world_size,
+    )
+    val = None
+    report = [
+        f"train: {len(train_ds)} records from {cfg.custom_dataset.file} (split '{cfg.custom_dataset.train_split}')"
+    ]
+    if cfg.run_validation:
+        val_ds, _ = cookbook_dataset(cfg.custom_dataset, processor, "test")
+        val_sampler = LengthGroupedBatchSampler(
+            [1] * len(val_ds),
+            cfg.val_batch_size or cfg.batch_size_training,
+            shuffle=False,
+            group_by_length=False,
+            rank=rank,
+            world_size=world_size,
+        )
+        val = _loader(val_ds, val_sampler, collate, cfg.num_workers_dataloader)
+        report.append(f"validation: {len(val_ds)} records (split '{cfg.custom_dataset.test_split}')")
+    train = _loader(train_ds, sampler, collate, cfg.num_workers_dataloader)
+    return DataBundle(train=train, val=val, train_sampler=sampler, report=report, cookbook=True)

@@ -1,0 +1,248 @@
+"""What is specific to each model architecture, in one place; the rest of cotune asks this module.
+
+A family knows its transformers model class, the decoder/encoder layer classes (wrapped one by one
+by FSDP and activation checkpointing), its LoRA target presets, its image token and how images
+become model inputs. Adding an architecture means adding one ``ModelFamily`` here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+LORA_PRESETS = ("language", "language+cross_attention", "all")
+
+_ATTN = r"(self_attn|cross_attn)\.(q|k|v|o)_proj"
+_MLP = r"mlp\.(gate|up|down)_proj"
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """Architecture-specific knowledge.
+
+    Attributes:
+        name: short name shown to users.
+        model_types: ``config.model_type`` values of this family.
+        layer_classes: class names of the repeated blocks (text decoder and vision encoder layers).
+        image_token: the placeholder token that marks an image in the rendered text.
+        lora_targets: builds the PEFT ``target_modules`` regex for a preset from the model config.
+        image_inputs: turns per-sample image lists into model inputs (see ``mllama_image_inputs``).
+        collate_images: stacks the image inputs of a batch's items and builds any masks that tie
+            text positions to images (``mllama_collate_images``).
+        tokens_per_image: how many copies of ``image_token`` one image occupies in the text (1 for
+            cross-attention models; the patch count for LLaVA-style models).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    layer_classes: tuple[str, ...]
+    image_token: str
+    lora_targets: Callable[[Any, str], str]
+    image_inputs: Callable[..., dict]
+    collate_images: Callable[[list[dict], int, int], dict] = field(
+        default=lambda items, seq_len, image_id: {}
+    )
+    tokens_per_image: Callable[[Any], int] = field(default=lambda processor: 1)
+    cross_attention: bool = False
+
+    def image_token_id(self, tokenizer) -> int:
+        return tokenizer.convert_tokens_to_ids(self.image_token)
+
+    def resolve_lora_targets(self, config: Any, target_modules: Any) -> Any:
+        """A preset name becomes this family's regex; a list of module names passes through."""
+        if isinstance(target_modules, str) and target_modules in LORA_PRESETS:
+            return self.lora_targets(config, target_modules)
+        if isinstance(target_modules, str) and "," in target_modules:
+            return [t.strip() for t in target_modules.split(",") if t.strip()]
+        return target_modules
+
+
+# ----------------------------------------------------------------------------- Mllama
+
+
+def _mllama_lora_targets(config: Any, preset: str) -> str:
+    text = config.text_config
+    cross = set(text.cross_attention_layers)
+    self_layers = "|".join(str(i) for i in range(text.num_hidden_layers) if i not in cross)
+    parts = [rf"model\.language_model\.layers\.({self_layers})\.({_ATTN}|{_MLP})"]
+    if preset in ("language+cross_attention", "all") and cross:
+        cross_layers = "|".join(str(i) for i in sorted(cross))
+        parts.append(rf"model\.language_model\.layers\.({cross_layers})\.({_ATTN}|{_MLP})")
+    if preset == "all":
+        parts.append(
+            r"model\.vision_model\.(transformer|global_transformer)\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.fc(1|2))"
+        )
+        parts.append(r"model\.multi_modal_projector")
+    return "|".join(f"({p})" for p in parts)
+
+
+def mllama_image_inputs(processor: Any, images: list[list[Any]]) -> dict:
+    """Runs the Mllama image processor on one sample's images.
+
+    Args:
+        processor: the checkpoint's ``MllamaProcessor``.
+        images: a list with one list of PIL images (one sample).
+
+    Returns:
+        ``pixel_values`` (n_images, max_tiles, 3, H, W), ``aspect_ratio_ids`` (n_images,),
+        ``aspect_ratio_mask`` (n_images, max_tiles) and ``num_tiles`` (list of ints).
+    """
+    out = processor.image_processor(images=images, return_tensors="pt")
+    return {
+        "pixel_values": out["pixel_values"][0],
+        "aspect_ratio_ids": out["aspect_ratio_ids"][0],
+        "aspect_ratio_mask": out["aspect_ratio_mask"][0],
+        "num_tiles": list(out["num_tiles"][0]),
+    }
+
+
+def mllama_cross_attention_mask(
+    input_ids: list[int], image_token_id: int, num_tiles: list[int]
+) -> list[tuple]:
+    """Which text positions attend to which image, as (image_index, start, end, n_tiles) spans.
+
+    Mllama's rule: the text after an image token attends to that image until the next image token;
+    consecutive image tokens all attend to the text that follows the group. ``end`` is exclusive and
+    ``None`` means "to the end of the sequence".
+    """
+    locations = [i for i, t in enumerate(input_ids) if t == image_token_id]
+    spans: list[list] = []
+    for k, loc in enumerate(locations):
+        end = locations[k + 1] if k + 1 < len(locations) else None
+        spans.append([k, loc, end, num_tiles[k] if k < len(num_tiles) else 0])
+    # consecutive image tokens attend to everything the last of the group attends to
+    for k in range(len(spans) - 2, -1, -1):
+        if spans[k][2] == spans[k + 1][1] and spans[k][1] + 1 == spans[k + 1][1]:
+            spans[k][2] = spans[k + 1][2]
+    return [tuple(s) for s in spans]
+
+
+def mllama_collate_images(items: list[dict], seq_len: int, image_token_id: int) -> dict:
+    """Batches Mllama image inputs; samples without images get zero tiles and a zero mask.
+
+    Returns an empty dict when no item has an image (the model then skips cross-attention).
+    Otherwise ``pixel_values`` (B, max_images, max_tiles, 3, H, W), ``aspect_ratio_ids``
+    (B, max_images), ``aspect_ratio_mask`` (B, max_images, max_tiles) and
+    ``cross_attention_mask`` (B, seq_len, max_images, max_tiles).
+    """
+    with_images = [it for it in items if it.get("pixel_values") is not None]
+    if not with_images:
+        return {}
+    _, tiles, channels, height, width = with_images[0]["pixel_values"].shape
+    max_images = max(it["pixel_values"].shape[0] for it in with_images)
+    batch = len(items)
+    pixel_values = torch.zeros(
+        batch, max_images, tiles, channels, height, width, dtype=with_images[0]["pixel_values"].dtype
+    )
+    ratio_ids = torch.zeros(batch, max_images, dtype=torch.long)
+    ratio_mask = torch.zeros(batch, max_images, tiles, dtype=torch.long)
+    cross_mask = torch.zeros(batch, seq_len, max_images, tiles, dtype=torch.long)
+    for b, it in enumerate(items):
+        if it.get("pixel_values") is None:
+            continue
+        n = it["pixel_values"].shape[0]
+        pixel_values[b, :n] = it["pixel_values"]
+        ratio_ids[b, :n] = it["aspect_ratio_ids"]
+        ratio_mask[b, :n] = it["aspect_ratio_mask"]
+        ids = it["input_ids"].tolist()
+        for image_index, start, end, n_tiles in mllama_cross_attention_mask(
+            ids, image_token_id, it["num_tiles"]
+        ):
+            cross_mask[b, start : len(ids) if end is None else end, image_index, :n_tiles] = 1
+    return {
+        "pixel_values": pixel_values,
+        "aspect_ratio_ids": ratio_ids,
+        "aspect_ratio_mask": ratio_mask,
+        "cross_attention_mask": cross_mask,
+    }
+
+
+MLLAMA = ModelFamily(
+    name="mllama",
+    model_types=("mllama",),
+    layer_classes=(
+        "MllamaSelfAttentionDecoderLayer",
+        "MllamaCrossAttentionDecoderLayer",
+        "MllamaVisionEncoderLayer",
+    ),
+    image_token="<|image|>",
+    lora_targets=_mllama_lora_targets,
+    image_inputs=mllama_image_inputs,
+    collate_images=mllama_collate_images,
+    cross_attention=True,
+)
+
+
+# ----------------------------------------------------------------------------- LLaVA (Llama backbone)
+
+
+def _llava_lora_targets(config: Any, preset: str) -> str:
+    parts = [rf"model\.language_model\.layers\.\d+\.({_ATTN}|{_MLP})"]
+    if preset == "all":
+        parts.append(r"model\.vision_tower\..*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)")
+        parts.append(r"model\.multi_modal_projector\.linear_(1|2)")
+    return "|".join(f"({p})" for p in parts)
+
+
+def llava_image_inputs(processor: Any, images: list[list[Any]]) -> dict:
+    out = processor.image_processor(images=images[0], return_tensors="pt")
+    return {"pixel_values": out["pixel_values"], "num_tiles": [1] * len(images[0])}
+
+
+def _llava_tokens_per_image(processor: Any) -> int:
+    size = processor.image_processor.crop_size
+    height = size["height"] if isinstance(size, dict) else size.height
+    width = size["width"] if isinstance(size, dict) else size.width
+    n = (height // processor.patch_size) * (width // processor.patch_size)
+    n += getattr(processor, "num_additional_image_tokens", 0)
+    if getattr(processor, "vision_feature_select_strategy", "default") == "default":
+        n -= 1
+    return n
+
+
+def llava_collate_images(items: list[dict], seq_len: int, image_token_id: int) -> dict:
+    """LLaVA takes all images of the batch as one stack; the text's image tokens say where they go."""
+    stacks = [it["pixel_values"] for it in items if it.get("pixel_values") is not None]
+    return {"pixel_values": torch.cat(stacks)} if stacks else {}
+
+
+LLAVA = ModelFamily(
+    name="llava",
+    model_types=("llava",),
+    layer_classes=("LlamaDecoderLayer", "CLIPEncoderLayer"),
+    image_token="<image>",
+    lora_targets=_llava_lora_targets,
+    image_inputs=llava_image_inputs,
+    collate_images=llava_collate_images,
+    tokens_per_image=_llava_tokens_per_image,
+)
+
+FAMILIES = (MLLAMA, LLAVA)
+
+
+def family_for(config: Any) -> ModelFamily:
+    """The family of a transformers config (``AutoConfig.from_pretrained(dir)``).
+
+    Raises:
+        ValueError: for an architecture cotune does not know, listing those it does.
+    """
+    model_type = getattr(config, "model_type", None)
+    for fam in FAMILIES:
+        if model_type in fam.model_types:
+            return fam
+    known = ", ".join(t for f in FAMILIES for t in f.model_types)
+    raise ValueError(f"model type '{model_type}' is not supported by cotune (supported: {known})")
+
+
+def layer_modules(model: torch.nn.Module, family: ModelFamily) -> list[torch.nn.Module]:
+    """The blocks to wrap one by one (FSDP units, activation-checkpointing units), in module order."""
+    names = set(family.layer_classes)
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def lora_target_matches(regex: str, module_name: str) -> bool:
+    return re.fullmatch(regex, module_name) is not None

@@ -1,0 +1,135 @@
+"""Loading a base model and its processor from a local Hugging Face directory, and adding LoRA.
+
+The same functions load the tiny test models and a real 11B checkpoint: there is one code path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cotune.models.families import ModelFamily, family_for
+
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+def _offline() -> None:
+    # cotune never downloads: a model is always a local directory.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """Raises a clear error unless ``path`` is a local checkpoint directory with a config.json."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        hint = " (cotune loads local checkpoints only; download it first, or run 'cotune tiny-model DIR')"
+        raise FileNotFoundError(f"model directory '{path}' has no config.json{hint}")
+    return path
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' is bf16 on a GPU that supports it and fp32 elsewhere."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return DTYPES[name]
+
+
+def load_processor(path: str | Path) -> Any:
+    """The checkpoint's processor (tokenizer + image processor + chat template)."""
+    _offline()
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(check_model_dir(path)))
+    processor.tokenizer.padding_side = "right"
+    return processor
+
+
+def load_base_model(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    sdpa: bool = True,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.nn.Module, ModelFamily]:
+    """Loads the base vision-language model through transformers' own classes.
+
+    Args:
+        path: local checkpoint directory.
+        dtype: dtype of the (frozen) base weights.
+        sdpa: use PyTorch's scaled-dot-product attention (cookbook's ``use_fast_kernels``).
+        device: where to put the weights.
+
+    Returns:
+        The model (eval mode, requires_grad off everywhere) and its family.
+    """
+    _offline()
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    path = check_model_dir(path)
+    config = AutoConfig.from_pretrained(str(path))
+    family = family_for(config)
+    model = AutoModelForImageTextToText.from_pretrained(
+        str(path), dtype=dtype, attn_implementation="sdpa" if sdpa else "eager"
+    )
+    model.to(device)
+    model.requires_grad_(False)
+    model.eval()
+    return model, family
+
+
+def add_lora(
+    model: torch.nn.Module,
+    family: ModelFamily,
+    lora: Any,
+    adapter_name: str = "default",
+    from_checkpoint: str = "",
+) -> torch.nn.Module:
+    """Wraps ``model`` in a PEFT model with fresh (or loaded) LoRA weights kept in fp32.
+
+    Args:
+        model: a base model from ``load_base_model``.
+        family: its family (resolves target presets).
+        lora: a ``cotune.config.LoraConfig``.
+        adapter_name: PEFT adapter name.
+        from_checkpoint: an existing adapter directory to continue training from.
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if from_checkpoint:
+        peft_model = PeftModel.from_pretrained(
+            model, from_checkpoint, adapter_name=adapter_name, is_trainable=True
+        )
+    else:
+        targets = family.resolve_lora_targets(model.config, lora.target_modules)
+        config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.lora_alpha,
+            lora_dropout=lora.lora_dropout,
+            target_modules=targets,
+            bias=lora.bias,
+            task_type=None,
+        )
+        peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    for p in peft_model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return peft_model
+
+
+def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

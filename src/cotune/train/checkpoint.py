@@ -1,0 +1,71 @@
+"""Saving adapters in PEFT format, atomically: a crash mid-write leaves the previous copy whole."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_dir(final: str | Path):
+    """Yields a temporary sibling directory; on success it replaces ``final`` in one rename.
+
+    If the block raises (or the process dies), ``final`` is untouched and the temporary
+    directory (named ``.<name>.tmp-*``) is left for the next cleanup.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = None
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def cleanup_partial(folder: str | Path) -> None:
+    """Removes temporary directories left by a crash during ``atomic_dir``."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for p in folder.glob(".*.tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+        for p in folder.glob(".*.old-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def save_adapter(
+    peft_model,
+    out_dir: str | Path,
+    state_dict: dict | None = None,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Writes ``adapter_config.json`` + ``adapter_model.safetensors`` atomically.
+
+    Args:
+        peft_model: the PEFT model.
+        out_dir: final directory (replaced atomically).
+        state_dict: the adapter weights when they are not local to this process (FSDP gathers them
+            first); by default PEFT takes them from the model.
+        extra: writes more files into the directory before it is published (e.g. the processor).
+    """
+    with atomic_dir(out_dir) as tmp:
+        peft_model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+        if extra is not None:
+            extra(tmp)
+    return Path(out_dir)

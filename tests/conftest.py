@@ -1,0 +1,40 @@
+"""Shared fixtures: one tiny Mllama checkpoint and one small synthetic dataset per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_mllama(tmp_path_factory):
+    from cotune.models.tiny import build_tiny_mllama
+
+    return build_tiny_mllama(tmp_path_factory.mktemp("models") / "tiny-mllama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory):
+    from cotune.models.tiny import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-llava", seed=0)
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    """A small synthetic LLaVA-CoT dataset: {"train", "test", "images"} paths."""
+    from cotune.data.synthetic import write_synthetic_dataset
+
+    return write_synthetic_dataset(tmp_path_factory.mktemp("data") / "shapes", n_train=24, n_test=8, seed=0)
+
+
+@pytest.fixture(scope="session")
+def processor(tiny_mllama):
+    from cotune.models.load import load_processor
+
+    return load_processor(tiny_mllama)

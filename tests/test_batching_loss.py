@@ -1,0 +1,102 @@
+"""Collated batches match the HF processor's; the chunked loss equals HF's own loss."""
+
+from __future__ import annotations
+
+import torch
+
+from cotune.config import LoraConfig
+from cotune.data.batching import LengthGroupedBatchSampler, PaddingCollator, pad_fraction
+from cotune.data.dataset import SFTDataset, encode_samples
+from cotune.data.records import conversation_to_messages, load_samples
+from cotune.models.families import MLLAMA
+from cotune.models.load import add_lora, load_base_model
+from cotune.train.loss import ChunkedLossModel
+
+
+def dataset(processor, shapes, n=4):
+    samples, problems = load_samples(shapes["train"])
+    assert not problems
+    encoded, _, _ = encode_samples(samples[:n], processor, MLLAMA, max_seq_len=1024)
+    return SFTDataset(encoded, processor, MLLAMA)
+
+
+def collate(processor, items):
+    tok = processor.tokenizer
+    return PaddingCollator(tok.pad_token_id, MLLAMA, MLLAMA.image_token_id(tok))(items)
+
+
+def test_collator_matches_hf_processor(processor, shapes):
+    from cotune.data.images import load_image
+
+    ds = dataset(processor, shapes, n=3)
+    batch = collate(processor, [ds[i] for i in range(3)])
+    texts = [processor.tokenizer.decode(e.input_ids) for e in ds.encoded]
+    images = [[load_image(e.images[0])] for e in ds.encoded]
+    ref = processor(text=texts, images=images, padding=True, add_special_tokens=False, return_tensors="pt")
+    assert torch.equal(batch["input_ids"], ref["input_ids"])
+    assert torch.equal(batch["attention_mask"], ref["attention_mask"])
+    torch.testing.assert_close(batch["pixel_values"], ref["pixel_values"])
+    assert torch.equal(batch["aspect_ratio_ids"], ref["aspect_ratio_ids"])
+    assert torch.equal(batch["aspect_ratio_mask"], ref["aspect_ratio_mask"])
+    real = batch["attention_mask"].bool()
+    assert batch["cross_attention_mask"].shape == ref["cross_attention_mask"].shape
+    assert torch.equal(batch["cross_attention_mask"][real], ref["cross_attention_mask"][real])
+    # padding is right-side and out of the loss
+    assert (batch["labels"][~real] == -100).all()
+
+
+def test_mixed_text_only_and_image_batch(processor, shapes):
+    ds = dataset(processor, shapes, n=1)
+    messages = conversation_to_messages([("user", "Say hi."), ("assistant", "hi")], 0)
+    from cotune.data.dataset import Encoded
+    from cotune.data.chat import tokenize_conversation
+
+    ids, labels = tokenize_conversation(processor, messages)
+    text_only = SFTDataset([Encoded(ids, labels, [], "t", "t:1")], processor, MLLAMA)
+    batch = collate(processor, [ds[0], text_only[0]])
+    b, seq = batch["input_ids"].shape
+    assert batch["pixel_values"].shape[:3] == (2, 1, 4)
+    assert batch["cross_attention_mask"].shape == (2, seq, 1, 4)
+    assert batch["cross_attention_mask"][1].sum() == 0 and batch["aspect_ratio_ids"][1, 0] == 0
+    assert batch["cross_attention_mask"][0].sum() > 0
+
+
+def test_chunked_loss_equals_hf_loss_and_gradients(tiny_mllama, processor, shapes):
+    ds = dataset(processor, shapes, n=3)
+    batch = collate(processor, [ds[i] for i in range(3)])
+    model, family = load_base_model(tiny_mllama)
+    torch.manual_seed(0)
+    peft = add_lora(model, family, LoraConfig(r=4, lora_dropout=0.0))
+    # make LoRA non-trivial so the gradients flow through both factors
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    ref = peft(**batch)
+    ref.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in peft.named_parameters() if p.requires_grad}
+    peft.zero_grad()
+    loss_sum, n = ChunkedLossModel(peft, chunk_size=7)(**batch)
+    n_expected = int((batch["labels"][:, 1:] != -100).sum())
+    assert int(n) == n_expected
+    ours = loss_sum / n
+    torch.testing.assert_close(ours, ref.loss.float(), rtol=1e-5, atol=0)
+    ours.backward()
+    for name, p in peft.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-3, atol=1e-6)
+
+
+def test_length_grouping_reduces_padding_and_covers_every_sample():
+    lengths = [(i * 37) % 300 + 20 for i in range(200)]
+    grouped = LengthGroupedBatchSampler(lengths, 4, seed=1, mega_batch_mult=10)
+    plain = LengthGroupedBatchSampler(lengths, 4, seed=1, group_by_length=False)
+    batches = list(grouped)
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    assert pad_fraction(lengths, batches) < 0.5 * pad_fraction(lengths, list(plain))
+    grouped.set_epoch(1)
+    assert list(grouped) != batches  # reshuffled per epoch
+    # two ranks split every global batch between them, disjointly
+    r0 = LengthGroupedBatchSampler(lengths, 2, seed=1, rank=0, world_size=2)
+    r1 = LengthGroupedBatchSampler(lengths, 2, seed=1, rank=1, world_size=2)
+    seen = [i for a, b in zip(r0, r1) for i in a + b]
+    assert sorted(seen) == list(range(200))
