@@ -27,6 +27,7 @@ from cotune.data.chat import IGNORE_INDEX
 from cotune.data.cookbook import audit_batch
 from cotune.models.families import ModelFamily
 from cotune.models.load import add_lora, load_base_model, load_processor, resolve_dtype, trainable_parameters
+from cotune.runtime import tune_cpu_allocator
 from cotune.train import distributed as D
 from cotune.train.checkpoint import cleanup_partial, save_adapter
 from cotune.train.loss import ChunkedLossModel
@@ -112,6 +113,8 @@ def autocast(cfg: TrainConfig, device: torch.device):
 def setup(cfg: TrainConfig, log=print) -> Run:
     """Builds processor, model + LoRA, data, optimizer and schedule from ``cfg``."""
     dist = D.init_distributed()
+    if dist.device.type == "cpu":
+        tune_cpu_allocator()
     quiet = (lambda *a, **k: None) if not dist.is_main else log
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)

@@ -1,0 +1,38 @@
+"""Process-level tuning that makes CPU training fast on small machines."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+_done = False
+
+
+def tune_cpu_allocator() -> bool:
+    """Keeps freed memory in the process instead of returning it to the OS (glibc only).
+
+    A LoRA step allocates and frees tensors of hundreds of MB (logits over a 128k vocabulary).
+    By default glibc serves each with a fresh mmap and gives it back on free, so every step
+    page-faults the same memory in again; on small VMs that doubled the step time. Serving them
+    from the heap and never trimming it makes the memory reusable. Peak memory is unchanged.
+
+    Returns:
+        True when the allocator was tuned (Linux with glibc), False otherwise.
+    """
+    global _done
+    if _done or not sys.platform.startswith("linux"):
+        return _done
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        ok = libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+        libc.mallopt(_M_TOP_PAD, 256 * 2**20)
+    except (OSError, AttributeError):
+        return False
+    _done = bool(ok)
+    return _done
