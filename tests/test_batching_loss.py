@@ -48,8 +48,8 @@ def test_collator_matches_hf_processor(processor, shapes):
 def test_mixed_text_only_and_image_batch(processor, shapes):
     ds = dataset(processor, shapes, n=1)
     messages = conversation_to_messages([("user", "Say hi."), ("assistant", "hi")], 0)
-    from cotune.data.dataset import Encoded
     from cotune.data.chat import tokenize_conversation
+    from cotune.data.dataset import Encoded
 
     ids, labels = tokenize_conversation(processor, messages)
     text_only = SFTDataset([Encoded(ids, labels, [], "t", "t:1")], processor, MLLAMA)
@@ -83,7 +83,9 @@ def test_chunked_loss_equals_hf_loss_and_gradients(tiny_mllama, processor, shape
     ours.backward()
     for name, p in peft.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-3, atol=1e-6)
+            torch.testing.assert_close(
+                p.grad, ref_grads[name], rtol=1e-3, atol=1e-3 * float(ref_grads[name].abs().max())
+            )
 
 
 def test_length_grouping_reduces_padding_and_covers_every_sample():

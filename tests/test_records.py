@@ -25,9 +25,24 @@ def planted(tmp_path):
         json.dumps({"id": "corrupt", "image": "corrupt.png", **GOOD}),
         '{"id": "broken json", ',
         json.dumps({"id": "noconv", "image": "ok.png"}),
-        json.dumps({"id": "reply-first", "conversations": [{"from": "gpt", "value": "A"}, {"from": "human", "value": "Q"}]}),
-        json.dumps({"id": "nonstring", "conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "A"}]}),
-        json.dumps({"id": "emptyvalue", "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "  "}]}),
+        json.dumps(
+            {
+                "id": "reply-first",
+                "conversations": [{"from": "gpt", "value": "A"}, {"from": "human", "value": "Q"}],
+            }
+        ),
+        json.dumps(
+            {
+                "id": "nonstring",
+                "conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "A"}],
+            }
+        ),
+        json.dumps(
+            {
+                "id": "emptyvalue",
+                "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "  "}],
+            }
+        ),
         json.dumps(["not", "an", "object"]),
         json.dumps({"id": "good-2", "image": "ok.png", **GOOD}),
     ]

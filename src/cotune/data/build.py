@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from cotune.data.batching import LengthGroupedBatchSampler, PaddingCollator, pad_fraction
+from cotune.data.augment import build_augmenter
+from cotune.data.batching import (
+    LengthGroupedBatchSampler,
+    PackedBatchSampler,
+    PackingCollator,
+    PaddingCollator,
+    packed_pad_fraction,
+    pad_fraction,
+)
 from cotune.data.cookbook import cookbook_dataset
 from cotune.data.dataset import SFTDataset, encode_samples
-from cotune.data.records import DataError, load_samples, report_problems, split_train_test
+from cotune.data.records import DataError, Problem, Sample, load_samples, report_problems, split_train_test
 from cotune.models.families import ModelFamily
 
 
@@ -37,6 +46,24 @@ def _loader(dataset, sampler, collate, workers: int) -> torch.utils.data.DataLoa
     )
 
 
+def is_cookbook(cfg: Any) -> bool:
+    """True when the data is a llama-cookbook dataset file (named either way)."""
+    if cfg.dataset == "custom_dataset" or cfg.custom_dataset.file or cfg.data.format == "cookbook":
+        return True
+    return cfg.data.format == "auto" and str(cfg.dataset).endswith(".py")
+
+
+def load_data_file(
+    cfg: Any, path: str, log: Callable[[str], None] | None = print
+) -> tuple[list[Sample], list[Problem]]:
+    """Reads and validates one data file with the ``data`` section's settings (format, columns,
+    image root, system prompt): what training and ``cotune data check`` both use."""
+    d = cfg.data
+    return load_samples(
+        path, d.image_root, d.system_prompt, fmt=d.format, columns=d.columns, log=log, workers=d.image_workers
+    )
+
+
 def build_data(
     cfg: Any,
     processor: Any,
@@ -49,16 +76,17 @@ def build_data(
     """Reads, validates, splits, tokenizes and batches the data named by ``cfg``.
 
     Bad records are reported with file:line and skipped, or, with ``data.on_error: raise``, all of
-    them are listed in one error before any training starts.
+    them are listed in one error before any training starts. Training images are augmented when
+    ``data.augment.enabled`` (or by ``augment``); validation images never are.
     """
     tokenizer = processor.tokenizer
-    if cfg.dataset == "custom_dataset" or cfg.custom_dataset.file:
+    if is_cookbook(cfg):
         return _build_cookbook(cfg, processor, family, rank, world_size, log)
     d = cfg.data
-    samples, problems = load_samples(cfg.dataset, d.image_root, d.system_prompt)
+    samples, problems = load_data_file(cfg, cfg.dataset, log)
     total = len(samples) + len(problems)
     if d.test_file:
-        val_samples, val_problems = load_samples(d.test_file, d.image_root, d.system_prompt)
+        val_samples, val_problems = load_data_file(cfg, d.test_file, log)
         problems += val_problems
         total += len(val_samples) + len(val_problems)
         train_samples = samples
@@ -80,16 +108,44 @@ def build_data(
 
     image_id = family.image_token_id(tokenizer)
     collate = PaddingCollator(tokenizer.pad_token_id, family, image_id)
+    augment = augment or build_augmenter(cfg)
+    if augment is not None:
+        report.append(f"augmentation of training images: {_describe_augment(d.augment)}")
     train_ds = SFTDataset(train_enc, processor, family, augment=augment)
-    train_sampler = LengthGroupedBatchSampler(
-        train_ds.lengths, cfg.batch_size_training, seed=cfg.seed, rank=rank, world_size=world_size
+    lengths = train_ds.lengths
+    grouped_sampler = LengthGroupedBatchSampler(
+        lengths, cfg.batch_size_training, seed=cfg.seed, rank=rank, world_size=world_size, keys=True
     )
-    plain = LengthGroupedBatchSampler(
-        train_ds.lengths, cfg.batch_size_training, seed=cfg.seed, group_by_length=False
-    )
-    grouped = pad_fraction(train_ds.lengths, train_sampler.global_batches())
-    ungrouped = pad_fraction(train_ds.lengths, plain.global_batches())
-    report.append(f"padding: {grouped:.1%} of tokens with length grouping ({ungrouped:.1%} without)")
+    plain = LengthGroupedBatchSampler(lengths, cfg.batch_size_training, seed=cfg.seed, group_by_length=False)
+    grouped = pad_fraction(lengths, grouped_sampler.global_batches())
+    ungrouped = pad_fraction(lengths, plain.global_batches())
+    if cfg.batching_strategy == "packing":
+        train_collate = PackingCollator(tokenizer.pad_token_id, family, image_id)
+        train_sampler = PackedBatchSampler(
+            lengths,
+            cfg.batch_size_training,
+            cfg.context_length,
+            seed=cfg.seed,
+            rank=rank,
+            world_size=world_size,
+            has_images=[bool(e.images) for e in train_enc],
+        )
+        batches = train_sampler.global_batches()
+        n_rows = sum(len(b) for b in batches)
+        report.append(
+            f"packing: {len(lengths)} samples in {n_rows} rows of up to {cfg.context_length} tokens "
+            f"({len(lengths) / max(n_rows, 1):.1f} per row); padding {packed_pad_fraction(lengths, batches):.1%} "
+            f"of tokens (padding one sample per row: {grouped:.1%} with length grouping, {ungrouped:.1%} without)"
+        )
+        too_long = sum(n > cfg.context_length for n in lengths)
+        if too_long:
+            report.append(
+                f"warning: {too_long} samples are longer than context_length={cfg.context_length}: "
+                "each gets a row of its own (raise context_length to at least data.max_seq_len)"
+            )
+    else:
+        train_collate, train_sampler = collate, grouped_sampler
+        report.append(f"padding: {grouped:.1%} of tokens with length grouping ({ungrouped:.1%} without)")
     val = None
     if cfg.run_validation and val_enc:
         val_ds = SFTDataset(val_enc, processor, family)
@@ -101,12 +157,29 @@ def build_data(
             world_size=world_size,
         )
         val = _loader(val_ds, val_sampler, collate, cfg.num_workers_dataloader)
-    train = _loader(train_ds, train_sampler, collate, cfg.num_workers_dataloader)
+    train = _loader(train_ds, train_sampler, train_collate, cfg.num_workers_dataloader)
     return DataBundle(train=train, val=val, train_sampler=train_sampler, report=report)
+
+
+def _describe_augment(a: Any) -> str:
+    parts = []
+    if a.crop_scale_min < 1.0:
+        parts.append(f"crop {a.crop_scale_min:g}-{a.crop_scale_max:g} of the area")
+    if a.rotate:
+        parts.append(f"rotate +-{a.rotate:g} deg")
+    if any((a.brightness, a.contrast, a.saturation, a.hue)):
+        parts.append(f"jitter b{a.brightness:g} c{a.contrast:g} s{a.saturation:g} h{a.hue:g}")
+    parts += [f"{name} p={getattr(a, name):g}" for name in ("blur", "noise", "hflip") if getattr(a, name)]
+    return ", ".join(parts) or "enabled, but every transform is set to 0"
 
 
 def _build_cookbook(cfg, processor, family, rank, world_size, log) -> DataBundle:
     """llama-cookbook dataset file: its own records and (optionally) its own collator."""
+    if not cfg.custom_dataset.file and str(cfg.dataset).endswith(".py"):
+        cfg = dataclasses.replace(
+            cfg, custom_dataset=dataclasses.replace(cfg.custom_dataset, file=cfg.dataset)
+        )
+        log(f"{cfg.dataset}: format 'cookbook' (a llama-cookbook dataset file)")
     if not cfg.custom_dataset.file:
         raise DataError(
             "dataset is 'custom_dataset' but custom_dataset.file is not set (or pass --dataset FILE)"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -39,6 +39,8 @@ class EncodeStats:
     truncated: int = 0
     dropped: int = 0
     max_len: int = 0
+    lengths: list[int] = field(default_factory=list)  # every rendered sample, before the policy
+    label_tokens: list[int] = field(default_factory=list)  # every kept sample
 
     def describe(self, max_seq_len: int) -> str:
         return (
@@ -77,6 +79,7 @@ def encode_samples(
         except Exception as e:  # a template error concerns this record only
             problems.append(Problem(s.where, f"cannot render with the chat template: {e}"))
             continue
+        stats.lengths.append(len(ids))
         if len(ids) > max_seq_len:
             n_image_tokens = ids.count(image_id)
             if overlength == "drop":
@@ -95,9 +98,23 @@ def encode_samples(
             problems.append(Problem(s.where, "no assistant tokens to learn from"))
             continue
         encoded.append(Encoded(ids, labels, s.images, s.id, s.where, s.meta))
+        stats.label_tokens.append(encoded[-1].n_label_tokens)
         stats.max_len = max(stats.max_len, len(ids))
     stats.kept = len(encoded)
     return encoded, problems, stats
+
+
+class ItemKey(NamedTuple):
+    """What a batch sampler hands the dataset for one sample.
+
+    The epoch travels with the index (rather than being set on the dataset) because persistent
+    DataLoader workers hold their own copy of the dataset: a key is the only thing that reaches
+    them every epoch. ``row`` says which packed row of the batch the sample goes to (-1: none).
+    """
+
+    index: int
+    epoch: int = 0
+    row: int = -1
 
 
 class SFTDataset(torch.utils.data.Dataset):
@@ -107,7 +124,8 @@ class SFTDataset(torch.utils.data.Dataset):
         encoded: output of ``encode_samples``.
         processor: the checkpoint's processor (its image processor is used).
         family: the model family.
-        augment: optional ``(image, index) -> image`` applied to decoded images (training only).
+        augment: optional ``(image, index, epoch, k) -> image`` applied to the k-th decoded image of
+            sample ``index`` (training only; see ``augment.Augmenter``).
     """
 
     def __init__(
@@ -115,7 +133,7 @@ class SFTDataset(torch.utils.data.Dataset):
         encoded: list[Encoded],
         processor: Any,
         family: ModelFamily,
-        augment: Callable[[Any, int], Any] | None = None,
+        augment: Callable[..., Any] | None = None,
     ) -> None:
         self.encoded = encoded
         self.processor = processor
@@ -129,20 +147,22 @@ class SFTDataset(torch.utils.data.Dataset):
     def lengths(self) -> list[int]:
         return [len(e.input_ids) for e in self.encoded]
 
-    def __getitem__(self, index: int) -> dict | None:
-        e = self.encoded[index]
+    def __getitem__(self, key: int | ItemKey) -> dict | None:
+        key = ItemKey(int(key)) if not isinstance(key, tuple) else ItemKey(*key)
+        e = self.encoded[key.index]
         item: dict = {
             "input_ids": torch.tensor(e.input_ids, dtype=torch.long),
             "labels": torch.tensor(e.labels, dtype=torch.long),
             "where": e.where,
+            "row": key.row,
         }
         if e.images:
             try:
                 images = [load_image(ref) for ref in e.images]
             except ValueError as err:  # checked before training; a file changed since is skipped
-                return {"error": f"{e.where}: {err}"}
+                return {"error": f"{e.where}: {err}", "row": key.row}
             if self.augment is not None:
-                images = [self.augment(img, index) for img in images]
+                images = [self.augment(img, key.index, key.epoch, k) for k, img in enumerate(images)]
             item.update(self.family.image_inputs(self.processor, [images]))
         return item
 

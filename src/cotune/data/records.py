@@ -7,14 +7,13 @@ the images it refers to. Every reader produces Samples; nothing downstream knows
 
 from __future__ import annotations
 
-import json
 import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cotune.data.images import check_image
+from cotune.data.images import check_image, resolve_image_path
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -103,6 +102,28 @@ def conversation_to_messages(
     return messages
 
 
+def image_refs(value: Any, root: Path) -> list[Any]:
+    """A record's image references: paths joined to ``root`` (and refused if they leave it);
+    bytes, datasets Image cells, PIL images and lazy table references pass through.
+
+    Raises:
+        ValueError: a reference of another type, a URL, or a path escaping the root.
+    """
+    if value is None or (isinstance(value, str | list) and not value):
+        return []
+    out = []
+    for ref in value if isinstance(value, list) else [value]:
+        if isinstance(ref, str) and ref:
+            out.append(resolve_image_path(ref, root))
+        elif isinstance(ref, dict) and ref.get("path") and not ref.get("bytes"):
+            out.append(resolve_image_path(ref["path"], root))
+        elif isinstance(ref, bytes | dict) or hasattr(ref, "fetch") or hasattr(ref, "getpixel"):
+            out.append(ref)
+        else:
+            raise ValueError(f"image reference {ref!r:.60} is not a path, bytes or an image")
+    return out
+
+
 def parse_llava_record(obj: Any, where: str, image_root: Path, system_prompt: str = "") -> Sample:
     """One LLaVA / LLaVA-CoT-100k record -> Sample. Raises ValueError with the reason."""
     if not isinstance(obj, dict):
@@ -116,7 +137,7 @@ def parse_llava_record(obj: Any, where: str, image_root: Path, system_prompt: st
     for k, turn in enumerate(convs):
         if not isinstance(turn, dict):
             raise ValueError(f"turn {k + 1} is not an object")
-        who, value = turn.get("from"), turn.get("value")
+        who, value = turn.get("from", turn.get("role")), turn.get("value", turn.get("content"))
         if who not in ROLES:
             raise ValueError(f"turn {k + 1}: unknown speaker {who!r} (expected human, gpt or system)")
         if not isinstance(value, str):
@@ -124,39 +145,18 @@ def parse_llava_record(obj: Any, where: str, image_root: Path, system_prompt: st
         if not value.strip():
             raise ValueError(f"turn {k + 1}: 'value' is empty")
         turns.append((ROLES[who], value))
-    image = obj.get("image", obj.get("images"))
-    refs = [] if image in (None, "", []) else ([image] if isinstance(image, str) else image)
-    if not all(isinstance(r, str) and r for r in refs):
-        raise ValueError("'image' must be a path or a list of paths")
+    image = obj.get("image")
+    refs = image_refs(image if image not in (None, "", []) else obj.get("images"), image_root)
     messages = conversation_to_messages(turns, len(refs), system_prompt)
     meta = {k: v for k, v in obj.items() if k not in ("conversations", "image", "images")}
-    return Sample(
-        id=str(obj.get("id", where)),
-        messages=messages,
-        images=[str(image_root / r) for r in refs],
-        where=where,
-        meta=meta,
-    )
+    return Sample(id=str(obj.get("id", where)), messages=messages, images=refs, where=where, meta=meta)
 
 
 def read_jsonl(path: Path, image_root: Path, system_prompt: str = "") -> tuple[list[Sample], list[Problem]]:
     """Reads a LLaVA-CoT-100k style JSONL file (one record per line; blank lines ignored)."""
-    samples, problems = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path.name}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(Problem(where, f"invalid JSON ({e.msg} at column {e.colno})"))
-                continue
-            try:
-                samples.append(parse_llava_record(obj, where, image_root, system_prompt))
-            except ValueError as e:
-                problems.append(Problem(where, str(e)))
-    return samples, problems
+    from cotune.data.formats import read_records
+
+    return read_records(Path(path), "llava_cot_jsonl", Path(image_root), system_prompt)
 
 
 def check_sample_images(samples: list[Sample], workers: int = 4) -> tuple[list[Sample], list[Problem]]:
@@ -169,36 +169,58 @@ def check_sample_images(samples: list[Sample], workers: int = 4) -> tuple[list[S
                 return reason
         return None
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        reasons = list(pool.map(first_problem, samples))
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        reasons = list(pool.map(first_problem, samples, chunksize=16))
     good = [s for s, r in zip(samples, reasons) if r is None]
     problems = [Problem(s.where, r) for s, r in zip(samples, reasons) if r is not None]
     return good, problems
 
 
+def problem_order(where: str) -> tuple[str, int]:
+    """Sort key: file, then line / row number."""
+    name, _, tail = where.rpartition(":")
+    digits = "".join(ch for ch in tail if ch.isdigit())
+    return (name, int(digits) if digits else 0)
+
+
 def load_samples(
-    path: str | Path, image_root: str = "", system_prompt: str = ""
+    path: str | Path,
+    image_root: str = "",
+    system_prompt: str = "",
+    fmt: str = "auto",
+    columns: dict | None = None,
+    log=None,
+    workers: int = 4,
 ) -> tuple[list[Sample], list[Problem]]:
     """Reads and validates a data file: records parsed, structure checked, images decoded.
 
     Args:
-        path: a JSONL file in LLaVA-CoT-100k format.
-        image_root: folder image paths are relative to (default: the file's folder).
+        path: a data file or folder in any format of ``data/formats.py``.
+        image_root: folder image paths are relative to (default: the file's folder); paths that
+            leave it are refused.
         system_prompt: added as the first message when the record has none.
+        fmt: ``data.format``; 'auto' detects it and says what it found through ``log``.
+        columns: ``data.columns``, canonical name -> the table's column name.
+        log: where to say which format was detected (None: silent).
+        workers: threads decoding images.
 
     Returns:
         The usable samples and the problems of the others, each with file:line and reason.
     """
+    from cotune.data.formats import detect_format, read_records
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"data file '{path}' not found")
-    root = Path(image_root) if image_root else path.parent
-    samples, problems = read_jsonl(path, root, system_prompt)
-    samples, image_problems = check_sample_images(samples)
+    if fmt == "auto":
+        fmt, why = detect_format(path, columns)
+        if log is not None:
+            log(f"{path.name}: format '{fmt}' detected ({why}); set data.format to override")
+    root = Path(image_root) if image_root else (path if path.is_dir() else path.parent)
+    samples, problems = read_records(path, fmt, root, system_prompt, columns)
+    samples, image_problems = check_sample_images(samples, workers=workers)
     problems += image_problems
-    problems.sort(
-        key=lambda p: int(p.where.rsplit(":", 1)[-1]) if p.where.rsplit(":", 1)[-1].isdigit() else 0
-    )
+    problems.sort(key=lambda p: problem_order(p.where))
     return samples, problems
 
 

@@ -271,19 +271,31 @@ def _save(model: torch.nn.Module, processor: ProcessorMixin, out_dir: Path) -> P
     return out_dir
 
 
-OUTPUT_HEAD_STD = 0.3
+OUTPUT_HEAD_STD = 0.5
 
 
-def _init_seeded(model_cls: type, config: PreTrainedConfig, seed: int, dtype: torch.dtype) -> torch.nn.Module:
+def _unreachable_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
+    """Ids no text produces: the id-space fillers and Llama 3's reserved special tokens."""
+    prefixes = ("<|tiny_unused_", "<|reserved_special_token_")
+    return sorted(i for t, i in tokenizer.get_vocab().items() if t.startswith(prefixes))
+
+
+def _init_seeded(
+    model_cls: type, config: PreTrainedConfig, seed: int, dtype: torch.dtype, unreachable: list[int]
+) -> torch.nn.Module:
     # A forked RNG keeps the caller's global torch RNG untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config)
-        # With 64 dimensions and 0.02-std output rows, no hidden state can give any token a logit
-        # more than ~1.3 above the rest, so even a perfect adapter could not push the loss below
-        # ~10 nats. Trained checkpoints have large output rows; a wider init (logit std ~2.4 at
-        # start) gives the tiny model the same ability to become confident.
-        torch.nn.init.normal_(model.get_output_embeddings().weight, std=OUTPUT_HEAD_STD)
+        # Output rows shape what an adapter can learn. With 64 dimensions and the usual 0.02-std
+        # rows, no hidden state can lift a token's logit more than ~1.3 above the rest, so even a
+        # perfect adapter could not bring the loss below ~10 nats; trained checkpoints have large
+        # rows for real tokens and near-zero rows for ids that never occur in text. The tiny model
+        # gets the same shape: wide random rows for reachable tokens, zero rows for the rest.
+        head = model.get_output_embeddings().weight
+        torch.nn.init.normal_(head, std=OUTPUT_HEAD_STD)
+        with torch.no_grad():
+            head[torch.tensor(unreachable, dtype=torch.long)] = 0.0
         return model.to(dtype)
 
 
@@ -343,11 +355,12 @@ def build_tiny_mllama(
         pad_token_id=PAD_ID,
     )
     config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID)
-    model = _init_seeded(MllamaForConditionalGeneration, config, seed, dtype)
+    tokenizer = build_tiny_tokenizer()
+    model = _init_seeded(MllamaForConditionalGeneration, config, seed, dtype, _unreachable_ids(tokenizer))
     image_processor = MllamaImageProcessorPil(
         size={"height": image_size, "width": image_size}, max_image_tiles=4
     )
-    processor = MllamaProcessor(image_processor, build_tiny_tokenizer(), chat_template=MLLAMA_CHAT_TEMPLATE)
+    processor = MllamaProcessor(image_processor, tokenizer, chat_template=MLLAMA_CHAT_TEMPLATE)
     return _save(model, processor, Path(out_dir))
 
 
@@ -403,7 +416,7 @@ def build_tiny_llava(
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
     )
-    model = _init_seeded(LlavaForConditionalGeneration, config, seed, dtype)
+    model = _init_seeded(LlavaForConditionalGeneration, config, seed, dtype, _unreachable_ids(tokenizer))
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )

@@ -1,0 +1,110 @@
+"""Visual augmentation of training images, built on albumentations, reproducible across resumes.
+
+Why albumentations: it is maintained, runs on numpy/OpenCV (no torchvision, whose PyPI wheels
+require a matching torch build), and its ``Compose`` takes a seed, so every image's transform is a
+pure function of (seed, epoch, sample index, image index). A resumed run therefore sees exactly
+the augmentations an uninterrupted one would, whichever DataLoader worker decodes the image.
+
+The transforms (each off when its setting is 0): random resized crop (area ``crop_scale_min`` ..
+``crop_scale_max``, aspect ratio within 10% of the image's own, resized back to the original size),
+a small rotation (white corners, as transparency is composited on white), colour jitter
+(brightness, contrast, saturation, hue), Gaussian blur, Gaussian noise, and a horizontal flip that
+is off unless asked, because flips break text and left/right questions.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+_INSTALL = "pip install 'albumentations>=2.0' (it brings opencv-python-headless)"
+
+
+def _albumentations():
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # it would look for a newer version online
+    try:
+        import albumentations as A
+        import cv2
+    except ImportError as e:  # pragma: no cover - a dependency of cotune
+        raise ImportError(f"data.augment.enabled needs albumentations: {_INSTALL} ({e})") from None
+    return A, cv2
+
+
+def augment_seed(seed: int, epoch: int, index: int, k: int = 0) -> int:
+    """A 32-bit seed mixing (run seed, epoch, sample index, image index) with no collisions in practice."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, index, k]).generate_state(1)[0])
+
+
+class Augmenter:
+    """Callable ``(image, index, epoch, k) -> image`` that ``SFTDataset`` applies to training images.
+
+    Args:
+        cfg: the ``data.augment`` section (``AugmentConfig``).
+        seed: the run's seed.
+
+    Example:
+        >>> aug = Augmenter(cfg.data.augment, seed=42)
+        >>> out = aug(Image.open("cat.png").convert("RGB"), index=7, epoch=1)
+    """
+
+    def __init__(self, cfg: Any, seed: int) -> None:
+        self.cfg = cfg
+        self.seed = seed
+        self._pipelines: dict[tuple[int, int], Any] = {}
+
+    def __getstate__(self) -> dict:  # workers rebuild pipelines instead of pickling OpenCV objects
+        return {"cfg": self.cfg, "seed": self.seed, "_pipelines": {}}
+
+    def _transforms(self, height: int, width: int) -> list:
+        A, cv2 = _albumentations()
+        c = self.cfg
+        out = []
+        if c.crop_scale_min < 1.0:
+            r = width / height
+            out.append(
+                A.RandomResizedCrop(
+                    size=(height, width),
+                    scale=(c.crop_scale_min, c.crop_scale_max),
+                    ratio=(r * 0.9, r / 0.9),
+                    p=1.0,
+                )
+            )
+        if c.rotate > 0:
+            out.append(A.Rotate(limit=c.rotate, border_mode=cv2.BORDER_CONSTANT, fill=255, p=1.0))
+        if any((c.brightness, c.contrast, c.saturation, c.hue)):
+            out.append(
+                A.ColorJitter(
+                    brightness=c.brightness, contrast=c.contrast, saturation=c.saturation, hue=c.hue, p=1.0
+                )
+            )
+        if c.blur > 0:
+            out.append(A.GaussianBlur(blur_limit=(3, 7), sigma_limit=(0.3, 1.5), p=c.blur))
+        if c.noise > 0:
+            out.append(A.GaussNoise(std_range=(0.02, 0.06), p=c.noise))
+        if c.hflip > 0:
+            out.append(A.HorizontalFlip(p=c.hflip))
+        return out
+
+    def pipeline(self, height: int, width: int) -> Any:
+        """The seeded albumentations ``Compose`` for images of this size (built once per size)."""
+        key = (height, width)
+        if key not in self._pipelines:
+            A, _ = _albumentations()
+            self._pipelines[key] = A.Compose(self._transforms(height, width), seed=self.seed)
+        return self._pipelines[key]
+
+    def __call__(self, image: Image.Image, index: int, epoch: int = 0, k: int = 0) -> Image.Image:
+        """Augments one RGB image; the result depends only on (seed, epoch, index, k) and the image."""
+        array = np.asarray(image.convert("RGB"))
+        pipeline = self.pipeline(*array.shape[:2])
+        pipeline.set_random_seed(augment_seed(self.seed, epoch, index, k))
+        return Image.fromarray(pipeline(image=array)["image"])
+
+
+def build_augmenter(cfg: Any) -> Augmenter | None:
+    """The training augmenter of a ``TrainConfig``, or None when ``data.augment.enabled`` is off."""
+    aug = cfg.data.augment
+    return Augmenter(aug, cfg.seed) if aug.enabled else None

@@ -1,0 +1,314 @@
+"""``cotune data check`` and ``cotune data preview``: look at a dataset before spending GPU hours on it.
+
+``check_data`` runs exactly the validation training runs (``build.load_data_file`` then, with a
+model, ``dataset.encode_samples``), so the records it lists as problems are exactly the ones
+training skips. On top it reports what does not stop training but deserves a look: LLaVA-CoT's
+four-stage tags missing or out of order, and the distribution of token and label counts.
+"""
+
+from __future__ import annotations
+
+import textwrap
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cotune.data.records import Problem, Sample, problem_order
+from cotune.eval.cot import STAGES, parse_stages
+
+TAG_HINT = ("<SUMMARY>", "<CONCLUSION>")
+
+
+@dataclass
+class CheckReport:
+    """What ``check_data`` found."""
+
+    path: str
+    fmt: str = ""
+    records: int = 0
+    usable: int = 0
+    images: int = 0
+    seconds: float = 0.0
+    problems: list[Problem] = field(default_factory=list)  # skipped by training
+    warnings: list[Problem] = field(default_factory=list)  # reported only
+    turns: list[int] = field(default_factory=list)
+    images_per_record: Counter = field(default_factory=Counter)
+    cot: bool = False
+    cot_ok: int = 0
+    cot_replies: int = 0
+    max_seq_len: int = 0
+    lengths: list[int] = field(default_factory=list)
+    label_tokens: list[int] = field(default_factory=list)
+    model_name: str = ""
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.problems else 0
+
+
+def _pct(values: list[int], q: float) -> int:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))] if ordered else 0
+
+
+def stage_problem(text: str) -> str | None:
+    """Why a reply does not follow the four-stage format, or None."""
+    found = parse_stages(text)
+    missing = [s for s in STAGES if s not in found]
+    if missing:
+        return "missing " + ", ".join(f"<{s}>" for s in missing)
+    empty = [s for s in STAGES if not found[s]]
+    if empty:
+        return "empty " + ", ".join(f"<{s}>" for s in empty)
+    starts = [text.index(f"<{s}>") for s in STAGES]
+    if starts != sorted(starts):
+        order = [s for _, s in sorted(zip(starts, STAGES))]
+        return "stages out of order: " + " ".join(f"<{s}>" for s in order)
+    return None
+
+
+def _replies(sample: Sample) -> list[str]:
+    return [
+        " ".join(i["text"] for i in m["content"] if i["type"] == "text")
+        for m in sample.messages
+        if m["role"] == "assistant"
+    ]
+
+
+def _cot_warnings(samples: list[Sample], report: CheckReport) -> None:
+    replies = [(s, k, r) for s in samples for k, r in enumerate(_replies(s), start=1)]
+    tagged = sum(any(t in r for t in TAG_HINT) for _, _, r in replies)
+    report.cot = bool(replies) and tagged >= len(replies) / 2
+    if not report.cot:
+        return
+    report.cot_replies = len(replies)
+    for s, k, text in replies:
+        reason = stage_problem(text)
+        if reason:
+            report.warnings.append(Problem(s.where, f"reply {k}: {reason} (four-stage format)"))
+        else:
+            report.cot_ok += 1
+
+
+def check_data(
+    cfg: Any, path: str | Path, processor: Any = None, family: Any = None, log=print
+) -> CheckReport:
+    """Validates a data file as training would, and measures it.
+
+    Args:
+        cfg: a ``TrainConfig`` (its ``data`` section: format, columns, image root, max_seq_len ...).
+        path: the data file or folder.
+        processor, family: the model's processor and family; without them token lengths and
+            label counts are not checked (and over-long samples are not found).
+        log: where the detected format is announced.
+
+    Returns:
+        A ``CheckReport``; ``report.problems`` are exactly the records training would skip.
+    """
+    from cotune.data.build import load_data_file
+    from cotune.data.dataset import encode_samples
+
+    report = CheckReport(path=str(path), max_seq_len=cfg.data.max_seq_len)
+    if cfg.data.format != "auto":
+        report.fmt = f"'{cfg.data.format}' (set by data.format)"
+    start = time.perf_counter()
+    samples, problems = load_data_file(cfg, str(path), log=lambda s: (setattr(report, "fmt", s), log(s)))
+    report.seconds = time.perf_counter() - start
+    report.records = len(samples) + len(problems)
+    report.images = sum(len(s.images) for s in samples)
+    report.turns = [len(s.messages) for s in samples]
+    report.images_per_record = Counter(len(s.images) for s in samples)
+    _cot_warnings(samples, report)
+    if processor is not None:
+        d = cfg.data
+        encoded, token_problems, stats = encode_samples(
+            samples, processor, family, d.max_seq_len, d.overlength
+        )
+        problems += token_problems
+        report.lengths, report.label_tokens = stats.lengths, stats.label_tokens
+        report.usable = len(encoded)
+    else:
+        report.usable = len(samples)
+    report.problems = sorted(problems, key=lambda p: problem_order(p.where))
+    report.warnings.sort(key=lambda p: problem_order(p.where))
+    return report
+
+
+def format_report(r: CheckReport) -> str:
+    """The summary table and every problem and warning, one per line."""
+    rate = r.records / r.seconds if r.seconds > 0 else float("inf")
+    per_image = Counter({k: v for k, v in sorted(r.images_per_record.items())})
+    rows = [
+        ("data", r.path),
+        ("format", r.fmt.split(": format ", 1)[-1] if r.fmt else "-"),
+        ("records", f"{r.records}"),
+        ("usable", f"{r.usable}"),
+        ("skipped", f"{len(r.problems)}" + (" (listed below)" if r.problems else "")),
+        (
+            "read + decode",
+            f"{r.records} records, {r.images} images in {r.seconds:.2f} s: {rate:,.0f} records/s",
+        ),
+        ("messages/record", f"p50 {_pct(r.turns, 50)}, max {max(r.turns, default=0)}"),
+        ("images/record", ", ".join(f"{k}: {v}" for k, v in per_image.items()) or "-"),
+    ]
+    if r.lengths:
+        over = sum(n > r.max_seq_len for n in r.lengths)
+        rows.append(
+            (
+                "tokens",
+                f"p50 {_pct(r.lengths, 50)}, p95 {_pct(r.lengths, 95)}, max {max(r.lengths)} "
+                f"(max_seq_len {r.max_seq_len}: {over} over)",
+            )
+        )
+        labels = r.label_tokens
+        rows.append(
+            (
+                "label tokens",
+                f"min {min(labels, default=0)}, p50 {_pct(labels, 50)}, max {max(labels, default=0)}",
+            )
+        )
+    else:
+        rows.append(("tokens", "not checked (give --model_name to render with the real processor)"))
+    if r.cot:
+        rows.append(("four-stage format", f"{r.cot_ok} of {r.cot_replies} replies follow it"))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"  {k.ljust(width)}  {v}" for k, v in rows]
+    if r.problems:
+        lines.append(f"\nproblems ({len(r.problems)}; training skips these records):")
+        lines += [f"  {p}" for p in r.problems]
+    if r.warnings:
+        lines.append(f"\nwarnings ({len(r.warnings)}; trained on, but worth a look):")
+        lines += [f"  {p}" for p in r.warnings]
+    lines.append("\nresult: " + ("FAIL: some records would be skipped" if r.problems else "OK"))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- preview
+
+
+def _render_text(sample: Sample, processor: Any) -> str:
+    if processor is not None:
+        return processor.apply_chat_template(sample.messages, tokenize=False)
+    parts = []
+    for m in sample.messages:
+        body = " ".join("<image>" if i["type"] == "image" else i["text"] for i in m["content"])
+        parts.append(f"{m['role'].upper()}: {body}")
+    return "\n".join(parts)
+
+
+def preview_data(
+    cfg: Any, path: str | Path, out: str | Path, n_augment: int = 8, n_samples: int = 4, processor: Any = None
+) -> Path:
+    """Writes a PNG grid: for each of the first ``n_samples`` samples with images, its first image,
+    ``n_augment`` augmentations of it (as epochs 0, 1, ... would draw them) and its rendered text.
+
+    The augmentation settings are ``cfg.data.augment`` (enabled here even if off in the config).
+    """
+    import dataclasses
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    from cotune.data.augment import Augmenter
+    from cotune.data.build import load_data_file
+    from cotune.data.images import load_image
+
+    samples, _ = load_data_file(cfg, str(path), log=None)
+    picked = [(i, s) for i, s in enumerate(samples) if s.images][:n_samples] or list(enumerate(samples))[
+        :n_samples
+    ]
+    augmenter = Augmenter(dataclasses.replace(cfg.data.augment, enabled=True), cfg.seed)
+    thumb, pad, text_lines = 200, 10, 9
+    font = ImageFont.load_default(size=13)
+    columns = 1 + n_augment
+    width = pad + columns * (thumb + pad)
+    wrap = max(40, width // 8)
+    row_height = 22 + thumb + 20 + text_lines * 16 + pad
+    canvas = Image.new("RGB", (width, pad + row_height * max(len(picked), 1)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (index, sample) in enumerate(picked):
+        y = pad + r * row_height
+        n_img = len(sample.images)
+        head = f"{sample.where}  id {sample.id}" + (f"  (image 1 of {n_img})" if n_img > 1 else "")
+        draw.text((pad, y), head, fill="black", font=font)
+        if sample.images:
+            image = load_image(sample.images[0])
+            tiles = [("original", image)] + [
+                (f"epoch {e}", augmenter(image, index, epoch=e)) for e in range(n_augment)
+            ]
+            for c, (label, img) in enumerate(tiles):
+                x = pad + c * (thumb + pad)
+                scale = thumb / max(img.size)  # small images are enlarged so a person can see them
+                shown = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
+                canvas.paste(shown, (x + (thumb - shown.width) // 2, y + 22 + (thumb - shown.height) // 2))
+                draw.rectangle((x, y + 22, x + thumb, y + 22 + thumb), outline=(200, 200, 200))
+                draw.text((x, y + 24 + thumb), label, fill=(90, 90, 90), font=font)
+        text = _render_text(sample, processor).replace("\n\n", "\n")
+        lines = [w for line in text.splitlines() for w in (textwrap.wrap(line, wrap) or [""])]
+        if len(lines) > text_lines:
+            lines = lines[: text_lines - 1] + [f"... ({len(lines) - text_lines + 1} more lines)"]
+        for k, line in enumerate(lines):
+            draw.text((pad, y + 44 + thumb + k * 16), line, fill="black", font=font)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    return out
+
+
+# ----------------------------------------------------------------------------- the command
+
+DATA_USAGE = """usage:
+  cotune data check DATA [--model_name M] [--config C.yaml] [--data.OPTION value ...]
+      validate every record and image as training would; with a model, token lengths and labels;
+      exit code 1 when any record would be skipped
+  cotune data preview DATA [--augment 8] [--samples 4] [--out preview.png] [--config C.yaml]
+      a PNG grid: a few samples, their augmentations (data.augment.* settings) and rendered text
+"""
+
+
+def _processor_and_family(model_name: str) -> tuple[Any, Any]:
+    from transformers import AutoConfig
+
+    from cotune.models.families import family_for
+    from cotune.models.load import check_model_dir, load_processor
+
+    processor = load_processor(model_name)
+    return processor, family_for(AutoConfig.from_pretrained(str(check_model_dir(model_name))))
+
+
+def run_data_command(argv: list[str], log=print) -> int:
+    """``cotune data check|preview ...``; returns the exit code."""
+    from cotune.config import ConfigError, TrainConfig, load_config, parse_flags
+
+    if not argv or argv[0] in ("-h", "--help", "help") or "--help" in argv:
+        log(DATA_USAGE)
+        return 0
+    sub, rest = argv[0], argv[1:]
+    if sub not in ("check", "preview"):
+        raise ConfigError(f"unknown 'data' subcommand '{sub}'\n{DATA_USAGE}")
+    positional, pairs = parse_flags(rest)
+    if len(positional) != 1:
+        raise ConfigError(f"expected one DATA file or folder, got {positional or 'none'}\n{DATA_USAGE}")
+    flags = dict(pairs)
+    own = {k: flags.pop(k) for k in ("config", "augment", "samples", "out") if k in flags}
+    cfg = load_config(own.get("config"), [*flags.items(), ("dataset", positional[0])])
+    model_name = (
+        cfg.model_name if ("model_name" in flags or cfg.model_name != TrainConfig().model_name) else ""
+    )
+    processor, family = _processor_and_family(model_name) if model_name else (None, None)
+    if sub == "preview":
+        out = preview_data(
+            cfg,
+            positional[0],
+            own.get("out", "data_preview.png"),
+            n_augment=int(own.get("augment", 8)),
+            n_samples=int(own.get("samples", 4)),
+            processor=processor,
+        )
+        log(f"preview written to {out}")
+        return 0
+    report = check_data(cfg, positional[0], processor, family, log=lambda s: None)
+    report.model_name = model_name
+    log(format_report(report))
+    return report.exit_code
