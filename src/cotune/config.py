@@ -60,10 +60,38 @@ class CustomDatasetConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Visual augmentation of training images (albumentations); validation images are never augmented.
+
+    Each image's transform is drawn from (seed, epoch, sample index, image index), so a resumed run
+    sees the same augmentations as an uninterrupted one.
+    """
+
+    enabled: bool = _opt(False, "Augment training images.")
+    crop_scale_min: float = _opt(0.8, "Random resized crop: smallest kept area fraction (1.0: no crop).")
+    crop_scale_max: float = _opt(1.0, "Random resized crop: largest kept area fraction.")
+    rotate: float = _opt(5.0, "Random rotation within +-this many degrees (0: none).")
+    brightness: float = _opt(0.2, "Colour jitter: brightness range (0: none).")
+    contrast: float = _opt(0.2, "Colour jitter: contrast range (0: none).")
+    saturation: float = _opt(0.2, "Colour jitter: saturation range (0: none).")
+    hue: float = _opt(
+        0.02, "Colour jitter: hue range, a fraction of the colour circle, at most 0.5 (0: none)."
+    )
+    blur: float = _opt(0.1, "Probability of a Gaussian blur.")
+    noise: float = _opt(0.1, "Probability of Gaussian noise.")
+    hflip: float = _opt(
+        0.0, "Probability of a horizontal flip (off: flips break text and left/right questions)."
+    )
+
+
+@dataclass
 class DataConfig:
     """How records are read, rendered and filtered."""
 
-    format: str = _opt("auto", "Record format: auto, llava_cot_jsonl, llava_json, sharegpt, hf.")
+    format: str = _opt(
+        "auto",
+        "Record format: auto (detect and say), llava_cot_jsonl, llava_json, sharegpt, hf, cookbook.",
+    )
     image_root: str = _opt("", "Folder image paths are relative to (default: the data file's folder).")
     test_file: str = _opt("", "Held-out file for validation; if empty, a seeded split of the training file.")
     test_split_ratio: float = _opt(0.1, "Fraction held out for validation when no test file is given.")
@@ -75,6 +103,10 @@ class DataConfig:
     max_seq_len: int = _opt(2048, "Longest rendered sample in tokens.")
     overlength: str = _opt("drop", "Samples longer than max_seq_len: 'drop' or 'truncate'.")
     columns: dict = _opt({}, "Column mapping for Hugging Face datasets (e.g. {image: img, messages: chat}).")
+    image_workers: int = _opt(
+        4, "Threads decoding every image once before training (and in 'cotune data check')."
+    )
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -131,7 +163,7 @@ class TrainConfig:
     save_every_steps: int = _opt(
         0, "Write a resumable checkpoint every N optimizer steps (0: epoch end only)."
     )
-    keep_last_checkpoints: int = _opt(2, "Resumable checkpoints to keep.")
+    keep_last_checkpoints: int = _opt(2, "Resumable checkpoints to keep (0: write none).")
     resume: str = _opt("", "Resume from 'auto' (last checkpoint in output_dir) or a checkpoint path.")
     dist_checkpoint_root_folder: str = _opt("", "Cookbook: with dist_checkpoint_folder, sets output_dir.")
     dist_checkpoint_folder: str = _opt("", "Cookbook: with dist_checkpoint_root_folder, sets output_dir.")
@@ -299,6 +331,10 @@ def validate(cfg: TrainConfig) -> None:
         "peft_method": (cfg.peft_method, ("lora",)),
         "data.on_error": (cfg.data.on_error, ("skip", "raise")),
         "data.overlength": (cfg.data.overlength, ("drop", "truncate")),
+        "data.format": (
+            cfg.data.format,
+            ("auto", "llava_cot_jsonl", "llava_json", "sharegpt", "hf", "cookbook"),
+        ),
         "torch_dtype": (cfg.torch_dtype, ("auto", "bf16", "bfloat16", "fp32", "float32", "fp16", "float16")),
         "fsdp_config.sharding_strategy": (
             cfg.fsdp_config.sharding_strategy,
@@ -318,6 +354,19 @@ def validate(cfg: TrainConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"option '{key}' must be positive; got {value}")
+    aug = cfg.data.augment
+    if not 0.0 < aug.crop_scale_min <= aug.crop_scale_max <= 1.0:
+        raise ConfigError(
+            "options 'data.augment.crop_scale_min' and 'data.augment.crop_scale_max' must satisfy "
+            f"0 < min <= max <= 1; got {aug.crop_scale_min} and {aug.crop_scale_max}"
+        )
+    for name in ("blur", "noise", "hflip"):
+        if not 0.0 <= getattr(aug, name) <= 1.0:
+            raise ConfigError(
+                f"option 'data.augment.{name}' is a probability in [0, 1]; got {getattr(aug, name)}"
+            )
+    if not 0.0 <= aug.hue <= 0.5:
+        raise ConfigError(f"option 'data.augment.hue' must be in [0, 0.5]; got {aug.hue}")
     if not 0.0 < cfg.data.test_split_ratio < 1.0:
         raise ConfigError(
             f"option 'data.test_split_ratio' must be in (0, 1); got {cfg.data.test_split_ratio}"

@@ -35,6 +35,11 @@ class ModelFamily:
             text positions to images (``mllama_collate_images``).
         tokens_per_image: how many copies of ``image_token`` one image occupies in the text (1 for
             cross-attention models; the patch count for LLaVA-style models).
+        dummy_image_inputs: for a batch without images, image inputs that no text attends to, so
+            that under FSDP every rank runs the vision layers (their collectives) every step;
+            None when the family has none (``mllama_dummy_image_inputs``).
+        collate_packed_images: like ``collate_images`` for packed rows (lists of items that share a
+            row, in order); each sample's text must reach only its own images. None: no packing.
     """
 
     name: str
@@ -48,6 +53,8 @@ class ModelFamily:
     )
     tokens_per_image: Callable[[Any], int] = field(default=lambda processor: 1)
     cross_attention: bool = False
+    dummy_image_inputs: Callable[[dict, Any], dict] | None = None
+    collate_packed_images: Callable[[list[list[dict]], int, int], dict] | None = None
 
     def image_token_id(self, tokenizer) -> int:
         return tokenizer.convert_tokens_to_ids(self.image_token)
@@ -161,6 +168,76 @@ def mllama_collate_images(items: list[dict], seq_len: int, image_token_id: int) 
     }
 
 
+def mllama_dummy_image_inputs(batch: dict, config: Any) -> dict:
+    """One blank single-tile image per sample that no text position attends to.
+
+    The vision tower and the cross-attention layers run on it, but an all-zero
+    ``cross_attention_mask`` masks every text row out of cross-attention (Mllama multiplies those
+    rows by zero), so the loss is exactly that of the text-only batch and the gradients of the
+    vision and cross-attention weights are zero.
+
+    Args:
+        batch: a collated batch without ``pixel_values`` (``input_ids`` gives batch and length).
+        config: the model's ``MllamaConfig``.
+    """
+    vision = config.vision_config
+    batch_size, seq_len = batch["input_ids"].shape
+    tiles, size = vision.max_num_tiles, vision.image_size
+    ratio_mask = torch.zeros(batch_size, 1, tiles, dtype=torch.long)
+    ratio_mask[:, :, 0] = 1
+    return {
+        "pixel_values": torch.zeros(batch_size, 1, tiles, vision.num_channels, size, size),
+        "aspect_ratio_ids": torch.ones(batch_size, 1, dtype=torch.long),  # 1: the 1x1 tile layout
+        "aspect_ratio_mask": ratio_mask,
+        "cross_attention_mask": torch.zeros(batch_size, seq_len, 1, tiles, dtype=torch.long),
+    }
+
+
+def mllama_collate_packed_images(rows: list[list[dict]], seq_len: int, image_token_id: int) -> dict:
+    """Packed rows: a row's images are stacked in the image dimension, in sample order, and each
+    sample's tokens attend (by Mllama's rule, within the sample) only to that sample's images.
+
+    Returns an empty dict when no item has an image; otherwise the same keys and shapes as
+    ``mllama_collate_images`` with B = number of rows and max_images = most images in a row.
+    """
+    with_images = [it for row in rows for it in row if it.get("pixel_values") is not None]
+    if not with_images:
+        return {}
+    _, tiles, channels, height, width = with_images[0]["pixel_values"].shape
+    per_row = [
+        sum(it["pixel_values"].shape[0] for it in row if it.get("pixel_values") is not None) for row in rows
+    ]
+    batch, max_images = len(rows), max(per_row)
+    pixel_values = torch.zeros(
+        batch, max_images, tiles, channels, height, width, dtype=with_images[0]["pixel_values"].dtype
+    )
+    ratio_ids = torch.zeros(batch, max_images, dtype=torch.long)
+    ratio_mask = torch.zeros(batch, max_images, tiles, dtype=torch.long)
+    cross_mask = torch.zeros(batch, seq_len, max_images, tiles, dtype=torch.long)
+    for b, row in enumerate(rows):
+        first_image, first_token = 0, 0
+        for it in row:
+            n_tokens = len(it["input_ids"])
+            if it.get("pixel_values") is not None:
+                n = it["pixel_values"].shape[0]
+                pixel_values[b, first_image : first_image + n] = it["pixel_values"]
+                ratio_ids[b, first_image : first_image + n] = it["aspect_ratio_ids"]
+                ratio_mask[b, first_image : first_image + n] = it["aspect_ratio_mask"]
+                spans = mllama_cross_attention_mask(it["input_ids"].tolist(), image_token_id, it["num_tiles"])
+                for image_index, start, end, n_tiles in spans:
+                    stop = n_tokens if end is None else end  # never past the sample's own tokens
+                    rows_slice = slice(first_token + start, first_token + stop)
+                    cross_mask[b, rows_slice, first_image + image_index, :n_tiles] = 1
+                first_image += n
+            first_token += n_tokens
+    return {
+        "pixel_values": pixel_values,
+        "aspect_ratio_ids": ratio_ids,
+        "aspect_ratio_mask": ratio_mask,
+        "cross_attention_mask": cross_mask,
+    }
+
+
 MLLAMA = ModelFamily(
     name="mllama",
     model_types=("mllama",),
@@ -174,6 +251,8 @@ MLLAMA = ModelFamily(
     image_inputs=mllama_image_inputs,
     collate_images=mllama_collate_images,
     cross_attention=True,
+    dummy_image_inputs=mllama_dummy_image_inputs,
+    collate_packed_images=mllama_collate_packed_images,
 )
 
 
@@ -219,6 +298,10 @@ LLAVA = ModelFamily(
     image_inputs=llava_image_inputs,
     collate_images=llava_collate_images,
     tokens_per_image=_llava_tokens_per_image,
+    # LLaVA takes the batch's images as one stack in text order: packed rows need nothing more
+    collate_packed_images=lambda rows, seq_len, image_id: llava_collate_images(
+        [it for row in rows for it in row], seq_len, image_id
+    ),
 )
 
 FAMILIES = (MLLAMA, LLAVA)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -23,20 +24,54 @@ def atomic_dir(final: str | Path):
     tmp.mkdir()
     try:
         yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        old = None
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def fault_point(tag: str) -> None:
+    """Fault injection for the crash tests: SIGKILLs this process when ``COTUNE_FAULT`` equals ``tag``.
+
+    A real crash cannot be scheduled at an exact point of a checkpoint write; this can, so the test
+    that a half-written checkpoint is never used is deterministic. Unset in normal runs.
+    """
+    if os.environ.get("COTUNE_FAULT") == tag:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fsync_tree(folder: str | Path) -> None:
+    """Flushes every file under ``folder`` and the folder entries themselves to disk."""
+    folder = Path(folder)
+    for f in folder.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    for d in [folder, *[p for p in folder.rglob("*") if p.is_dir()]]:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def publish_dir(tmp: str | Path, final: str | Path) -> Path:
+    """Makes ``tmp`` (a finished directory) become ``final`` with one rename; an old ``final`` is removed."""
+    tmp, final = Path(tmp), Path(final)
+    fsync_tree(tmp)
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself survives a power loss
+    finally:
+        os.close(fd)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def cleanup_partial(folder: str | Path) -> None:

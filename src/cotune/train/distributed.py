@@ -1,9 +1,21 @@
-"""Process group set-up and the collectives the training loop needs (no-ops in one process)."""
+"""Process group set-up, FSDP2 wrapping and the collectives the training loop needs.
+
+Every helper is a no-op (or the plain single-process operation) when there is no process group,
+so the loop has one code path for one process, one node and several nodes.
+
+The FSDP wrap policy lives here and only here: each repeated block that the model family lists
+(``cotune.models.families.layer_modules``) becomes one FSDP unit (and one activation-checkpointing
+unit); the root unit is the ``ChunkedLossModel``, so embeddings, ``lm_head`` and the vision patch
+embedding are all-gathered once per step by the root.
+"""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -17,6 +29,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    local_world_size: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -26,31 +39,199 @@ class DistInfo:
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.world_size // max(self.local_world_size, 1))
 
-def init_distributed() -> DistInfo:
-    """Joins the process group when launched by torchrun (nccl on GPU, gloo on CPU)."""
+
+def under_torchrun() -> bool:
+    """True inside a process started by torchrun (or another launcher that sets the env:// variables)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def init_distributed(fsdp: bool = False) -> DistInfo:
+    """Joins the process group when launched by torchrun (nccl on GPU, gloo on CPU).
+
+    Args:
+        fsdp: FSDP needs a process group even in one process; with ``fsdp`` and a world of one, a
+            single-member group is created in memory (no ports, no launcher).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(rank=rank, world_size=world, local_rank=local, device=device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        if world > 1:
+            dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        elif fsdp:
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    return DistInfo(
+        rank=rank, world_size=world, local_rank=local, device=device, local_world_size=local_world
+    )
+
+
+def launch_torchrun(argv: list[str], nproc_per_node: int) -> int:
+    """Re-runs ``cotune train ARGV`` under ``torchrun --standalone --nproc_per_node N``; returns its exit code.
+
+    This is the ``cotune train ... --enable_fsdp --nproc_per_node N`` convenience for one node; for
+    several nodes call torchrun yourself (see the README).
+    """
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc_per_node}",
+    ]
+    cmd += ["-m", "cotune", "train", *argv]
+    print("launching: " + " ".join(cmd[1:]), flush=True)
+    return subprocess.call(cmd)
+
+
+# ----------------------------------------------------------------------------- FSDP2
+
+
+def device_mesh(strategy: str, info: DistInfo, replicate_degree: int = 0):
+    """1-D mesh (full_shard, shard_grad_op) or 2-D (replicate, shard) mesh (hybrid_shard).
+
+    For hybrid_shard the default replica count is the number of nodes, so parameters are sharded
+    inside a node (fast links) and replicated across nodes.
+
+    Raises:
+        ValueError: when ``replicate_degree`` does not divide the world size.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    kind = info.device.type
+    if strategy != "hybrid_shard":
+        return init_device_mesh(kind, (info.world_size,), mesh_dim_names=("shard",))
+    replicas = replicate_degree or info.num_nodes
+    if replicas <= 0 or info.world_size % replicas:
+        raise ValueError(
+            f"fsdp_config.replicate_degree={replicas} must divide the world size {info.world_size}"
+        )
+    return init_device_mesh(
+        kind, (replicas, info.world_size // replicas), mesh_dim_names=("replicate", "shard")
+    )
+
+
+def wrap_fsdp(
+    root: torch.nn.Module, layers: list[torch.nn.Module], fsdp_cfg: Any, info: DistInfo
+) -> torch.nn.Module:
+    """Shards ``root`` with FSDP2: each of ``layers`` is one unit, then the root.
+
+    Args:
+        root: the module the loop calls (a ``ChunkedLossModel`` around the PEFT model); LoRA weights
+            must already be added and be fp32.
+        layers: the repeated blocks, from ``layer_modules(model, family)``.
+        fsdp_cfg: a ``cotune.config.FsdpConfig``.
+        info: this process's ``DistInfo``.
+
+    Returns:
+        ``root``, now an FSDP module (its parameters are DTensors).
+
+    Mixed precision (GPU only): parameters are all-gathered and computed in bf16, gradients are
+    reduced in fp32 and kept in the parameters' own dtype, so LoRA weights and optimizer state stay
+    fp32 while the frozen base may be stored in bf16. FSDP2 requires one dtype among the trainable
+    parameters of a unit (true: all LoRA weights are fp32), not among frozen and trainable ones.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mesh = device_mesh(fsdp_cfg.sharding_strategy, info, fsdp_cfg.replicate_degree)
+    mp = MixedPrecisionPolicy()
+    if fsdp_cfg.mixed_precision and info.device.type == "cuda":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    offload = (
+        CPUOffloadPolicy(pin_memory=info.device.type == "cuda") if fsdp_cfg.cpu_offload else OffloadPolicy()
+    )
+    reshard = fsdp_cfg.sharding_strategy != "shard_grad_op"
+    for layer in layers:
+        if fsdp_cfg.fsdp_activation_checkpointing:
+            apply_activation_checkpointing(layer)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload)
+    fully_shard(root, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload)
+    return root
+
+
+def apply_activation_checkpointing(layer: torch.nn.Module) -> None:
+    """Recomputes ``layer``'s activations in backward.
+
+    The composable (hook-based) form keeps parameter names unchanged, so PEFT keys and checkpoint
+    keys are the same with and without it, and FSDP2 knows to skip its own hooks while recomputing.
+    Unlike transformers' ``gradient_checkpointing_enable`` it also covers the Mllama vision encoder
+    layers.
+    """
+    from torch.distributed._composable import checkpoint
+
+    checkpoint(layer)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def gather_trainable_state(model: torch.nn.Module, to_rank0: bool = True) -> dict[str, torch.Tensor] | None:
+    """The trainable (LoRA) parameters of ``model`` as full CPU tensors, keyed by parameter name.
+
+    Only the trainable parameters are gathered, one at a time (collective: every rank must call
+    this), never the frozen base, so saving an adapter of an 11B model needs a few hundred MB.
+
+    Returns:
+        The state dict on rank 0 (on every rank when ``to_rank0`` is False); None on other ranks.
+    """
+    keep = not to_rank0 or not dist.is_initialized() or dist.get_rank() == 0
+    state = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        full = p.full_tensor() if _is_dtensor(p) else p
+        if keep:
+            state[name] = full.detach().to("cpu", copy=True)
+    return state if keep else None
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """Clips the global gradient norm (over every rank's shards) and returns it as a float."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if _is_dtensor(norm):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+# ----------------------------------------------------------------------------- collectives
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (in place; returns ``t``)."""
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def initialized() -> bool:
+    """True when this process is in a process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
 

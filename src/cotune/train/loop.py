@@ -9,6 +9,7 @@ as one large batch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -21,17 +22,25 @@ import torch
 from tqdm import tqdm
 
 from cotune.config import TrainConfig, save_config
-from cotune.data.batching import to_device
+from cotune.data.batching import count_tokens, to_device
 from cotune.data.build import DataBundle, build_data
 from cotune.data.chat import IGNORE_INDEX
 from cotune.data.cookbook import audit_batch
-from cotune.models.families import ModelFamily
-from cotune.models.load import add_lora, load_base_model, load_processor, resolve_dtype, trainable_parameters
+from cotune.models.families import ModelFamily, layer_modules
+from cotune.models.load import (
+    add_lora,
+    enable_activation_checkpointing,
+    load_base_model,
+    load_processor,
+    resolve_dtype,
+    trainable_parameters,
+)
 from cotune.runtime import tune_cpu_allocator
 from cotune.train import distributed as D
+from cotune.train import resume as R
 from cotune.train.checkpoint import cleanup_partial, save_adapter
 from cotune.train.loss import ChunkedLossModel
-from cotune.train.metrics import MetricsLog, Throughput, perplexity, plot_loss
+from cotune.train.metrics import MetricsLog, Throughput, perplexity, plot_loss, read_metrics
 
 MODEL_INPUT_KEYS = (
     "input_ids",
@@ -41,6 +50,7 @@ MODEL_INPUT_KEYS = (
     "aspect_ratio_ids",
     "aspect_ratio_mask",
     "cross_attention_mask",
+    "position_ids",  # packed rows: positions restart per sample, which confines attention to it
 )
 
 
@@ -62,6 +72,9 @@ class Run:
     base_dtype: torch.dtype
     steps_per_epoch: int
     log: Any = print
+    sharded: bool = False  # FSDP2: parameters are DTensors, the adapter is gathered to save it
+    resumed: R.TrainerState | None = None  # the checkpoint this run continues, if any
+    resumed_from: Path | None = None
 
 
 @dataclass
@@ -112,7 +125,9 @@ def autocast(cfg: TrainConfig, device: torch.device):
 
 def setup(cfg: TrainConfig, log=print) -> Run:
     """Builds processor, model + LoRA, data, optimizer and schedule from ``cfg``."""
-    dist = D.init_distributed()
+    dist = D.init_distributed(fsdp=cfg.enable_fsdp)
+    # several processes always shard: without it their gradients would never be combined
+    sharded = cfg.enable_fsdp or dist.enabled
     if dist.device.type == "cpu":
         tune_cpu_allocator()
     quiet = (lambda *a, **k: None) if not dist.is_main else log
@@ -121,6 +136,10 @@ def setup(cfg: TrainConfig, log=print) -> Run:
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         cleanup_partial(out)
+        cleanup_partial(out / R.CHECKPOINTS)
+    resume_from = D.broadcast_object(R.find_checkpoint(out, cfg.resume, safe=True) if dist.is_main else None)
+    if isinstance(resume_from, str):  # rank 0 cannot use --resume PATH: every rank stops, before loading
+        raise FileNotFoundError(resume_from)
 
     processor = load_processor(cfg.tokenizer_name or cfg.model_name)
     dtype_name = "bf16" if cfg.pure_bf16 else cfg.torch_dtype
@@ -128,10 +147,8 @@ def setup(cfg: TrainConfig, log=print) -> Run:
     model, family = load_base_model(cfg.model_name, base_dtype, sdpa=cfg.use_fast_kernels, device=dist.device)
     torch.manual_seed(cfg.seed)  # LoRA init does not depend on how much randomness loading used
     peft_model = add_lora(model, family, cfg.lora_config, from_checkpoint=cfg.from_peft_checkpoint)
-    if cfg.gradient_checkpointing:
-        peft_model.get_base_model().gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+    if cfg.gradient_checkpointing and not sharded:  # under FSDP: per wrapped layer, below
+        enable_activation_checkpointing(peft_model)
     peft_model.train()
     trainable, total = trainable_parameters(peft_model)
     quiet(
@@ -151,19 +168,51 @@ def setup(cfg: TrainConfig, log=print) -> Run:
         f"{dist.world_size} processes = {global_batch} samples per step; {total_steps} steps"
     )
 
+    loss_model = ChunkedLossModel(peft_model)
+    if sharded:  # after add_lora (LoRA weights fp32, the same on every rank), before the optimizer
+        fsdp = cfg.fsdp_config
+        if cfg.gradient_checkpointing:
+            fsdp = dataclasses.replace(fsdp, fsdp_activation_checkpointing=True)
+        layers = layer_modules(peft_model, family)
+        D.wrap_fsdp(loss_model, layers, fsdp, dist)
+        quiet(
+            f"fsdp: {fsdp.sharding_strategy} over {dist.world_size} process(es) on {dist.num_nodes} node(s), "
+            f"{len(layers)} layer units + root; mixed precision "
+            f"{'bf16/fp32' if fsdp.mixed_precision and dist.device.type == 'cuda' else 'off (fp32)'}, "
+            f"activation checkpointing {'on' if fsdp.fsdp_activation_checkpointing else 'off'}, "
+            f"cpu offload {'on' if fsdp.cpu_offload else 'off'}"
+        )
+        if dist.enabled:
+            torch.manual_seed(cfg.seed + dist.rank)  # dropout masks differ between ranks
+        if dist.enabled and family.dummy_image_inputs is None:
+            quiet(
+                f"warning: {family.name}: a batch with images on some processes and none on others would hang"
+            )
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch, total_steps)
+    resumed = None
+    if resume_from is not None:
+        resumed = R.load_checkpoint(resume_from, loss_model, optimizer, scheduler)
+        quiet(f"resuming from {resume_from}: step {resumed.step}, epoch {resumed.epoch}")
+    elif cfg.resume == "auto":
+        quiet(f"resume: no checkpoint in {out / R.CHECKPOINTS} yet; starting from the beginning")
     if dist.is_main:
         save_config(cfg, out / "config.yaml")
-    metrics = MetricsLog(out / "metrics.jsonl" if (dist.is_main and cfg.save_metrics) else None)
+        if resumed is not None and cfg.save_metrics:
+            R.truncate_metrics(out / "metrics.jsonl", resumed.metrics_bytes)
+        for newer in R.drop_newer_checkpoints(out, resumed.step) if resumed is not None else []:
+            quiet(f"removed {newer}: it continued the run from a later point than the one resumed")
+    metrics = MetricsLog(
+        out / "metrics.jsonl" if (dist.is_main and cfg.save_metrics) else None, resume=resumed is not None
+    )
     return Run(
         cfg=cfg,
         dist=dist,
         processor=processor,
         family=family,
         model=peft_model,
-        loss_model=ChunkedLossModel(peft_model),
+        loss_model=loss_model,
         data=data,
         optimizer=optimizer,
         scheduler=scheduler,
@@ -172,11 +221,18 @@ def setup(cfg: TrainConfig, log=print) -> Run:
         base_dtype=base_dtype,
         steps_per_epoch=steps_per_epoch,
         log=quiet,
+        sharded=sharded,
+        resumed=resumed,
+        resumed_from=resume_from,
     )
 
 
 def _model_inputs(batch: dict, run: Run) -> dict:
     inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+    dummy = run.family.dummy_image_inputs
+    if run.dist.enabled and dummy is not None and "pixel_values" not in inputs:
+        # every rank must run the vision layers' FSDP collectives, even with text-only samples
+        inputs.update(dummy(inputs, run.model.get_base_model().config))
     return to_device(inputs, run.dist.device, float_dtype=run.base_dtype)
 
 
@@ -203,10 +259,13 @@ def evaluate(run: Run) -> float:
     return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
 
 
-def _save(run: Run, where: Path) -> Path | None:
+def _save(run: Run, where: Path, with_processor: bool = True) -> Path | None:
+    """Writes the adapter (PEFT format) on rank 0; under FSDP every rank takes part in gathering it."""
+    state = D.gather_trainable_state(run.model) if run.sharded else None
     if not run.dist.is_main:
         return None
-    return save_adapter(run.model, where, extra=lambda tmp: run.processor.save_pretrained(str(tmp)))
+    extra = (lambda tmp: run.processor.save_pretrained(str(tmp))) if with_processor else None
+    return save_adapter(run.model, where, state_dict=state, extra=extra)
 
 
 def _accumulation_groups(loader, size: int):
@@ -241,19 +300,78 @@ def train(run: Run) -> TrainResult:
             result.best_adapter_dir = _save(run, run.out / "best_adapter")
         best = min(best, loss) if step > 0 else best
 
-    if cfg.run_validation and run.data.val is not None:
+    scaler = torch.amp.GradScaler("cuda") if (cfg.use_fp16 and dist.device.type == "cuda") else None
+    global_batch = cfg.batch_size_training * dist.world_size  # samples per loader batch, all ranks
+    step, start_epoch, skip, resumed = 0, 0, 0, run.resumed
+    if resumed is not None:  # continue where the checkpoint was written (setup loaded the weights)
+        step, best = resumed.step, resumed.best_eval_loss
+        start_epoch, skip, warning = R.resume_position(resumed, global_batch)
+        if warning:
+            run.log(f"warning: {warning}")
+        if scaler is not None and resumed.scaler:
+            scaler.load_state_dict(resumed.scaler)
+        if run.metrics.path is not None:
+            rows = read_metrics(run.metrics.path)
+            result.train_losses = [r["loss"] for r in rows if "loss" in r]
+            result.eval_losses = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    elif cfg.run_validation and run.data.val is not None:
         validate(0, 0)  # the base model's loss: the reference the adapter must beat
 
-    scaler = torch.amp.GradScaler("cuda") if (cfg.use_fp16 and dist.device.type == "cuda") else None
+    def checkpoint(epoch: int, batches_done: int, epoch_complete: bool) -> None:
+        """A resumable checkpoint, with the adapter inside it (collective: every rank calls it)."""
+        if cfg.keep_last_checkpoints <= 0:
+            return
+        size = run.metrics.path.stat().st_size if run.metrics.path and run.metrics.path.exists() else None
+        state = R.TrainerState(
+            step=step,
+            epoch=epoch,
+            batches_done=batches_done,
+            epoch_complete=epoch_complete,
+            best_eval_loss=best,
+            metrics_bytes=size,
+            world_size=dist.world_size,
+            global_batch=global_batch,
+            scheduler=run.scheduler.state_dict(),
+            scaler=scaler.state_dict() if scaler else None,
+        )
+        where = R.save_checkpoint(
+            model,
+            run.optimizer,
+            state,
+            run.out,
+            cfg.keep_last_checkpoints,
+            dist.rank,
+            write_adapter=lambda d: _save(run, d, with_processor=False),
+        )
+        run.log(f"checkpoint: {where} (step {step})")
+
     meter = Throughput()
     bar = tqdm(
-        total=total_steps, desc="training", disable=not (dist.is_main and cfg.progress), dynamic_ncols=True
+        total=total_steps,
+        initial=step,
+        desc="training",
+        disable=not (dist.is_main and cfg.progress),
+        dynamic_ncols=True,
     )
-    step, audited, done = 0, not run.data.cookbook, False
-    for epoch in range(cfg.num_epochs):
+    audited, done = not run.data.cookbook, bool(cfg.max_train_step and step >= cfg.max_train_step)
+    epoch_batches = len(run.data.train)
+    for epoch in range(start_epoch, cfg.num_epochs):
+        if done:
+            break
         if hasattr(run.data.train_sampler, "set_epoch"):
             run.data.train_sampler.set_epoch(epoch)
-        for group in _accumulation_groups(run.data.train, cfg.gradient_accumulation_steps):
+        loader = R.skip_batches(run.data.train, skip) if skip else run.data.train
+        # RNG states are restored where the interrupted run saved them: after this epoch's loader
+        # drew its seed for a checkpoint inside the epoch, before it for one at the epoch's end
+        restore = resumed is not None and epoch == start_epoch and run.resumed_from is not None
+        if restore and resumed.epoch_complete:
+            R.restore_rng(run.resumed_from, dist.rank, cfg.seed + dist.rank)
+        batches = iter(loader)
+        if restore and not resumed.epoch_complete:
+            R.restore_rng(run.resumed_from, dist.rank, cfg.seed + dist.rank)
+        batches_done, skip = skip, 0
+        for group in _accumulation_groups(batches, cfg.gradient_accumulation_steps):
+            batches_done += len(group)
             for batch in group:
                 for msg in batch.pop("skipped", []):
                     run.log(f"warning: skipped {msg}")
@@ -272,7 +390,7 @@ def train(run: Run) -> TrainResult:
             step_loss = torch.zeros((), dtype=torch.float64, device=dist.device)
             for batch in group:
                 inputs = _model_inputs(batch, run)
-                meter.add(int(batch["attention_mask"].sum()) * dist.world_size)
+                meter.add(count_tokens(batch) * dist.world_size)
                 with autocast(cfg, dist.device):
                     loss_sum, _ = model(**inputs)
                 loss = loss_sum * dist.world_size / n_step  # data-parallel gradients are averaged over ranks
@@ -283,7 +401,7 @@ def train(run: Run) -> TrainResult:
             grad_norm = None
             if cfg.gradient_clipping:
                 params = [p for p in run.model.parameters() if p.requires_grad]
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.gradient_clipping_threshold))
+                grad_norm = D.clip_grad_norm(params, cfg.gradient_clipping_threshold)
             if scaler:
                 scaler.step(run.optimizer)
                 scaler.update()
@@ -310,17 +428,19 @@ def train(run: Run) -> TrainResult:
                 and step % cfg.eval_every_steps == 0
             ):
                 validate(step, epoch)
-            if cfg.max_train_step and step >= cfg.max_train_step:
-                done = True
+            done = bool(cfg.max_train_step and step >= cfg.max_train_step)
+            if done:
                 break
+            if cfg.save_every_steps and step % cfg.save_every_steps == 0 and batches_done < epoch_batches:
+                checkpoint(epoch, batches_done, epoch_complete=False)
         if (
             cfg.run_validation
             and run.data.val is not None
             and not (cfg.eval_every_steps and step % cfg.eval_every_steps == 0)
         ):
             validate(step, epoch)
-        if done:
-            break
+        # after the epoch's validation, so that a resumed run neither repeats nor skips it
+        checkpoint(epoch, batches_done, epoch_complete=batches_done >= epoch_batches)
     bar.close()
     result.steps = step
     if cfg.save_model:

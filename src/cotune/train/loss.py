@@ -2,7 +2,13 @@
 
 With Llama 3's 128,256-token vocabulary the fp32 logits of a batch (batch x seq x vocab) are the
 largest tensor of a LoRA step. Here the logits are computed only at positions that have a label,
-a chunk at a time, and each chunk is recomputed in backward instead of being kept.
+a chunk at a time, into one reused (chunk x vocab) buffer.
+
+When ``lm_head`` is frozen (LoRA), the gradient with respect to the hidden states is computed in the
+same pass as the loss (``softmax(logits) @ W - W[target]``), so nothing of vocabulary size is kept
+for backward and no logits are recomputed: one matmul fewer than recomputing them, and no new
+vocabulary-sized tensor per chunk (on CPU each new one costs page faults, and freed blocks can stay
+in the process's heap). A trainable output projection takes the recompute-in-backward path instead.
 """
 
 from __future__ import annotations
@@ -21,11 +27,61 @@ def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``h @ w.T`` against ``y``, with d/dh computed in forward, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, h, w, y, chunk_size: int, compute_dtype: torch.dtype, need_grad: bool):
+        with torch.autocast(h.device.type, enabled=False):
+            rows = h.shape[0]
+            wc = w if w.dtype == compute_dtype else w.to(compute_dtype)
+            fp32 = compute_dtype == torch.float32
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            grad = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
+            buf = torch.empty((min(chunk_size, rows), w.shape[0]), dtype=torch.float32, device=h.device)
+            for start in range(0, rows, chunk_size):
+                hc, yc = h[start : start + chunk_size].to(compute_dtype), y[start : start + chunk_size]
+                logits = buf[: hc.shape[0]]
+                if fp32:
+                    torch.mm(hc, wc.t(), out=logits)
+                else:
+                    logits.copy_(torch.mm(hc, wc.t()))
+                picked = logits.gather(1, yc[:, None])
+                top = logits.amax(dim=1, keepdim=True)
+                logits.sub_(top).exp_()  # in place: no second (chunk x vocab) tensor
+                sums = logits.sum(dim=1, keepdim=True)
+                total += (top + sums.log() - picked).sum()
+                if need_grad:  # d/dh of the summed loss: softmax @ W - W[y] = (exp @ W) / sums - W[y]
+                    g = grad[start : start + chunk_size]
+                    if fp32:
+                        torch.mm(logits, wc, out=g)
+                    else:
+                        g.copy_(torch.mm(logits.to(compute_dtype), wc))
+                    g.div_(sums).sub_(wc[yc].float())
+        if need_grad:
+            ctx.save_for_backward(grad)
+        ctx.h_dtype = h.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_total).to(ctx.h_dtype), None, None, None, None, None
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The matmul dtype F.linear would use here: the autocast dtype inside autocast, else the weight's."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
 def chunked_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    chunk_size: int = 2048,
+    chunk_size: int = 512,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token cross-entropy over labelled positions, and their count.
 
@@ -33,7 +89,7 @@ def chunked_cross_entropy(
         hidden: final hidden states (batch, seq, hidden).
         weight: the output projection (vocab, hidden).
         labels: (batch, seq), -100 where there is nothing to predict; shifted here, as HF does.
-        chunk_size: positions per chunk of logits.
+        chunk_size: positions per chunk of logits (the buffer is chunk_size x vocab fp32).
 
     Returns:
         (loss_sum as fp32 scalar, number of label tokens as a long scalar). The mean is
@@ -45,7 +101,13 @@ def chunked_cross_entropy(
     y = targets[keep]
     n = keep.sum()
     total = hidden[..., :0].sum().float()  # zero that still belongs to the graph (no labels: grad 0)
-    for start in range(0, h.shape[0], chunk_size):
+    if h.shape[0] == 0:
+        return total, n
+    if not weight.requires_grad and type(weight) in (torch.Tensor, torch.nn.Parameter):
+        need_grad = torch.is_grad_enabled() and h.requires_grad
+        dtype = _compute_dtype(hidden, weight)
+        return total + _FrozenHeadCrossEntropy.apply(h, weight, y, chunk_size, dtype, need_grad), n
+    for start in range(0, h.shape[0], chunk_size):  # trainable (or sharded) head: recompute in backward
         total = total + checkpoint(
             _chunk_loss_sum,
             h[start : start + chunk_size],
@@ -70,7 +132,7 @@ class ChunkedLossModel(torch.nn.Module):
     without materialising full logits. Being the root module, it is also the FSDP root.
     """
 
-    def __init__(self, model: torch.nn.Module, chunk_size: int = 2048) -> None:
+    def __init__(self, model: torch.nn.Module, chunk_size: int = 512) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
