@@ -76,7 +76,9 @@ def test_text_matches_processor_chat_template(processor):
 
 
 def test_system_prompt_text_only_is_masked(processor):
-    messages = conversation_to_messages([("user", "Hi"), ("assistant", "Hello!")], 0, system_prompt="Be brief.")
+    messages = conversation_to_messages(
+        [("user", "Hi"), ("assistant", "Hello!")], 0, system_prompt="Be brief."
+    )
     ids, labels = tokenize_conversation(processor, messages)
     assert ids.count(BOS) == 1
     assert SYSTEM in ids

@@ -32,7 +32,9 @@ def test_llava_cot_command_line_carries_over():
 
 def test_yaml_then_flags_precedence(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("lr: 0.001\nnum_epochs: 2\nlora_config:\n  r: 4\n  target_modules: [q_proj, v_proj]\ndata:\n  max_seq_len: 99\n")
+    path.write_text(
+        "lr: 0.001\nnum_epochs: 2\nlora_config:\n  r: 4\n  target_modules: [q_proj, v_proj]\ndata:\n  max_seq_len: 99\n"
+    )
     cfg = load_config(path, [("num_epochs", "5"), ("test_file", "t.jsonl")])
     assert cfg.lr == 0.001 and cfg.num_epochs == 5
     assert cfg.lora_config.r == 4 and cfg.lora_config.target_modules == ["q_proj", "v_proj"]

@@ -15,6 +15,17 @@ verbs:
                                              write a tiny random checkpoint in HF format
   synth-data DIR [--n_train N] [--n_test N] [--seed N]
                                              write the synthetic LLaVA-CoT dataset
+  generate --model_name BASE [--adapter DIR ...] [--image a.png] "PROMPT" [--search stage]
+                                             answer a prompt (streamed; stage search, best-of-n)
+  chat --model_name BASE [--adapter NAME=DIR ...]
+                                             multi-turn chat; /adapter NAME switches adapter
+  eval --model_name BASE --adapter DIR --data test.jsonl
+                                             base vs adapters: loss, format, accuracy, per stage
+  merge --model_name BASE --adapter DIR --output DIR
+                                             merge the adapter into a standard HF checkpoint
+  data check DATA [--model_name M] [--config C]
+                                             validate a dataset as training would (exit 1: bad records)
+  data preview DATA [--augment 8]            PNG grid of samples, their augmentations and text
 """
 
 
@@ -31,6 +42,10 @@ def cmd_train(argv: list[str]) -> int:
     if len(positional) > 1:
         raise ConfigError(f"expected at most one config file, got {positional}")
     cfg = load_config(positional[0] if positional else None, pairs)
+    from cotune.train import distributed
+
+    if cfg.enable_fsdp and cfg.nproc_per_node > 1 and not distributed.under_torchrun():
+        return distributed.launch_torchrun(argv, cfg.nproc_per_node)  # one node; see README for several
     from cotune.train.loop import finetune
 
     finetune(cfg)
@@ -74,11 +89,68 @@ def cmd_synth_data(argv: list[str]) -> int:
     return 0
 
 
+def _use_verb(verb: str, argv: list[str]):
+    """Options of generate/chat/eval/merge (None after printing --help)."""
+    from cotune.infer.commands import parse_use_flags, use_help
+
+    if "--help" in argv or "-h" in argv:
+        print(use_help(verb))
+        return None
+    return parse_use_flags(verb, argv)
+
+
+def cmd_generate(argv: list[str]) -> int:
+    parsed = _use_verb("generate", argv)
+    if parsed is None:
+        return 0
+    from cotune.infer.commands import run_generate
+
+    return run_generate(parsed[1], " ".join(parsed[0]))
+
+
+def cmd_chat(argv: list[str]) -> int:
+    parsed = _use_verb("chat", argv)
+    if parsed is None:
+        return 0
+    from cotune.infer.commands import run_chat
+
+    return run_chat(parsed[1])
+
+
+def cmd_eval(argv: list[str]) -> int:
+    parsed = _use_verb("eval", argv)
+    if parsed is None:
+        return 0
+    from cotune.infer.commands import run_eval_command
+
+    return run_eval_command(parsed[1])
+
+
+def cmd_merge(argv: list[str]) -> int:
+    parsed = _use_verb("merge", argv)
+    if parsed is None:
+        return 0
+    from cotune.infer.commands import run_merge_command
+
+    return run_merge_command(parsed[1])
+
+
+def cmd_data(argv: list[str]) -> int:
+    from cotune.data.check import run_data_command
+
+    return run_data_command(argv)
+
+
 VERBS = {
     "train": cmd_train,
     "demo": cmd_demo,
     "tiny-model": cmd_tiny_model,
     "synth-data": cmd_synth_data,
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "eval": cmd_eval,
+    "merge": cmd_merge,
+    "data": cmd_data,
 }
 
 

@@ -1,0 +1,319 @@
+"""``cotune eval``: the base model and each adapter, side by side, on a labelled test set.
+
+For every model (the base is ``none``; the adapters are loaded once into one PEFT model):
+
+* **loss and perplexity**: the training loss (``data.dataset.encode_samples`` + ``PaddingCollator``,
+  cross-entropy over the reply tokens, token-weighted over the whole set);
+* **loss per stage**: the same per-token losses, grouped by the stage whose content holds each
+  token (tags, whitespace and end-of-turn tokens go to 'other') - which stage did the adapter learn;
+* from greedy generations of the first turn: **four-stage format compliance** (all tags present,
+  in order, non-empty), each stage's presence, and **answer accuracy** of the CONCLUSION against the
+  gold answer (the record's ``answer`` field, else the CONCLUSION of the reference reply; scored by
+  ``cot.score_answer``: letter, number or normalised exact match).
+
+Writes ``eval.json`` (everything), ``eval.md`` (a table, one column per model) and
+``predictions.jsonl`` (every reply) to the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from cotune.data.batching import PaddingCollator, to_device
+from cotune.data.chat import IGNORE_INDEX
+from cotune.data.dataset import SFTDataset, encode_samples
+from cotune.data.records import Sample, load_samples, report_problems
+from cotune.eval.cot import (
+    STAGES,
+    answer_kind,
+    follows_format,
+    label_stages,
+    mean_stage_losses,
+    parse_stages,
+    score_answer,
+    stage_loss_totals,
+)
+from cotune.infer.adapters import NONE, AdapterSpec, load_model_with_adapters, use_adapter
+from cotune.infer.generate import TokenMeter, generate, model_device_dtype
+from cotune.models.families import ModelFamily
+from cotune.train.loss import inner_model
+from cotune.train.metrics import perplexity
+
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
+MODEL_INPUT_KEYS += ("cross_attention_mask",)
+
+
+@torch.no_grad()
+def label_token_losses(
+    model: torch.nn.Module, inputs: dict, labels: torch.Tensor, chunk_size: int = 2048
+) -> torch.Tensor:
+    """Per-token cross-entropy at every labelled position, as ``train.loss.ChunkedLossModel`` computes it.
+
+    Returns:
+        (batch, seq) fp32 losses; ``out[b, j]`` is the loss of predicting ``labels[b, j]`` from the
+        positions before it, 0 where there is no label. Its sum is ChunkedLossModel's loss sum.
+    """
+    core = inner_model(model)
+    hidden = core.model(**inputs, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    h, y = hidden[:, :-1][keep], targets[keep]
+    weight = core.lm_head.weight
+    values = [
+        F.cross_entropy(
+            F.linear(h[s : s + chunk_size], weight).float(), y[s : s + chunk_size], reduction="none"
+        )
+        for s in range(0, h.shape[0], chunk_size)
+    ]
+    out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+    if values:
+        out[:, 1:][keep] = torch.cat(values)
+    return out
+
+
+def first_turn(sample: Sample) -> tuple[list[dict], str]:
+    """The messages before the first reply, and that reply's text (the reference)."""
+    k = next(i for i, m in enumerate(sample.messages) if m["role"] == "assistant")
+    reply = sample.messages[k]["content"]
+    text = reply if isinstance(reply, str) else "".join(c.get("text", "") for c in reply)
+    return sample.messages[:k], text
+
+
+def gold_answer(sample: Sample) -> str | None:
+    """The record's ``answer`` field, else the CONCLUSION of the reference reply, else None."""
+    answer = sample.meta.get("answer")
+    if isinstance(answer, str | int | float) and str(answer).strip():
+        return str(answer).strip()
+    return parse_stages(first_turn(sample)[1]).get("CONCLUSION") or None
+
+
+def loss_by_stage(
+    model: torch.nn.Module,
+    processor: Any,
+    family: ModelFamily,
+    dataset: SFTDataset,
+    stages: list[list[str | None]],
+    batch_size: int,
+    desc: str = "loss",
+) -> dict[str, Any]:
+    """Token-weighted loss over the dataset, in total and per stage (``stages``: per sample, per position)."""
+    tokenizer = processor.tokenizer
+    collate = PaddingCollator(tokenizer.pad_token_id, family, family.image_token_id(tokenizer))
+    device, dtype = model_device_dtype(model)
+    total, count = 0.0, 0
+    totals = {s: [0.0, 0] for s in (*STAGES, "other")}
+    for start in tqdm(range(0, len(dataset), batch_size), desc=desc, dynamic_ncols=True, leave=False):
+        index = list(range(start, min(start + batch_size, len(dataset))))
+        items = [dataset[i] for i in index]
+        kept = [i for i, it in zip(index, items) if it is not None and "error" not in it]
+        batch = collate(items)
+        if batch.get("empty"):
+            continue
+        inputs = to_device(
+            {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}, device, float_dtype=dtype
+        )
+        labels = batch["labels"].to(device)
+        losses = label_token_losses(model, inputs, labels).cpu()
+        has_label = batch["labels"] != IGNORE_INDEX
+        has_label[:, 0] = False  # the first position is never predicted
+        total += float(losses[has_label].sum())
+        count += int(has_label.sum())
+        for row, i in enumerate(kept):
+            positions = has_label[row].nonzero().flatten().tolist()
+            part = stage_loss_totals(
+                [float(losses[row, j]) for j in positions], [stages[i][j] for j in positions]
+            )
+            for s, (v, n) in part.items():
+                totals[s][0] += v
+                totals[s][1] += n
+    loss = total / count if count else float("nan")
+    return {
+        "loss": loss,
+        "perplexity": perplexity(loss),
+        "label_tokens": count,
+        "stage_loss": mean_stage_losses(totals),
+        "stage_tokens": {s: int(v[1]) for s, v in totals.items()},
+    }
+
+
+def generation_metrics(replies: list[str], golds: list[str | None]) -> dict[str, Any]:
+    """Format compliance, stage presence and answer accuracy of generated replies."""
+    n = len(replies)
+    parsed = [parse_stages(r) for r in replies]
+    scores = [
+        score_answer(p.get("CONCLUSION", ""), g) if g is not None and p.get("CONCLUSION") else None
+        for p, g in zip(parsed, golds)
+    ]
+    scored = [(s, g) for s, g in zip(scores, golds) if g is not None]
+    by_kind: dict[str, list[int]] = {}
+    for score, gold in scored:
+        kind = score["kind"] if score else answer_kind(gold)
+        by_kind.setdefault(kind, [0, 0])
+        by_kind[kind][0] += int(bool(score and score["correct"]))
+        by_kind[kind][1] += 1
+    n_scored = len(scored)
+    return {
+        "format_rate": sum(follows_format(r) for r in replies) / n if n else 0.0,
+        "stage_rate": {s: sum(bool(p.get(s)) for p in parsed) / n if n else 0.0 for s in STAGES},
+        "accuracy": sum(bool(s and s["correct"]) for s, _ in scored) / n_scored if n_scored else None,
+        "exact_match": sum(bool(s and s["exact"]) for s, _ in scored) / n_scored if n_scored else None,
+        "accuracy_by_kind": {k: {"correct": c, "n": t} for k, (c, t) in sorted(by_kind.items())},
+        "scored": n_scored,
+        "scores": scores,
+    }
+
+
+def evaluate_models(
+    model: torch.nn.Module,
+    processor: Any,
+    family: ModelFamily,
+    samples: list[Sample],
+    names: list[str],
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    max_seq_len: int = 4096,
+    log=print,
+) -> dict[str, Any]:
+    """Evaluates each adapter of ``names`` ('none': the base) on ``samples``; see the module docstring."""
+    tokenizer = processor.tokenizer
+    encoded, problems, _ = encode_samples(samples, processor, family, max_seq_len, "drop")
+    for p in problems:
+        log(f"eval: left out of the loss: {p}")
+    dataset = SFTDataset(encoded, processor, family)
+    stages = [label_stages(tokenizer, e.input_ids, e.labels) for e in encoded]
+    turns = [first_turn(s) for s in samples]
+    golds = [gold_answer(s) for s in samples]
+    order = sorted(range(len(samples)), key=lambda i: len(str(turns[i][0])))  # similar lengths batch well
+    results: dict[str, Any] = {"models": {}, "predictions": {}}
+    for name in names:
+        with use_adapter(model, name):
+            metrics = loss_by_stage(model, processor, family, dataset, stages, batch_size, f"loss ({name})")
+            replies: list[str] = [""] * len(samples)
+            meter, start = TokenMeter(), time.perf_counter()
+            bar = tqdm(total=len(samples), desc=f"generating ({name})", dynamic_ncols=True)
+            for k in range(0, len(order), batch_size):
+                index = order[k : k + batch_size]
+                prompts = [(turns[i][0], samples[i].images) for i in index]
+                out = generate(model, processor, family, prompts, max_new_tokens=max_new_tokens, meter=meter)
+                for i, reply in zip(index, out):
+                    replies[i] = reply
+                bar.update(len(index))
+            bar.close()
+        gen = generation_metrics(replies, golds)
+        scores = gen.pop("scores")
+        metrics.update(gen)
+        metrics["generated_tokens_per_reply"] = meter.generated / max(len(samples), 1)
+        metrics["generation_seconds"] = round(time.perf_counter() - start, 2)
+        results["models"][name] = metrics
+        results["predictions"][name] = [
+            {"id": s.id, "gold": g, "reply": r, "score": sc}
+            for s, g, r, sc in zip(samples, golds, replies, scores)
+        ]
+        acc = metrics["accuracy"]
+        log(
+            f"eval [{name}]: loss {metrics['loss']:.4f} (ppl {metrics['perplexity']:.2f}), "
+            f"format {metrics['format_rate']:.0%}, accuracy {'n/a' if acc is None else f'{acc:.0%}'}"
+        )
+    return results
+
+
+def _fmt(value: Any, kind: str = "float") -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    if kind == "pct":
+        return f"{value:.1%}"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """One row per metric, one column per model."""
+    models = results["models"]
+    names = list(models)
+    rows: list[tuple[str, list[str]]] = [
+        ("loss", [_fmt(models[n]["loss"]) for n in names]),
+        ("perplexity", [_fmt(models[n]["perplexity"]) for n in names]),
+    ]
+    rows += [(f"loss: {s}", [_fmt(models[n]["stage_loss"][s]) for n in names]) for s in (*STAGES, "other")]
+    rows.append(("four-stage format", [_fmt(models[n]["format_rate"], "pct") for n in names]))
+    rows += [(f"has {s}", [_fmt(models[n]["stage_rate"][s], "pct") for n in names]) for s in STAGES]
+    rows.append(("answer accuracy", [_fmt(models[n]["accuracy"], "pct") for n in names]))
+    rows.append(("exact match", [_fmt(models[n]["exact_match"], "pct") for n in names]))
+    kinds = sorted({k for n in names for k in models[n]["accuracy_by_kind"]})
+    for kind in kinds:
+        cells = []
+        for n in names:
+            c = models[n]["accuracy_by_kind"].get(kind)
+            cells.append(f"{c['correct']}/{c['n']}" if c else "-")
+        rows.append((f"accuracy: {kind}", cells))
+    rows.append(("tokens per reply", [f"{models[n]['generated_tokens_per_reply']:.1f}" for n in names]))
+    header = "| metric | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names) + "\n"
+    return header + "".join(f"| {label} | " + " | ".join(cells) + " |\n" for label, cells in rows)
+
+
+def write_results(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """eval.json (metrics + settings), eval.md (the table) and predictions.jsonl."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "eval.json", "md": out / "eval.md", "predictions": out / "predictions.jsonl"}
+    summary = {k: v for k, v in results.items() if k != "predictions"}
+    paths["json"].write_text(json.dumps(summary, indent=2) + "\n")
+    title = f"# cotune eval: {results.get('data', '')}\n\n{results.get('n_samples', '?')} samples.\n\n"
+    paths["md"].write_text(title + markdown_table(results))
+    with open(paths["predictions"], "w", encoding="utf-8") as f:
+        for name, rows in results["predictions"].items():
+            for row in rows:
+                f.write(json.dumps({"model": name, **row}, ensure_ascii=False) + "\n")
+    return paths
+
+
+def run_eval(
+    model_name: str,
+    specs: list[AdapterSpec],
+    data: str,
+    output_dir: str = "",
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    max_seq_len: int = 4096,
+    limit: int = 0,
+    image_root: str = "",
+    dtype: str = "auto",
+    device: str = "auto",
+    log=print,
+) -> dict[str, Any]:
+    """What ``cotune eval`` runs: load once, evaluate the base ('none') and every adapter, write the files.
+
+    The base is evaluated too unless ``specs`` is only ``none`` (then it alone is).
+    """
+    names = [s.name for s in specs]
+    if NONE not in names:
+        names = [NONE, *names]
+    model, processor, family = load_model_with_adapters(model_name, specs, dtype, device)
+    samples, problems = load_samples(data, image_root)
+    report_problems(problems, "skip", len(samples) + len(problems), log=log)
+    if limit:
+        samples = samples[:limit]
+    if not samples:
+        raise FileNotFoundError(f"{data}: no usable samples to evaluate")
+    results = evaluate_models(
+        model, processor, family, samples, names, batch_size, max_new_tokens, max_seq_len, log
+    )
+    results.update(
+        data=str(data),
+        n_samples=len(samples),
+        model_name=str(model_name),
+        adapters={s.name: s.path for s in specs if s.path},
+        max_new_tokens=max_new_tokens,
+    )
+    first = next((s.path for s in specs if s.path), None)
+    out_dir = output_dir or (str(Path(first).parent / "eval") if first else "eval")
+    paths = write_results(results, out_dir)
+    log(markdown_table(results))
+    log(f"eval: wrote {paths['json']}, {paths['md']} and {paths['predictions']}")
+    return results

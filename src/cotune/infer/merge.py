@@ -1,0 +1,209 @@
+"""``cotune merge``: fold a LoRA adapter into its base and save a standard Hugging Face checkpoint.
+
+The result (sharded safetensors + ``config.json`` + the processor) loads with
+``AutoModelForImageTextToText.from_pretrained(dir)`` and needs neither PEFT nor cotune.
+
+Memory: the base is loaded once, in the chosen dtype (bf16 works on CPU); PEFT's
+``merge_and_unload`` then folds each LoRA layer into its weight in place, module by module (the only
+extra memory is one layer's ``B @ A``), and the checkpoint is written shard by shard
+(``max_shard_size``). Peak memory is one copy of the model plus one shard.
+
+Parity: before merging, the adapter's logits on a sample (a record of ``--data``, else a generated
+image with a short question) are kept; after merging, the merged model's logits on the same input
+must match within a tolerance that suits the dtype (``atol + rtol * max|logits|``); otherwise
+nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cotune.infer.adapters import check_adapter_dir
+from cotune.infer.generate import model_device_dtype, user_message
+from cotune.models.load import DTYPES, load_base_model, load_processor
+
+# (atol, rtol) of the parity check per dtype, against max|logits|: W + BA is rounded to the weight
+# dtype once, where the adapter adds B(Ax) separately, and the difference grows through the layers.
+# A wrong merge (lost scaling, a layer missed) moves logits by about the adapter's own effect,
+# orders of magnitude above these.
+TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (5e-2, 2e-2), torch.float16: (1e-2, 5e-3)}
+
+
+class MergeMismatch(ValueError):
+    """The merged model's logits differ from the adapter's by more than the tolerance."""
+
+
+@dataclass
+class MergeReport:
+    """What a merge produced and measured."""
+
+    output_dir: Path
+    dtype: str
+    max_abs_diff: float
+    tolerance: float
+    adapter_effect: float  # max |adapter - base| logits: the merge must keep this, not lose it
+    top1_agreement: float
+    model_bytes: int
+    rss_before_load: int
+    peak_rss: int
+    shards: int
+    seconds: float
+
+    def describe(self) -> str:
+        mib = 2**20
+        return (
+            f"merged model written to {self.output_dir} ({self.shards} shard{'s' if self.shards != 1 else ''}, "
+            f"{self.dtype})\n"
+            f"parity: max |merged - adapter| logits = {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g}); "
+            f"the adapter moves the base's logits by up to {self.adapter_effect:.3g}; "
+            f"top-1 token agreement {self.top1_agreement:.1%}\n"
+            f"memory: model {self.model_bytes / mib:,.0f} MiB; process RSS {self.rss_before_load / mib:,.0f} MiB "
+            f"before loading, peak {self.peak_rss / mib:,.0f} MiB "
+            f"(peak - before = {(self.peak_rss - self.rss_before_load) / max(self.model_bytes, 1):.2f} x model)"
+        )
+
+
+def _rss_now() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _peak_rss() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if peak > 2**32 else peak * 1024  # Linux reports KiB, macOS bytes
+
+
+def checkpoint_dtype(model_dir: str | Path) -> str:
+    """The dtype the checkpoint's config.json records ('fp32' when it records none)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float32").replace("torch.", "")
+    return name if name in DTYPES else "fp32"
+
+
+def parity_sample(processor: Any, family: Any, data: str = "") -> dict:
+    """The sample the parity check runs on: the first record of ``data`` (prompt and reference
+    reply), else a generated 64x64 image with a short question."""
+    from PIL import Image
+
+    from cotune.infer.generate import encode_prompt
+
+    if data:
+        from cotune.data.dataset import encode_samples
+        from cotune.data.records import load_samples
+
+        samples, _ = load_samples(data)
+        if samples:
+            encoded, _, _ = encode_samples(samples[:1], processor, family, max_seq_len=100_000)
+            item = {"input_ids": torch.tensor(encoded[0].input_ids)}
+            if samples[0].images:
+                from cotune.data.images import load_image
+
+                images = [load_image(ref) for ref in samples[0].images]
+                item.update(family.image_inputs(processor, [images]))
+            return item
+    pixels = bytes((x * 4 + y * 2) % 256 for y in range(64) for x in range(64) for _ in range(3))
+    image = Image.frombytes("RGB", (64, 64), pixels)
+    messages = [user_message("Describe the image step by step.", n_images=1)]
+    return encode_prompt(processor, family, messages, [image])
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module, processor: Any, family: Any, item: dict) -> torch.Tensor:
+    from cotune.data.batching import PaddingCollator, to_device
+
+    tokenizer = processor.tokenizer
+    collate = PaddingCollator(tokenizer.pad_token_id, family, family.image_token_id(tokenizer))
+    item = {**item, "labels": torch.full_like(item["input_ids"], -100)}
+    batch = collate([item])
+    batch.pop("labels")
+    device, dtype = model_device_dtype(model)
+    return model(**to_device(batch, device, float_dtype=dtype), use_cache=False).logits.float().cpu()
+
+
+def merge_adapter(
+    model_name: str,
+    adapter_dir: str,
+    output_dir: str,
+    dtype: str = "",
+    max_shard_size: str = "2GB",
+    data: str = "",
+    tolerance: float = 0.0,
+    tokenizer_name: str = "",
+    log=print,
+) -> MergeReport:
+    """Merges ``adapter_dir`` into ``model_name`` and saves the result to ``output_dir``.
+
+    Args:
+        model_name: the base checkpoint directory.
+        adapter_dir: a PEFT adapter directory trained on that base.
+        output_dir: where the merged checkpoint goes (replaced atomically).
+        dtype: weights dtype of the merge and of the saved checkpoint (default: the base's own).
+        max_shard_size: largest safetensors shard, e.g. "2GB" (bounds the memory of saving).
+        data: a data file whose first record is the parity sample (default: a generated image).
+        tolerance: maximum allowed |merged - adapter| logits (0: by dtype, see ``TOLERANCES``).
+        tokenizer_name: processor directory if different from ``model_name``.
+
+    Raises:
+        MergeMismatch: the merged model does not reproduce the adapter (nothing is written).
+    """
+    from peft import PeftModel
+
+    from cotune.train.checkpoint import atomic_dir
+
+    start = time.perf_counter()
+    check_adapter_dir(adapter_dir)
+    dtype = dtype or checkpoint_dtype(model_name)
+    torch_dtype = DTYPES[dtype]
+    rss_before = _rss_now()
+    processor = load_processor(tokenizer_name or model_name)
+    base, family = load_base_model(model_name, torch_dtype)
+    model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
+    model.eval()
+    item = parity_sample(processor, family, data)
+    expected = _logits(model, processor, family, item)
+    with model.disable_adapter():
+        base_logits = _logits(model, processor, family, item)
+    log(f"merging {adapter_dir} into {model_name} ({dtype}) ...")
+    merged = model.merge_and_unload()  # each LoRA layer folded into its weight in place
+    got = _logits(merged, processor, family, item)
+    diff = float((got - expected).abs().max())
+    atol, rtol = TOLERANCES[torch_dtype]
+    limit = tolerance or atol + rtol * float(expected.abs().max())
+    top1 = float((got.argmax(-1) == expected.argmax(-1)).float().mean())
+    if not diff <= limit:
+        raise MergeMismatch(
+            f"merged logits differ from the adapter's by {diff:.3g} > tolerance {limit:.3g} ({dtype}); "
+            f"nothing written to {output_dir}"
+        )
+    with atomic_dir(output_dir) as tmp:
+        merged.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+        processor.save_pretrained(str(tmp))
+    shards = len(list(Path(output_dir).glob("*.safetensors")))
+    report = MergeReport(
+        output_dir=Path(output_dir),
+        dtype=dtype,
+        max_abs_diff=diff,
+        tolerance=limit,
+        adapter_effect=float((expected - base_logits).abs().max()),
+        top1_agreement=top1,
+        model_bytes=model_bytes,
+        rss_before_load=rss_before,
+        peak_rss=_peak_rss(),
+        shards=shards,
+        seconds=time.perf_counter() - start,
+    )
+    log(report.describe())
+    return report

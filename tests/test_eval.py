@@ -1,0 +1,186 @@
+"""Evaluation: answer scoring on hand-made predictions, loss per stage, and the eval command end to end."""
+
+import json
+
+import pytest
+import torch
+
+from cotune.cli import main
+from cotune.config import LoraConfig
+from cotune.data.batching import PaddingCollator
+from cotune.data.chat import tokenize_conversation
+from cotune.data.dataset import SFTDataset, encode_samples
+from cotune.data.records import load_samples
+from cotune.eval.cot import (
+    STAGES,
+    answer_kind,
+    choice_letter,
+    exact_match,
+    follows_format,
+    label_stages,
+    normalize_answer,
+    numeric_match,
+    parse_number,
+    parse_stages,
+    score_answer,
+    stage_loss_totals,
+    token_offsets,
+)
+from cotune.eval.evaluate import (
+    MODEL_INPUT_KEYS,
+    generation_metrics,
+    gold_answer,
+    label_token_losses,
+    loss_by_stage,
+)
+from cotune.models.load import add_lora, load_base_model
+from cotune.train.loss import ChunkedLossModel
+
+
+def make_adapter(model_dir, out_dir, seed):
+    """A LoRA adapter with random B matrices (so it changes the model), saved in PEFT format."""
+    base, family = load_base_model(model_dir)
+    torch.manual_seed(seed)
+    model = add_lora(base, family, LoraConfig(r=4, lora_dropout=0.0))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.3)
+    model.save_pretrained(str(out_dir))
+    return str(out_dir)
+
+
+REPLY = (
+    "<SUMMARY> I will count the shapes. </SUMMARY>\n\n<CAPTION> A red circle and a blue star. </CAPTION>"
+    "\n\n<REASONING> There are two shapes. </REASONING>\n\n<CONCLUSION> {answer} </CONCLUSION>"
+)
+
+
+def test_normalisation_and_exact_match():
+    assert normalize_answer("  The Blue, star! ") == "blue star"
+    assert exact_match("Yes.", "yes") and exact_match("the circle", "Circle")
+    assert not exact_match("blue star", "blue")
+
+
+@pytest.mark.parametrize(
+    "text, letter",
+    [
+        ("B", "B"),
+        ("(C)", "C"),
+        ("b", "B"),
+        ("A. yellow", "A"),
+        ("The answer is D.", "D"),
+        ("Option (B)", "B"),
+    ],
+)
+def test_choice_letter(text, letter):
+    assert choice_letter(text) == letter
+
+
+def test_choice_letter_is_not_fooled_by_articles():
+    assert choice_letter("a red circle") is None
+    assert choice_letter("There is a star") is None
+
+
+def test_numbers():
+    assert parse_number("There are 4 shapes.") == 4
+    assert parse_number("three") == 3
+    assert parse_number("1,250.5 units") == 1250.5
+    assert parse_number("no number") is None
+    assert numeric_match("The total is 4.", "4") and numeric_match("4.0", "4")
+    assert not numeric_match("There are 3 shapes.", "4")
+
+
+def test_score_answer_by_kind():
+    assert answer_kind("B") == "choice" and answer_kind("4") == "number" and answer_kind("blue") == "text"
+    assert score_answer("B. green", "B")["correct"] and not score_answer("A", "B")["correct"]
+    assert score_answer("There are 4 shapes", "4") == {"kind": "number", "correct": True, "exact": False}
+    assert score_answer("Blue.", "blue") == {"kind": "text", "correct": True, "exact": True}
+    assert not score_answer("a blue star", "blue")["correct"]
+
+
+def test_generation_metrics_on_hand_made_predictions():
+    replies = [
+        REPLY.format(answer="4"),  # right, formatted
+        REPLY.format(answer="B"),  # wrong letter
+        REPLY.format(answer="blue").replace("<CAPTION>", "<CAPTON>"),  # right answer, broken format
+        "4",  # no CONCLUSION: cannot be scored right
+        REPLY.format(answer="yes"),  # gold unknown: not scored
+    ]
+    golds = ["4", "C", "blue", "4", None]
+    m = generation_metrics(replies, golds)
+    assert m["format_rate"] == pytest.approx(3 / 5)
+    assert m["stage_rate"]["CAPTION"] == pytest.approx(3 / 5) and m["stage_rate"][
+        "CONCLUSION"
+    ] == pytest.approx(4 / 5)
+    assert m["scored"] == 4 and m["accuracy"] == pytest.approx(2 / 4)
+    assert m["accuracy_by_kind"] == {
+        "choice": {"correct": 0, "n": 1},
+        "number": {"correct": 1, "n": 2},
+        "text": {"correct": 1, "n": 1},
+    }
+    assert follows_format(replies[0]) and not follows_format(replies[2])
+
+
+def test_label_stages_cover_exactly_each_stage_content(processor, shapes):
+    sample = next(s for s in load_samples(shapes["train"])[0] if len(s.messages) == 2)
+    ids, labels = tokenize_conversation(processor, sample.messages)
+    stages = label_stages(processor.tokenizer, ids, labels)
+    assert all(s is None for s, lab in zip(stages, labels) if lab == -100)
+    reply = sample.messages[1]["content"][0]["text"]
+    first = [k for k, lab in enumerate(labels) if lab != -100]
+    text, offsets = token_offsets(processor.tokenizer, ids[first[0] : first[-1] + 1])
+    for stage in STAGES:
+        positions = [k - first[0] for k in first if stages[k] == stage]
+        assert positions, stage
+        covered = text[offsets[positions[0]][0] : offsets[positions[-1]][1]]
+        assert covered.strip() == parse_stages(reply)[stage]
+
+
+def test_eval_loss_is_the_training_loss_and_stages_add_up(tiny_mllama, processor, shapes):
+    model, family = load_base_model(tiny_mllama)
+    samples = load_samples(shapes["test"])[0][:4]
+    encoded, _, _ = encode_samples(samples, processor, family, 4096)
+    dataset = SFTDataset(encoded, processor, family)
+    collate = PaddingCollator(
+        processor.tokenizer.pad_token_id, family, family.image_token_id(processor.tokenizer)
+    )
+    batch = collate([dataset[i] for i in range(4)])
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+    with torch.no_grad():
+        ref_sum, ref_n = ChunkedLossModel(model)(labels=batch["labels"], **inputs)
+    per_token = label_token_losses(model, inputs, batch["labels"], chunk_size=7)
+    assert per_token.sum().item() == pytest.approx(ref_sum.item(), rel=1e-5)
+    stages = [label_stages(processor.tokenizer, e.input_ids, e.labels) for e in encoded]
+    got = loss_by_stage(model, processor, family, dataset, stages, batch_size=3)
+    assert got["label_tokens"] == int(ref_n)
+    assert got["loss"] == pytest.approx(ref_sum.item() / int(ref_n), rel=1e-5)
+    assert sum(got["stage_tokens"].values()) == int(ref_n)
+    weighted = sum(got["stage_loss"][s] * n for s, n in got["stage_tokens"].items() if n)
+    assert weighted / int(ref_n) == pytest.approx(got["loss"], rel=1e-5)
+    assert all(got["stage_tokens"][s] > 0 for s in STAGES)
+    totals = stage_loss_totals([1.0, 2.0, 3.0], ["SUMMARY", None, "SUMMARY"])
+    assert totals["SUMMARY"] == [4.0, 2] and totals["other"] == [2.0, 1]
+
+
+def test_gold_answer_prefers_the_answer_field(shapes):
+    sample = load_samples(shapes["test"])[0][0]
+    assert gold_answer(sample) == sample.meta["answer"]
+    sample.meta.pop("answer")
+    reference = sample.messages[1]["content"][0]["text"]
+    assert gold_answer(sample) == parse_stages(reference)["CONCLUSION"]
+
+
+def test_eval_command_compares_base_and_adapter(tiny_mllama, shapes, tmp_path):
+    adapter = make_adapter(tiny_mllama, tmp_path / "run" / "adapter", seed=3)
+    argv = ["eval", "--model_name", str(tiny_mllama), "--adapter", adapter, "--data", str(shapes["test"])]
+    argv += ["--limit", "3", "--max_new_tokens", "4", "--batch_size", "2"]
+    assert main(argv) == 0
+    out = tmp_path / "run" / "eval"
+    result = json.loads((out / "eval.json").read_text())
+    assert list(result["models"]) == ["none", "run"] and result["n_samples"] == 3
+    none, run = result["models"]["none"], result["models"]["run"]
+    assert none["loss"] != pytest.approx(run["loss"])  # the adapter changes the model
+    assert none["format_rate"] == 0.0 and none["scored"] == 3
+    table = (out / "eval.md").read_text()
+    assert "| metric | none | run |" in table and "loss: REASONING" in table
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 6

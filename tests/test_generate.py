@@ -1,0 +1,195 @@
+"""Generation: streaming equals batch output, seeded sampling, several adapters on one base."""
+
+import pytest
+import torch
+from peft import PeftModel
+
+from cotune.cli import main
+from cotune.config import LoraConfig
+from cotune.data.records import load_samples
+from cotune.infer.adapters import NONE, attach_adapters, parse_adapter_specs, use_adapter
+from cotune.infer.commands import parse_use_flags, run_chat
+from cotune.infer.generate import (
+    TokenMeter,
+    encode_prompt,
+    generate,
+    prompt_batch,
+    stream_generate,
+    user_message,
+)
+from cotune.models.load import add_lora, load_base_model
+
+
+def make_adapter(model_dir, out_dir, seed, targets="language"):
+    """A LoRA adapter whose B matrices are random (a fresh one is the identity), saved in PEFT format."""
+    base, family = load_base_model(model_dir)
+    torch.manual_seed(seed)
+    model = add_lora(base, family, LoraConfig(r=4, lora_dropout=0.0, target_modules=targets))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.3)
+    model.save_pretrained(str(out_dir))
+    return str(out_dir)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_mllama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "a": make_adapter(tiny_mllama, root / "a", seed=1),
+        "b": make_adapter(tiny_mllama, root / "b", seed=2, targets="language+cross_attention"),
+    }
+
+
+@pytest.fixture(scope="module")
+def base(tiny_mllama):
+    return load_base_model(tiny_mllama)
+
+
+@pytest.fixture(scope="module")
+def prompt(shapes):
+    sample = load_samples(shapes["test"])[0][0]
+    return [user_message("How many shapes are there?", n_images=1)], sample.images[:1]
+
+
+def test_user_message_places_images_like_records():
+    assert user_message("hi", 2)["content"] == [
+        {"type": "image"},
+        {"type": "image"},
+        {"type": "text", "text": "hi"},
+    ]
+    marked = user_message("<image>\nWhat is it?", 1)["content"]
+    assert marked == [{"type": "image"}, {"type": "text", "text": "What is it?"}]
+    with pytest.raises(ValueError, match="markers"):
+        user_message("<image> and <image>", 1)
+
+
+def test_streaming_equals_batch_generation(base, processor, prompt):
+    model, family = base
+    messages, images = prompt
+    for kwargs in (dict(), dict(do_sample=True, temperature=1.0, top_p=1.0, seed=7)):
+        batch = generate(model, processor, family, [(messages, images)], max_new_tokens=16, **kwargs)[0]
+        pieces = list(
+            stream_generate(model, processor, family, messages, images, max_new_tokens=16, **kwargs)
+        )
+        assert len(batch) > 0
+        assert "".join(pieces) == batch
+
+
+def test_seeded_sampling_is_reproducible_and_counted(base, processor, prompt):
+    model, family = base
+    messages, images = prompt
+    meter = TokenMeter()
+    kw = dict(max_new_tokens=8, do_sample=True, temperature=1.0, top_p=1.0)
+    first = generate(model, processor, family, [(messages, images)] * 3, seed=3, meter=meter, **kw)
+    again = generate(model, processor, family, [(messages, images)] * 3, seed=3, **kw)
+    other = generate(model, processor, family, [(messages, images)] * 3, seed=4, **kw)
+    assert first == again
+    assert first != other
+    prompt_len = len(encode_prompt(processor, family, messages, images)["input_ids"])
+    assert meter.calls == 1 and meter.prompt == 3 * prompt_len
+    assert 3 <= meter.generated <= 3 * 8
+
+
+def test_parse_adapter_specs():
+    specs = parse_adapter_specs(["med=runs/med/adapter", "runs/qa/adapter", "none", "runs/qa/best_adapter"])
+    assert [(s.name, s.path) for s in specs] == [
+        ("med", "runs/med/adapter"),
+        ("qa", "runs/qa/adapter"),
+        (NONE, None),
+        ("qa-best", "runs/qa/best_adapter"),
+    ]
+    with pytest.raises(ValueError, match="twice"):
+        parse_adapter_specs(["x=a", "x=b"])
+    with pytest.raises(ValueError, match="reserved"):
+        parse_adapter_specs(["none=runs/a"])
+
+
+def _logits(model, processor, family, prompt):
+    messages, images = prompt
+    batch = prompt_batch(model, processor, family, [encode_prompt(processor, family, messages, images)])
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def test_adapter_switching_gives_each_adapters_own_logits(tiny_mllama, adapters, processor, prompt):
+    shared_base, family = load_base_model(tiny_mllama)
+    model = attach_adapters(shared_base, parse_adapter_specs([f"{k}={v}" for k, v in adapters.items()]))
+    plain, _ = load_base_model(tiny_mllama)
+    reference = {NONE: _logits(plain, processor, family, prompt)}
+    for name, path in adapters.items():
+        alone, _ = load_base_model(tiny_mllama)
+        reference[name] = _logits(PeftModel.from_pretrained(alone, path), processor, family, prompt)
+    assert (reference["a"] - reference["b"]).abs().max() > 1e-3  # the adapters really differ
+    assert (reference["a"] - reference[NONE]).abs().max() > 1e-3
+    for name in ["b", NONE, "a", "b", NONE]:  # switch back and forth, never reloading
+        with use_adapter(model, name):
+            got = _logits(model, processor, family, prompt)
+        torch.testing.assert_close(got, reference[name], rtol=1e-5, atol=1e-5)
+    # generate(adapter=...) switches per call, as the single-adapter model generates
+    messages, images = prompt
+    alone, _ = load_base_model(tiny_mllama)
+    single = PeftModel.from_pretrained(alone, adapters["b"])
+    want = generate(single, processor, family, [(messages, images)], max_new_tokens=8)
+    assert generate(model, processor, family, [(messages, images)], max_new_tokens=8, adapter="b") == want
+    with pytest.raises(ValueError, match="not loaded"):
+        with use_adapter(model, "c"):
+            pass
+
+
+def test_generate_command_with_several_adapters(tiny_mllama, adapters, prompt, capsys):
+    image = str(prompt[1][0])
+    argv = [
+        "generate",
+        "--model_name",
+        str(tiny_mllama),
+        "--adapter",
+        f"a={adapters['a']}",
+        "--adapter",
+        "none",
+    ]
+    argv += ["--image", image, "--max_new_tokens", "4", "How many shapes?"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "--- a ---" in captured.out and "--- none ---" in captured.out
+    assert captured.err.count("[cost]") == 2
+
+
+def test_chat_switches_adapter_between_turns(tiny_mllama, adapters, prompt):
+    import io
+
+    _, cfg = parse_use_flags(
+        "chat",
+        [
+            "--model_name",
+            str(tiny_mllama),
+            "--adapter",
+            f"a={adapters['a']}",
+            "--adapter",
+            f"b={adapters['b']}",
+        ]
+        + ["--max_new_tokens", "3", "--image", str(prompt[1][0])],
+    )
+    lines = iter(["How many shapes?", "/adapter b", "And now?", "/adapter zzz", "/quit"])
+    out = io.StringIO()
+    assert run_chat(cfg, read=lambda _: next(lines), out=out) == 0
+    text = out.getvalue()
+    assert "using a" in text and "using b" in text and "no adapter 'zzz'" in text
+
+
+def test_stop_on_text_ends_a_row_when_its_text_completes_the_stop_string(processor):
+    from cotune.infer.generate import StopOnText
+
+    tokenizer = processor.tokenizer
+    prompt = tokenizer("ignore </SUMMARY> in the prompt", add_special_tokens=False)["input_ids"]
+    reply = tokenizer("<SUMMARY> plan </SUMMARY>\n\n<CAPTION>", add_special_tokens=False)["input_ids"]
+    stop = StopOnText(tokenizer, ["</SUMMARY>"], prompt_len=len(prompt))
+    fired = []
+    for k in range(1, len(reply) + 1):
+        ids = torch.tensor([prompt + reply[:k], prompt + reply[:1] * k])  # row 2 never completes it
+        fired.append(stop(ids, None).tolist())
+    first = next(k for k, (a, _) in enumerate(fired) if a)
+    assert "</SUMMARY>" in tokenizer.decode(reply[: first + 1]) and "</SUMMARY>" not in tokenizer.decode(
+        reply[:first]
+    )
+    assert not any(b for _, b in fired)

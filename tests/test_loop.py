@@ -1,0 +1,95 @@
+"""Pieces of the training recipe: schedules, gradient checkpointing parity, adapter saving."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cotune.config import LoraConfig, load_config
+from cotune.data.batching import PaddingCollator
+from cotune.data.dataset import SFTDataset, encode_samples
+from cotune.data.records import load_samples
+from cotune.models.families import MLLAMA
+from cotune.models.load import add_lora, load_base_model
+from cotune.train.loop import build_scheduler
+from cotune.train.loss import ChunkedLossModel
+
+
+def lrs(name, steps=10, per_epoch=4, **kw):
+    cfg = load_config(None, [("scheduler", name), ("lr", "1.0"), *[(k, str(v)) for k, v in kw.items()]])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = build_scheduler(cfg, opt, per_epoch, steps)
+    out = []
+    for _ in range(steps):
+        out.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_schedules():
+    assert lrs("step", gamma=0.5) == [1, 1, 1, 1, 0.5, 0.5, 0.5, 0.5, 0.25, 0.25]
+    assert lrs("constant") == [1.0] * 10
+    cos = lrs("cosine", warmup_steps=2)
+    assert cos[:2] == [0.5, 1.0] and cos[-1] < 0.05 and all(a >= b for a, b in zip(cos[1:], cos[2:]))
+    lin = lrs("linear")
+    assert lin[0] == 1.0 and math.isclose(lin[5], 0.5)
+
+
+@pytest.fixture
+def batch(processor, shapes):
+    samples, _ = load_samples(shapes["train"])
+    enc, _, _ = encode_samples(samples[:2], processor, MLLAMA, 1024)
+    ds = SFTDataset(enc, processor, MLLAMA)
+    tok = processor.tokenizer
+    return PaddingCollator(tok.pad_token_id, MLLAMA, MLLAMA.image_token_id(tok))([ds[0], ds[1]])
+
+
+def loss_and_grads(tiny_mllama, batch, checkpointing: bool):
+    model, family = load_base_model(tiny_mllama)
+    torch.manual_seed(0)
+    peft = add_lora(model, family, LoraConfig(r=4, lora_dropout=0.0, target_modules="all"))
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    if checkpointing:
+        peft.get_base_model().gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    peft.train()
+    loss_sum, n = ChunkedLossModel(peft)(**batch)
+    (loss_sum / n).backward()
+    return loss_sum.detach(), {k: p.grad.clone() for k, p in peft.named_parameters() if p.requires_grad}
+
+
+def test_gradient_checkpointing_gives_same_loss_and_gradients(tiny_mllama, batch):
+    ref_loss, ref_grads = loss_and_grads(tiny_mllama, batch, checkpointing=False)
+    loss, grads = loss_and_grads(tiny_mllama, batch, checkpointing=True)
+    torch.testing.assert_close(loss, ref_loss)
+    assert any(("vision_model" in k) for k in grads), "the 'all' preset must reach the vision tower"
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-7)
+
+
+def test_lora_presets_select_the_right_layers(tiny_mllama):
+    model, family = load_base_model(tiny_mllama)
+    cross = set(model.config.text_config.cross_attention_layers)
+
+    def targeted(preset):
+        peft = add_lora(load_base_model(tiny_mllama)[0], family, LoraConfig(r=2, target_modules=preset))
+        return {
+            n.split(".lora_A")[0].removeprefix("base_model.model.")
+            for n, _ in peft.named_parameters()
+            if "lora_A" in n
+        }
+
+    language = targeted("language")
+    assert language and all("language_model" in n for n in language)
+    assert not any(f"layers.{i}." in n for n in language for i in cross)
+    with_cross = targeted("language+cross_attention")
+    assert any("cross_attn.q_proj" in n for n in with_cross) and language < with_cross
+    everything = targeted("all")
+    assert any("vision_model" in n for n in everything) and with_cross < everything
+    assert targeted("q_proj,v_proj") == {n for n in everything if n.endswith(("q_proj", "v_proj"))}

@@ -1,0 +1,74 @@
+"""Merging: the merged checkpoint reproduces the adapter and loads with plain transformers."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from cotune.cli import main
+from cotune.config import LoraConfig
+from cotune.infer.merge import MergeMismatch, merge_adapter, parity_sample
+from cotune.models.load import add_lora, load_base_model
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_mllama, tmp_path_factory):
+    """A LoRA adapter on the language and cross-attention layers with random B matrices."""
+    base, family = load_base_model(tiny_mllama)
+    torch.manual_seed(5)
+    model = add_lora(
+        base, family, LoraConfig(r=4, lora_dropout=0.0, target_modules="language+cross_attention")
+    )
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    out = tmp_path_factory.mktemp("merge") / "adapter"
+    model.save_pretrained(str(out))
+    return str(out)
+
+
+def _logits(model, processor, family, item):
+    from cotune.infer.merge import _logits as logits
+
+    return logits(model, processor, family, item)
+
+
+def test_merged_checkpoint_matches_the_adapter_and_loads_without_cotune(
+    tiny_mllama, adapter, processor, shapes, tmp_path
+):
+    out = tmp_path / "merged"
+    data = str(shapes["test"])
+    report = merge_adapter(
+        str(tiny_mllama), adapter, str(out), dtype="fp32", max_shard_size="20MB", data=data
+    )
+    assert report.max_abs_diff <= report.tolerance and report.adapter_effect > 100 * report.max_abs_diff
+    # a standard sharded checkpoint + processor, nothing cotune- or PEFT-specific
+    assert report.shards > 1 and (out / "model.safetensors.index.json").is_file()
+    assert AutoProcessor.from_pretrained(str(out)).tokenizer.convert_tokens_to_ids("<|eot_id|>") == 128009
+    config = json.loads((out / "config.json").read_text())
+    assert "auto_map" not in config and not (out / "adapter_config.json").exists()
+    # the reference: the adapter applied by PEFT on a fresh base, on a real record of the test set
+    base, family = load_base_model(tiny_mllama)
+    reference = PeftModel.from_pretrained(base, adapter)
+    merged = AutoModelForImageTextToText.from_pretrained(str(out))
+    item = parity_sample(processor, family, data)
+    expected = _logits(reference, processor, family, item)
+    got = _logits(merged, processor, family, item)
+    assert (got - expected).abs().max() <= 1e-4 + 1e-4 * expected.abs().max()  # fp32 rule of TOLERANCES
+    assert (got.argmax(-1) == expected.argmax(-1)).all()
+
+
+def test_bf16_merge_on_cpu_and_mismatch_guard(tiny_mllama, adapter, tmp_path, capsys):
+    out = tmp_path / "merged-bf16"
+    argv = ["merge", "--model_name", str(tiny_mllama), "--adapter", adapter, "--output", str(out)]
+    assert main([*argv, "--dtype", "bf16"]) == 0
+    assert "parity: max |merged - adapter|" in capsys.readouterr().out
+    merged = AutoModelForImageTextToText.from_pretrained(str(out))
+    assert merged.dtype == torch.bfloat16
+    # a tolerance no bf16 merge can meet: refused, and nothing is written
+    with pytest.raises(MergeMismatch):
+        merge_adapter(str(tiny_mllama), adapter, str(tmp_path / "refused"), dtype="bf16", tolerance=1e-9)
+    assert not (tmp_path / "refused").exists()
+    assert main([*argv[:-1], str(tmp_path / "refused"), "--dtype", "bf16", "--tolerance", "1e-9"]) == 1
