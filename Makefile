@@ -34,7 +34,9 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests bench
 
 bench: $(STAMP)
-	$(PY) bench/train_bench.py
+	$(PY) -c 'import accelerate' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/data.py
+	$(PY) bench/train_bench.py  # last: its last line is the throughput/memory ratio line
 
 clean:
 	rm -rf demo_out .pytest_cache build *.egg-info
