@@ -17,7 +17,9 @@ def tune_cpu_allocator() -> bool:
     A LoRA step allocates and frees tensors of hundreds of MB (logits over a 128k vocabulary).
     By default glibc serves each with a fresh mmap and gives it back on free, so every step
     page-faults the same memory in again; on small VMs that doubled the step time. Serving them
-    from the heap and never trimming it makes the memory reusable. Peak memory is unchanged.
+    from the heap and never trimming it makes the memory reusable. The cost: the process keeps
+    its high-water mark as RSS (with the chunked loss's reused buffer this adds nothing measurable;
+    with full-logits code it can add gigabytes).
 
     Returns:
         True when the allocator was tuned (Linux with glibc), False otherwise.
