@@ -164,7 +164,7 @@ def test_overfit_then_greedy_reproduces_answers(tiny_mllama, shapes, tmp_path):
         None,
         [("model_name", str(tiny_mllama)), ("dataset", str(few)), ("test_file", str(few)),
          ("data.image_root", str(shapes["images"].parent)),
-         ("output_dir", str(tmp_path / "run")), ("num_epochs", "60"), ("batch_size_training", "3"),
+         ("output_dir", str(tmp_path / "run")), ("num_epochs", "100"), ("batch_size_training", "3"),
          ("lr", "5e-3"), ("scheduler", "cosine"), ("lora_config.r", "16"), ("lora_config.lora_dropout", "0"),
          ("lora_config.target_modules", "all"), ("run_validation", "False"), ("progress", "False"),
          ("keep_last_checkpoints", "0")],

@@ -10,7 +10,8 @@ USAGE = """usage: cotune VERB [ARGS]
 
 verbs:
   train [CONFIG.yaml] [--option value ...]   LoRA fine-tune (cotune train --help lists options)
-  demo [--workdir DIR]                       tiny model + synthetic data + train + check, on CPU
+  demo [--workdir DIR] [--n_eval N] [--key value ...]
+                                             tiny model + synthetic data + train + check, on CPU
   tiny-model DIR [--seed N] [--family mllama|llava]
                                              write a tiny random checkpoint in HF format
   synth-data DIR [--n_train N] [--n_test N] [--seed N]
@@ -57,8 +58,9 @@ def cmd_demo(argv: list[str]) -> int:
     from cotune.demo import run_demo
 
     workdir = flags.pop("workdir", "demo_out")
-    run_demo(workdir, overrides=list(flags.items()))
-    return 0
+    n_eval = int(flags.pop("n_eval", 40))
+    figures = run_demo(workdir, overrides=list(flags.items()), n_eval=n_eval)
+    return 1 if figures["misses"] else 0
 
 
 def cmd_tiny_model(argv: list[str]) -> int:

@@ -200,6 +200,23 @@ def _turn(rng: random.Random, scene: Scene, task: str, multiple_choice: bool) ->
     return question, text, answer
 
 
+def sample_texts(n: int = 200, seed: int = 0) -> list[str]:
+    """Questions and four-stage answers of ``n`` random scenes, every task in both styles, no images.
+
+    The tiny model's tokenizer is trained on these, so that the dataset's words are whole tokens, as
+    they are in Llama 3's vocabulary.
+    """
+    rng = random.Random(f"cotune-shapes-text-{seed}")
+    texts = []
+    for _ in range(n):
+        scene = random_scene(rng)
+        for task in TASKS:
+            for multiple_choice in (False, True):
+                question, text, _ = _turn(rng, scene, task, multiple_choice)
+                texts += [question, text]
+    return texts
+
+
 def make_sample(
     rng: random.Random, index: int, image_size: int, split: str = "train"
 ) -> tuple[Image.Image, dict]:

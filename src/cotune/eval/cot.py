@@ -168,10 +168,17 @@ def token_offsets(tokenizer: Any, ids: Sequence[int]) -> tuple[str, list[tuple[i
 
 
 def token_stages(text: str, offsets: Sequence[tuple[int, int]]) -> list[str | None]:
-    """The stage each token belongs to: the one whose content holds the token's first character."""
+    """The stage each token belongs to: the one whose content holds the token's first visible character.
+
+    Leading whitespace does not count, so a token such as ``" </"`` that closes a stage is a tag
+    token, not content (an all-whitespace token is placed by its first character).
+    """
     spans = stage_spans(text)
     out: list[str | None] = []
     for start, end in offsets:
+        piece = text[start:end]
+        if piece.strip():
+            start += len(piece) - len(piece.lstrip())
         inside = [s for s, (a, b) in spans.items() if a <= start < b and end > start]
         out.append(inside[0] if inside else None)
     return out

@@ -44,6 +44,8 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
+from cotune.data.synthetic import sample_texts
+
 BOS_ID, PAD_ID, IMAGE_ID = 128000, 128004, 128256
 EOS_IDS = [128001, 128008, 128009]
 NUM_BASE_TOKENS = 128000  # Llama 3's BPE vocabulary size; special tokens follow it
@@ -173,7 +175,7 @@ def _training_corpus() -> list[str]:
             f"</REASONING>\n<CONCLUSION>{n}</CONCLUSION>",
             f'Question: What colour is the {shape} on the {where}? Answer: "{colour}". (#{n * 7}) [ok] {{x}}',
         ]
-    return lines
+    return lines + sample_texts()
 
 
 def _train_bpe(num_merges: int) -> tuple[list[str], list[tuple[str, str]]]:
