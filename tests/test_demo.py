@@ -45,3 +45,15 @@ def test_demo_command_reports_figures_and_fails_when_short_of_targets(tiny_mllam
     for path in ("adapter/adapter_model.safetensors", "metrics.jsonl", "loss.png", "config.yaml"):
         assert (run / path).is_file(), path
     assert f"adapter: {run / 'adapter'}" in out and "validation loss: base model" in out
+
+
+def test_demo_rebuilds_a_tiny_model_from_an_older_builder(tiny_mllama, tmp_path):
+    from cotune.models.tiny import BUILD_MARKER, is_current_build
+
+    assert is_current_build(tiny_mllama)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text("{}")  # a checkpoint without a marker: written before markers existed
+    assert not is_current_build(old)
+    (old / BUILD_MARKER).write_text('{"builder_version": 1}')
+    assert not is_current_build(old)

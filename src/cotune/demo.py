@@ -12,7 +12,7 @@ from cotune.data.synthetic import write_synthetic_dataset
 from cotune.eval.cot import format_rate
 from cotune.infer.generate import generate, prompt_messages
 from cotune.models.load import load_base_model, load_processor
-from cotune.models.tiny import build_tiny_mllama
+from cotune.models.tiny import build_tiny_mllama, is_current_build
 from cotune.train.loop import finetune
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
@@ -65,7 +65,8 @@ def run_demo(
     """Runs the whole embedded default and returns its figures (also written to ``workdir/demo.json``).
 
     Args:
-        workdir: Where the tiny model, the data and the run go; existing model and data are reused.
+        workdir: Where the tiny model, the data and the run go; a model written by this version of
+            cotune and existing data are reused.
         config: The recipe (``configs/demo.yaml``).
         overrides: ``(key, value)`` pairs applied over the recipe, as on the command line.
         log: Where progress lines go.
@@ -74,7 +75,7 @@ def run_demo(
     t0 = time.perf_counter()
     workdir = Path(workdir)
     model_dir, data_dir, run_dir = workdir / "tiny", workdir / "data", workdir / "run"
-    if not (model_dir / "config.json").is_file():
+    if not is_current_build(model_dir):  # missing, or written by an older cotune
         log(f"building the tiny Mllama in {model_dir}")
         build_tiny_mllama(model_dir, seed=0)
     if not (data_dir / "train.jsonl").is_file():

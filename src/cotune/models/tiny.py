@@ -266,11 +266,26 @@ def build_tiny_tokenizer(num_merges: int = 4000) -> PreTrainedTokenizerFast:
     )
 
 
+# Bumped whenever a change to the builders changes what they write (weights, tokenizer, processor).
+BUILDER_VERSION = 2
+BUILD_MARKER = "cotune_tiny.json"
+
+
 def _save(model: torch.nn.Module, processor: ProcessorMixin, out_dir: Path) -> Path:
     model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_IDS, pad_token_id=PAD_ID)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
+    (out_dir / BUILD_MARKER).write_text(json.dumps({"builder_version": BUILDER_VERSION}) + "\n")
     return out_dir
+
+
+def is_current_build(model_dir: str | Path) -> bool:
+    """True when ``model_dir`` holds a tiny checkpoint written by this version of the builders."""
+    try:
+        marker = json.loads((Path(model_dir) / BUILD_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker.get("builder_version") == BUILDER_VERSION
 
 
 OUTPUT_HEAD_STD = 0.5
