@@ -38,3 +38,21 @@ def processor(tiny_mllama):
     from cotune.models.load import load_processor
 
     return load_processor(tiny_mllama)
+
+
+@pytest.fixture(scope="module")
+def base(tiny_mllama):
+    """The tiny Mllama and its family, loaded once per test module (tests attach adapters to it)."""
+    from cotune.models.load import load_base_model
+
+    return load_base_model(tiny_mllama)
+
+
+@pytest.fixture(scope="module")
+def prompt(shapes):
+    """(messages, images) of one question about the first test image."""
+    from cotune.data.records import load_samples
+    from cotune.infer.generate import user_message
+
+    sample = load_samples(shapes["test"])[0][0]
+    return [user_message("How many shapes are there?", n_images=1)], sample.images[:1]

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from cotune.config import LoraConfig
 from cotune.data.batching import LengthGroupedBatchSampler, PaddingCollator, pad_fraction
 from cotune.data.dataset import SFTDataset, encode_samples
 from cotune.data.records import conversation_to_messages, load_samples
 from cotune.models.families import MLLAMA
-from cotune.models.load import add_lora, load_base_model
 from cotune.train.loss import ChunkedLossModel
+from helpers import random_lora
 
 
 def dataset(processor, shapes, n=4):
@@ -64,13 +63,7 @@ def test_mixed_text_only_and_image_batch(processor, shapes):
 def test_chunked_loss_equals_hf_loss_and_gradients(tiny_mllama, processor, shapes):
     ds = dataset(processor, shapes, n=3)
     batch = collate(processor, [ds[i] for i in range(3)])
-    model, family = load_base_model(tiny_mllama)
-    torch.manual_seed(0)
-    peft = add_lora(model, family, LoraConfig(r=4, lora_dropout=0.0))
-    # make LoRA non-trivial so the gradients flow through both factors
-    for name, p in peft.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
+    peft = random_lora(tiny_mllama, seed=0, std=0.02)  # gradients flow through both LoRA factors
     ref = peft(**batch)
     ref.loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in peft.named_parameters() if p.requires_grad}

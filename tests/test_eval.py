@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from cotune.cli import main
-from cotune.config import LoraConfig
 from cotune.data.batching import PaddingCollator
 from cotune.data.chat import tokenize_conversation
 from cotune.data.dataset import SFTDataset, encode_samples
@@ -33,21 +32,9 @@ from cotune.eval.evaluate import (
     label_token_losses,
     loss_by_stage,
 )
-from cotune.models.load import add_lora, load_base_model
+from cotune.models.load import load_base_model
 from cotune.train.loss import ChunkedLossModel
-
-
-def make_adapter(model_dir, out_dir, seed):
-    """A LoRA adapter with random B matrices (so it changes the model), saved in PEFT format."""
-    base, family = load_base_model(model_dir)
-    torch.manual_seed(seed)
-    model = add_lora(base, family, LoraConfig(r=4, lora_dropout=0.0))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.3)
-    model.save_pretrained(str(out_dir))
-    return str(out_dir)
-
+from helpers import make_adapter
 
 REPLY = (
     "<SUMMARY> I will count the shapes. </SUMMARY>\n\n<CAPTION> A red circle and a blue star. </CAPTION>"

@@ -5,8 +5,6 @@ import torch
 from peft import PeftModel
 
 from cotune.cli import main
-from cotune.config import LoraConfig
-from cotune.data.records import load_samples
 from cotune.infer.adapters import NONE, attach_adapters, parse_adapter_specs, use_adapter
 from cotune.infer.commands import parse_use_flags, run_chat
 from cotune.infer.generate import (
@@ -17,19 +15,8 @@ from cotune.infer.generate import (
     stream_generate,
     user_message,
 )
-from cotune.models.load import add_lora, load_base_model
-
-
-def make_adapter(model_dir, out_dir, seed, targets="language"):
-    """A LoRA adapter whose B matrices are random (a fresh one is the identity), saved in PEFT format."""
-    base, family = load_base_model(model_dir)
-    torch.manual_seed(seed)
-    model = add_lora(base, family, LoraConfig(r=4, lora_dropout=0.0, target_modules=targets))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.3)
-    model.save_pretrained(str(out_dir))
-    return str(out_dir)
+from cotune.models.load import load_base_model
+from helpers import make_adapter
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +26,6 @@ def adapters(tiny_mllama, tmp_path_factory):
         "a": make_adapter(tiny_mllama, root / "a", seed=1),
         "b": make_adapter(tiny_mllama, root / "b", seed=2, targets="language+cross_attention"),
     }
-
-
-@pytest.fixture(scope="module")
-def base(tiny_mllama):
-    return load_base_model(tiny_mllama)
-
-
-@pytest.fixture(scope="module")
-def prompt(shapes):
-    sample = load_samples(shapes["test"])[0][0]
-    return [user_message("How many shapes are there?", n_images=1)], sample.images[:1]
 
 
 def test_user_message_places_images_like_records():

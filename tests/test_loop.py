@@ -15,6 +15,7 @@ from cotune.models.families import MLLAMA
 from cotune.models.load import add_lora, load_base_model
 from cotune.train.loop import build_scheduler
 from cotune.train.loss import ChunkedLossModel
+from helpers import random_lora
 
 
 def lrs(name, steps=10, per_epoch=4, **kw):
@@ -48,12 +49,7 @@ def batch(processor, shapes):
 
 
 def loss_and_grads(tiny_mllama, batch, checkpointing: bool):
-    model, family = load_base_model(tiny_mllama)
-    torch.manual_seed(0)
-    peft = add_lora(model, family, LoraConfig(r=4, lora_dropout=0.0, target_modules="all"))
-    for name, p in peft.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
+    peft = random_lora(tiny_mllama, seed=0, std=0.05, targets="all")
     if checkpointing:
         peft.get_base_model().gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}

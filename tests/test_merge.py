@@ -8,25 +8,16 @@ from peft import PeftModel
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from cotune.cli import main
-from cotune.config import LoraConfig
 from cotune.infer.merge import MergeMismatch, merge_adapter, parity_sample
-from cotune.models.load import add_lora, load_base_model
+from cotune.models.load import load_base_model
+from helpers import make_adapter
 
 
 @pytest.fixture(scope="module")
 def adapter(tiny_mllama, tmp_path_factory):
     """A LoRA adapter on the language and cross-attention layers with random B matrices."""
-    base, family = load_base_model(tiny_mllama)
-    torch.manual_seed(5)
-    model = add_lora(
-        base, family, LoraConfig(r=4, lora_dropout=0.0, target_modules="language+cross_attention")
-    )
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.1)
     out = tmp_path_factory.mktemp("merge") / "adapter"
-    model.save_pretrained(str(out))
-    return str(out)
+    return make_adapter(tiny_mllama, out, seed=5, targets="language+cross_attention", std=0.1)
 
 
 def _logits(model, processor, family, item):

@@ -12,7 +12,6 @@ import pytest
 import torch
 from transformers.masking_utils import find_packed_sequence_indices
 
-from cotune.config import LoraConfig
 from cotune.data.batching import (
     PackedBatchSampler,
     PackingCollator,
@@ -25,8 +24,8 @@ from cotune.data.dataset import Encoded, ItemKey, SFTDataset
 from cotune.data.images import load_image
 from cotune.data.records import conversation_to_messages
 from cotune.models.families import MLLAMA
-from cotune.models.load import add_lora, load_base_model
 from cotune.train.loss import ChunkedLossModel
+from helpers import random_lora
 
 IMAGE = 128256
 
@@ -175,12 +174,7 @@ def test_pack_rows_and_sampler_cover_every_sample_once():
 
 @pytest.fixture(scope="module")
 def lora_model(tiny_mllama):
-    model, family = load_base_model(tiny_mllama)
-    torch.manual_seed(0)
-    peft = add_lora(model, family, LoraConfig(r=4, lora_dropout=0.0))
-    for name, p in peft.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
+    peft = random_lora(tiny_mllama, seed=0, std=0.05)
     peft.eval()
     return peft
 
@@ -288,12 +282,7 @@ def test_llava_packed_loss_equals_unpacked_loss(tiny_llava, shapes):
         processor,
         LLAVA,
     )
-    model, family = load_base_model(tiny_llava)
-    torch.manual_seed(0)
-    peft = add_lora(model, family, LoraConfig(r=4, lora_dropout=0.0))
-    for name, p in peft.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
+    peft = random_lora(tiny_llava, seed=0, std=0.05)
     tok, loss_model = processor.tokenizer, ChunkedLossModel(peft.eval())
     image_id = LLAVA.image_token_id(tok)
     with torch.no_grad():

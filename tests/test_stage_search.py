@@ -3,7 +3,7 @@
 import pytest
 
 from cotune.eval.cot import STAGES, follows_format, parse_stages
-from cotune.infer.generate import TokenMeter, user_message
+from cotune.infer.generate import TokenMeter
 from cotune.infer.stage_search import (
     ModelJudge,
     best_of_n,
@@ -11,20 +11,6 @@ from cotune.infer.stage_search import (
     parse_choice,
     stage_search,
 )
-from cotune.models.load import load_base_model
-
-
-@pytest.fixture(scope="module")
-def base(tiny_mllama):
-    return load_base_model(tiny_mllama)
-
-
-@pytest.fixture(scope="module")
-def prompt(shapes):
-    from cotune.data.records import load_samples
-
-    sample = load_samples(shapes["test"])[0][0]
-    return [user_message("How many shapes are there?", n_images=1)], sample.images[:1]
 
 
 @pytest.mark.parametrize(

@@ -26,12 +26,11 @@ from cotune.data.dataset import ItemKey
 from cotune.models.families import ModelFamily
 
 
-class PaddingCollator:
-    """Pads a list of items (from ``SFTDataset``) on the right into one batch.
+class _Collator:
+    """What both collators share: their settings, leaving out items that failed to load, rounding up.
 
-    The batch holds ``input_ids``, ``attention_mask``, ``labels`` (-100 on padding) and the family's
-    image inputs (for Mllama: pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask).
-    Items that failed to load (``{"error": ...}``) are left out and listed under ``skipped``.
+    ``__call__`` drops the items that failed (``{"error": ...}``, listed under ``skipped``) and hands
+    the rest to the subclass's ``collate``; a batch with no usable item is ``{"empty": True}``.
     """
 
     def __init__(
@@ -47,12 +46,34 @@ class PaddingCollator:
         items = [it for it in items if it is not None and "error" not in it]
         if not items:
             return {"skipped": skipped, "empty": True}
-        seq_len = max(len(it["input_ids"]) for it in items)
+        batch = self.collate(items)
+        if skipped:
+            batch["skipped"] = skipped
+        return batch
+
+    def collate(self, items: list[dict]) -> dict:
+        raise NotImplementedError
+
+    def _blank_rows(self, n_rows: int, longest: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(row length: ``longest`` rounded up to ``pad_to_multiple_of``, padded input_ids, labels)."""
         m = self.pad_to_multiple_of
-        seq_len = (seq_len + m - 1) // m * m
+        seq_len = (longest + m - 1) // m * m
+        input_ids = torch.full((n_rows, seq_len), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n_rows, seq_len), IGNORE_INDEX, dtype=torch.long)
+        return seq_len, input_ids, labels
+
+
+class PaddingCollator(_Collator):
+    """Pads a list of items (from ``SFTDataset``) on the right into one batch.
+
+    The batch holds ``input_ids``, ``attention_mask``, ``labels`` (-100 on padding) and the family's
+    image inputs (for Mllama: pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask).
+    Items that failed to load (``{"error": ...}``) are left out and listed under ``skipped``.
+    """
+
+    def collate(self, items: list[dict]) -> dict:
         batch_size = len(items)
-        input_ids = torch.full((batch_size, seq_len), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((batch_size, seq_len), IGNORE_INDEX, dtype=torch.long)
+        seq_len, input_ids, labels = self._blank_rows(batch_size, max(len(it["input_ids"]) for it in items))
         attention_mask = torch.zeros((batch_size, seq_len), dtype=torch.long)
         for b, it in enumerate(items):
             n = len(it["input_ids"])
@@ -61,8 +82,6 @@ class PaddingCollator:
             attention_mask[b, :n] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         batch.update(self.family.collate_images(items, seq_len, self.image_token_id))
-        if skipped:
-            batch["skipped"] = skipped
         return batch
 
 
@@ -71,6 +90,29 @@ def pad_fraction(lengths: list[int], batches: list[list[int]]) -> float:
     real = sum(lengths[i] for b in batches for i in b)
     padded = sum(max(lengths[i] for i in b) * len(b) for b in batches if b)
     return 1.0 - real / padded if padded else 0.0
+
+
+def _epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> tuple[list[int], random.Random]:
+    """The epoch's order of ``n`` samples (a seeded shuffle, or 0..n-1), and the RNG that drew it."""
+    order = list(range(n))
+    rng = random.Random(seed * 1_000_003 + epoch)
+    if shuffle:
+        rng.shuffle(order)
+    return order, rng
+
+
+def _global_batches(order: list, size: int, drop_last: bool) -> list[list]:
+    """``order`` cut into global batches of ``size``; an incomplete last one is dropped when ``drop_last``."""
+    batches = [order[s : s + size] for s in range(0, len(order), size)]
+    if batches and drop_last and len(batches[-1]) < size:
+        batches.pop()
+    return batches
+
+
+def _rank_slice(global_batch: list, rank: int, world_size: int) -> list:
+    """This rank's share of a global batch; a rank whose share would be empty repeats the last item."""
+    per = -(-len(global_batch) // world_size)
+    return global_batch[rank * per : (rank + 1) * per] or global_batch[-1:]
 
 
 class LengthGroupedBatchSampler(torch.utils.data.Sampler):
@@ -123,10 +165,7 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
 
     def global_batches(self) -> list[list[int]]:
         """Every global batch of this epoch, as lists of dataset indices."""
-        order = list(range(len(self.lengths)))
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)
-        if self.shuffle:
-            rng.shuffle(order)
+        order, rng = _epoch_order(len(self.lengths), self.seed, self.epoch, self.shuffle)
         global_size = self.batch_size * self.world_size
         if self.group_by_length:
             span = global_size * self.mega
@@ -135,21 +174,14 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
                 for start in range(0, len(order), span)
                 for i in sorted(order[start : start + span], key=lambda j: -self.lengths[j])
             ]
-        batches = [order[s : s + global_size] for s in range(0, len(order), global_size)]
-        if batches and self.drop_last and len(batches[-1]) < global_size:
-            batches.pop()
+        batches = _global_batches(order, global_size, self.drop_last)
         if self.shuffle and self.group_by_length:
             rng.shuffle(batches)
         return batches
 
-    def _rank_slice(self, global_batch: list[int]) -> list[int]:
-        per = -(-len(global_batch) // self.world_size)
-        mine = global_batch[self.rank * per : (self.rank + 1) * per]
-        return mine or global_batch[-1:]
-
     def __iter__(self) -> Iterator[list[int]]:
         for global_batch in self.global_batches():
-            mine = self._rank_slice(global_batch)
+            mine = _rank_slice(global_batch, self.rank, self.world_size)
             yield [ItemKey(i, self.epoch) for i in mine] if self.keys else mine
 
     def __len__(self) -> int:
@@ -230,10 +262,7 @@ class PackedBatchSampler(torch.utils.data.Sampler):
         """Every global batch of this epoch: lists of rows, each a list of dataset indices."""
         if self._cache is not None and self._cache[0] == self.epoch:
             return self._cache[1]
-        order = list(range(len(self.lengths)))
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)
-        if self.shuffle:
-            rng.shuffle(order)
+        order, rng = _epoch_order(len(self.lengths), self.seed, self.epoch, self.shuffle)
         rows = []
         for start in range(0, len(order), self.window):
             window = order[start : start + self.window]
@@ -245,17 +274,13 @@ class PackedBatchSampler(torch.utils.data.Sampler):
                 rows += pack_rows(self.lengths, same, self.context_length)
         if self.shuffle:
             rng.shuffle(rows)
-        size = self.batch_size * self.world_size
-        batches = [rows[s : s + size] for s in range(0, len(rows), size)]
-        if batches and self.drop_last and len(batches[-1]) < size:
-            batches.pop()
+        batches = _global_batches(rows, self.batch_size * self.world_size, self.drop_last)
         self._cache = (self.epoch, batches)
         return batches
 
     def __iter__(self) -> Iterator[list[ItemKey]]:
         for global_batch in self.global_batches():
-            per = -(-len(global_batch) // self.world_size)
-            mine = global_batch[self.rank * per : (self.rank + 1) * per] or global_batch[-1:]
+            mine = _rank_slice(global_batch, self.rank, self.world_size)
             yield [ItemKey(i, self.epoch, r) for r, row in enumerate(mine) for i in row]
 
     def __len__(self) -> int:
@@ -269,7 +294,7 @@ def packed_pad_fraction(lengths: list[int], batches: list[list[list[int]]]) -> f
     return 1.0 - real / padded if padded else 0.0
 
 
-class PackingCollator:
+class PackingCollator(_Collator):
     """Concatenates the items of each packed row (``item["row"]``) and pads the rows on the right.
 
     The batch holds ``input_ids``, ``labels`` (-100 on padding and on each sample's first token),
@@ -283,26 +308,16 @@ class PackingCollator:
     ):
         if family.collate_packed_images is None:
             raise ValueError(f"batching_strategy 'packing' is not available for {family.name} models")
-        self.pad_token_id = pad_token_id
-        self.family = family
-        self.image_token_id = image_token_id
-        self.pad_to_multiple_of = pad_to_multiple_of
+        super().__init__(pad_token_id, family, image_token_id, pad_to_multiple_of)
 
-    def __call__(self, items: list[dict | None]) -> dict:
-        skipped = [it["error"] for it in items if it is not None and "error" in it]
-        items = [it for it in items if it is not None and "error" not in it]
-        if not items:
-            return {"skipped": skipped, "empty": True}
+    def collate(self, items: list[dict]) -> dict:
         grouped: dict[int, list[dict]] = {}
         for k, it in enumerate(items):
             row = it.get("row", -1)
             grouped.setdefault(row if row is not None and row >= 0 else -1 - k, []).append(it)
         rows = [grouped[r] for r in sorted(grouped, key=lambda r: (r < 0, abs(r)))]
         lengths = [sum(len(it["input_ids"]) for it in row) for row in rows]
-        m = self.pad_to_multiple_of
-        seq_len = (max(lengths) + m - 1) // m * m
-        input_ids = torch.full((len(rows), seq_len), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
+        seq_len, input_ids, labels = self._blank_rows(len(rows), max(lengths))
         position_ids = torch.zeros((len(rows), seq_len), dtype=torch.long)
         token_mask = torch.zeros((len(rows), seq_len), dtype=torch.long)
         for b, row in enumerate(rows):
@@ -324,8 +339,6 @@ class PackingCollator:
             "samples_per_row": [len(row) for row in rows],
         }
         batch.update(self.family.collate_packed_images(rows, seq_len, self.image_token_id))
-        if skipped:
-            batch["skipped"] = skipped
         return batch
 
 

@@ -32,6 +32,7 @@ from cotune.data.records import (
     conversation_to_messages,
     image_refs,
     parse_llava_record,
+    record_turn_list,
 )
 
 FORMATS = ("llava_cot_jsonl", "llava_json", "sharegpt", "hf", "cookbook")
@@ -202,13 +203,7 @@ def _content_text(content: Any, k: int) -> str:
 
 def parse_messages_record(obj: Any, where: str, root: Path, system_prompt: str = "") -> Sample:
     """One ShareGPT / LLaMA-Factory record (``messages`` with ``role``/``content``) -> Sample."""
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    msgs = obj.get("messages")
-    if msgs is None:
-        raise ValueError("no 'messages' field")
-    if not isinstance(msgs, list) or not msgs:
-        raise ValueError("'messages' is empty or not a list")
+    msgs = record_turn_list(obj, "messages")
     turns = []
     if isinstance(obj.get("system"), str) and obj["system"].strip():
         turns.append(("system", obj["system"]))

@@ -124,15 +124,22 @@ def image_refs(value: Any, root: Path) -> list[Any]:
     return out
 
 
-def parse_llava_record(obj: Any, where: str, image_root: Path, system_prompt: str = "") -> Sample:
-    """One LLaVA / LLaVA-CoT-100k record -> Sample. Raises ValueError with the reason."""
+def record_turn_list(obj: Any, name: str) -> list:
+    """A record's list of turns, ``obj[name]``. Raises ValueError when ``obj`` is not an object or
+    the field is missing, empty or not a list."""
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    convs = obj.get("conversations")
-    if convs is None:
-        raise ValueError("no 'conversations' field")
-    if not isinstance(convs, list) or not convs:
-        raise ValueError("'conversations' is empty or not a list")
+    turns = obj.get(name)
+    if turns is None:
+        raise ValueError(f"no '{name}' field")
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"'{name}' is empty or not a list")
+    return turns
+
+
+def parse_llava_record(obj: Any, where: str, image_root: Path, system_prompt: str = "") -> Sample:
+    """One LLaVA / LLaVA-CoT-100k record -> Sample. Raises ValueError with the reason."""
+    convs = record_turn_list(obj, "conversations")
     turns = []
     for k, turn in enumerate(convs):
         if not isinstance(turn, dict):

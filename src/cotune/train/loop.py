@@ -8,23 +8,18 @@ as one large batch.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from cotune.config import TrainConfig, save_config
 from cotune.data.batching import count_tokens, to_device
 from cotune.data.build import DataBundle, build_data
-from cotune.data.chat import IGNORE_INDEX
 from cotune.data.cookbook import audit_batch
 from cotune.models.families import ModelFamily, layer_modules
 from cotune.models.load import (
@@ -41,6 +36,14 @@ from cotune.train import resume as R
 from cotune.train.checkpoint import cleanup_partial, save_adapter
 from cotune.train.loss import ChunkedLossModel
 from cotune.train.metrics import MetricsLog, Throughput, perplexity, plot_loss, read_metrics
+from cotune.train.step import (
+    accumulation_groups,
+    autocast,
+    build_scheduler,
+    label_tokens,
+    optimizer_step,
+    validation_loss,
+)
 
 MODEL_INPUT_KEYS = (
     "input_ids",
@@ -90,39 +93,6 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int, total_steps: int):
-    """constant / linear / cosine (after linear warm-up), or cookbook's per-epoch StepLR ('step')."""
-    warm = cfg.warmup_steps
-
-    def factor(step: int) -> float:
-        if cfg.scheduler == "step":
-            return cfg.gamma ** (step // max(steps_per_epoch, 1))
-        if warm and step < warm:
-            return (step + 1) / warm
-        progress = (step - warm) / max(total_steps - warm, 1)
-        if cfg.scheduler == "linear":
-            return max(0.0, 1.0 - progress)
-        if cfg.scheduler == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def autocast(cfg: TrainConfig, device: torch.device):
-    """bf16 (or fp16) autocast on GPUs; on CPU, plain fp32 (bf16 there is slower, not faster)."""
-    if cfg.mixed_precision and device.type == "cuda":
-        dtype = torch.float16 if cfg.use_fp16 else torch.bfloat16
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
-
-
 def setup(cfg: TrainConfig, log=print) -> Run:
     """Builds processor, model + LoRA, data, optimizer and schedule from ``cfg``."""
     dist = D.init_distributed(fsdp=cfg.enable_fsdp)
@@ -131,15 +101,13 @@ def setup(cfg: TrainConfig, log=print) -> Run:
     if dist.device.type == "cpu":
         tune_cpu_allocator()
     quiet = (lambda *a, **k: None) if not dist.is_main else log
-    seed_everything(cfg.seed)
+    R.seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         cleanup_partial(out)
         cleanup_partial(out / R.CHECKPOINTS)
-    resume_from = D.broadcast_object(R.find_checkpoint(out, cfg.resume, safe=True) if dist.is_main else None)
-    if isinstance(resume_from, str):  # rank 0 cannot use --resume PATH: every rank stops, before loading
-        raise FileNotFoundError(resume_from)
+    resume_from = R.checkpoint_to_resume(out, cfg.resume, dist.is_main)
 
     processor = load_processor(cfg.tokenizer_name or cfg.model_name)
     dtype_name = "bf16" if cfg.pure_bf16 else cfg.torch_dtype
@@ -236,29 +204,6 @@ def _model_inputs(batch: dict, run: Run) -> dict:
     return to_device(inputs, run.dist.device, float_dtype=run.base_dtype)
 
 
-def _label_tokens(batch: dict) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-def evaluate(run: Run) -> float:
-    """Token-weighted mean validation loss over the whole validation set (all ranks)."""
-    cfg, model = run.cfg, run.loss_model
-    model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=run.dist.device)
-    with torch.no_grad():
-        for i, batch in enumerate(run.data.val):
-            if cfg.max_eval_step and i >= cfg.max_eval_step:
-                break
-            if batch.get("empty"):
-                continue
-            with autocast(cfg, run.dist.device):
-                loss_sum, n = model(**_model_inputs(batch, run))
-            totals += torch.stack([loss_sum.double(), n.double()])
-    model.train()
-    D.all_reduce_sum(totals)
-    return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
-
-
 def _save(run: Run, where: Path, with_processor: bool = True) -> Path | None:
     """Writes the adapter (PEFT format) on rank 0; under FSDP every rank takes part in gathering it."""
     state = D.gather_trainable_state(run.model) if run.sharded else None
@@ -266,18 +211,6 @@ def _save(run: Run, where: Path, with_processor: bool = True) -> Path | None:
         return None
     extra = (lambda tmp: run.processor.save_pretrained(str(tmp))) if with_processor else None
     return save_adapter(run.model, where, state_dict=state, extra=extra)
-
-
-def _accumulation_groups(loader, size: int):
-    """Yields lists of ``size`` consecutive batches (the last group may be shorter)."""
-    group = []
-    for batch in loader:
-        group.append(batch)
-        if len(group) == size:
-            yield group
-            group = []
-    if group:
-        yield group
 
 
 def train(run: Run) -> TrainResult:
@@ -292,7 +225,7 @@ def train(run: Run) -> TrainResult:
 
     def validate(step: int, epoch: int) -> None:
         nonlocal best
-        loss = evaluate(run)
+        loss = validation_loss(model, run.data.val, lambda b: _model_inputs(b, run), cfg, dist.device)
         result.eval_losses.append(loss)
         run.metrics.write(step=step, epoch=epoch, eval_loss=loss, eval_perplexity=perplexity(loss))
         run.log(f"validation at step {step}: loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
@@ -360,17 +293,13 @@ def train(run: Run) -> TrainResult:
             break
         if hasattr(run.data.train_sampler, "set_epoch"):
             run.data.train_sampler.set_epoch(epoch)
-        loader = R.skip_batches(run.data.train, skip) if skip else run.data.train
-        # RNG states are restored where the interrupted run saved them: after this epoch's loader
-        # drew its seed for a checkpoint inside the epoch, before it for one at the epoch's end
-        restore = resumed is not None and epoch == start_epoch and run.resumed_from is not None
-        if restore and resumed.epoch_complete:
-            R.restore_rng(run.resumed_from, dist.rank, cfg.seed + dist.rank)
-        batches = iter(loader)
-        if restore and not resumed.epoch_complete:
-            R.restore_rng(run.resumed_from, dist.rank, cfg.seed + dist.rank)
+        resuming = resumed is not None and epoch == start_epoch  # the epoch the checkpoint stopped in
+        checkpoint_dir = run.resumed_from if resuming else None
+        batches = R.epoch_batches(
+            run.data.train, skip, checkpoint_dir, resumed, dist.rank, cfg.seed + dist.rank
+        )
         batches_done, skip = skip, 0
-        for group in _accumulation_groups(batches, cfg.gradient_accumulation_steps):
+        for group in accumulation_groups(batches, cfg.gradient_accumulation_steps):
             batches_done += len(group)
             for batch in group:
                 for msg in batch.pop("skipped", []):
@@ -383,7 +312,7 @@ def train(run: Run) -> TrainResult:
                     run.log(f"warning: dataset file: {w}")
                 audited = True
             # the step's loss is the mean over every label token of the step, on every rank
-            counts = torch.tensor([float(sum(_label_tokens(b) for b in group))], device=dist.device)
+            counts = torch.tensor([float(sum(label_tokens(b) for b in group))], device=dist.device)
             n_step = float(D.all_reduce_sum(counts)[0])
             if n_step == 0:
                 continue
@@ -396,20 +325,8 @@ def train(run: Run) -> TrainResult:
                 loss = loss_sum * dist.world_size / n_step  # data-parallel gradients are averaged over ranks
                 (scaler.scale(loss) if scaler else loss).backward()
                 step_loss += loss_sum.detach().double()
-            if scaler:
-                scaler.unscale_(run.optimizer)
-            grad_norm = None
-            if cfg.gradient_clipping:
-                params = [p for p in run.model.parameters() if p.requires_grad]
-                grad_norm = D.clip_grad_norm(params, cfg.gradient_clipping_threshold)
-            if scaler:
-                scaler.step(run.optimizer)
-                scaler.update()
-            else:
-                run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
-            lr = run.scheduler.get_last_lr()[0]
-            run.scheduler.step()
+            clip = cfg.gradient_clipping_threshold if cfg.gradient_clipping else None
+            lr, grad_norm = optimizer_step(run.model, run.optimizer, run.scheduler, scaler, clip)
             step += 1
             mean_loss = float(D.all_reduce_sum(step_loss)) / n_step
             result.train_losses.append(mean_loss)

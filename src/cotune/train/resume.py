@@ -24,7 +24,7 @@ import random
 import re
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,6 +112,18 @@ def find_checkpoint(output_dir: str | Path, resume: str, safe: bool = False) -> 
     return path
 
 
+def checkpoint_to_resume(output_dir: str | Path, resume: str, is_main: bool) -> Path | None:
+    """``find_checkpoint`` on rank 0, its answer given to every rank (collective: every rank calls it).
+
+    Raises:
+        FileNotFoundError: on every rank, before any loads, when ``resume`` names no complete checkpoint.
+    """
+    found = D.broadcast_object(find_checkpoint(output_dir, resume, safe=True) if is_main else None)
+    if isinstance(found, str):  # rank 0 cannot use --resume PATH: every rank stops, before loading
+        raise FileNotFoundError(found)
+    return found
+
+
 def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
     """Removes all but the newest ``keep`` (at least one) checkpoints."""
     for old in list_checkpoints(output_dir)[: -max(keep, 1)]:
@@ -128,6 +140,13 @@ def drop_newer_checkpoints(output_dir: str | Path, step: int) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- RNG states
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds python's, numpy's and torch's global RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def rng_state() -> dict:
@@ -158,9 +177,7 @@ def restore_rng(checkpoint: Path, rank: int, fallback_seed: int) -> bool:
     """Restores ``rank``'s RNG states; False (and a fresh seed) when the checkpoint has none for it."""
     path = Path(checkpoint) / "rng" / f"rank_{rank:05d}.json"
     if not path.is_file():
-        random.seed(fallback_seed)
-        np.random.seed(fallback_seed % 2**32)
-        torch.manual_seed(fallback_seed)
+        seed_everything(fallback_seed)
         return False
     set_rng_state(json.loads(path.read_text()))
     return True
@@ -310,6 +327,27 @@ class _SkipFirst(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return max(0, len(self.batch_sampler) - self.n)
+
+
+def epoch_batches(
+    loader: torch.utils.data.DataLoader,
+    skip: int,
+    checkpoint: Path | None,
+    state: TrainerState | None,
+    rank: int,
+    fallback_seed: int,
+) -> Iterator[dict]:
+    """The epoch's batches after the first ``skip``; for the epoch a run resumes in, with the RNG
+    states of ``checkpoint`` (written at ``state``) restored where the interrupted run saved them:
+    after this epoch's loader drew its seed for a checkpoint inside the epoch, before it for one
+    at the epoch's end. ``checkpoint`` None: no RNG states are restored."""
+    loader = skip_batches(loader, skip) if skip else loader
+    if checkpoint is not None and state.epoch_complete:
+        restore_rng(checkpoint, rank, fallback_seed)
+    batches = iter(loader)
+    if checkpoint is not None and not state.epoch_complete:
+        restore_rng(checkpoint, rank, fallback_seed)
+    return batches
 
 
 def skip_batches(loader: torch.utils.data.DataLoader, n: int) -> torch.utils.data.DataLoader:

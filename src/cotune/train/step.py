@@ -1,0 +1,125 @@
+"""How the loop does one step: the schedule, autocast, accumulation groups, the optimizer step, and
+the validation loss (the same forward without backward). ``loop.train`` says when each happens."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+
+from cotune.config import TrainConfig
+from cotune.data.chat import IGNORE_INDEX
+from cotune.train import distributed as D
+
+
+def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int, total_steps: int):
+    """constant / linear / cosine (after linear warm-up), or cookbook's per-epoch StepLR ('step')."""
+    warm = cfg.warmup_steps
+
+    def factor(step: int) -> float:
+        if cfg.scheduler == "step":
+            return cfg.gamma ** (step // max(steps_per_epoch, 1))
+        if warm and step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(total_steps - warm, 1)
+        if cfg.scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    """bf16 (or fp16) autocast on GPUs; on CPU, plain fp32 (bf16 there is slower, not faster)."""
+    if cfg.mixed_precision and device.type == "cuda":
+        dtype = torch.float16 if cfg.use_fp16 else torch.bfloat16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def accumulation_groups(loader: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    """Yields lists of ``size`` consecutive batches (the last group may be shorter)."""
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def label_tokens(batch: dict) -> int:
+    """Tokens of ``batch`` whose next token is predicted (the loss's denominator)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def optimizer_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    max_grad_norm: float | None,
+) -> tuple[float, float | None]:
+    """Applies the accumulated gradients: fp16 unscaling, clipping, the update, the schedule.
+
+    Args:
+        model: the PEFT model; its trainable parameters are clipped.
+        optimizer, scheduler: the run's.
+        scaler: the fp16 GradScaler, or None.
+        max_grad_norm: clip the gradients' global norm to this; None: no clipping.
+
+    Returns:
+        The learning rate the update used, and the gradient norm before clipping (None unclipped).
+    """
+    if scaler:
+        scaler.unscale_(optimizer)
+    grad_norm = None
+    if max_grad_norm is not None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        grad_norm = D.clip_grad_norm(params, max_grad_norm)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()
+    return lr, grad_norm
+
+
+def validation_loss(
+    loss_model: torch.nn.Module,
+    loader: Iterable[dict],
+    model_inputs: Callable[[dict], dict],
+    cfg: TrainConfig,
+    device: torch.device,
+) -> float:
+    """Token-weighted mean validation loss over the whole validation set (all ranks).
+
+    Args:
+        loss_model: the module the loop calls (returns the summed loss and the label tokens).
+        loader: the validation batches; at most ``cfg.max_eval_step`` of them are used (0: all).
+        model_inputs: a batch's inputs for ``loss_model``, on the device.
+        cfg: the run's configuration (``max_eval_step``, mixed precision).
+        device: this process's device.
+    """
+    loss_model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for i, batch in enumerate(loader):
+            if cfg.max_eval_step and i >= cfg.max_eval_step:
+                break
+            if batch.get("empty"):
+                continue
+            with autocast(cfg, device):
+                loss_sum, n = loss_model(**model_inputs(batch))
+            totals += torch.stack([loss_sum.double(), n.double()])
+    loss_model.train()
+    D.all_reduce_sum(totals)
+    return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
