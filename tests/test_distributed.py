@@ -287,8 +287,15 @@ def test_checkpoint_of_two_processes_resumes_in_one(reference_runs, tiny_mllama,
     _assert_same_adapter(_adapter(out), _adapter(reference), atol=1e-5)
 
 
-def test_text_only_batch_on_one_rank_and_image_on_the_other(tiny_mllama, shapes, tmp_path):
+# Mllama: hybrid sharding over a (2 replicas, 1 shard) mesh, the replicas all-reduce every unit's gradients;
+# LLaVA: full sharding, every unit all-gathers its parameters in forward and backward
+@pytest.mark.parametrize(
+    "family, strategy",
+    [("mllama", ["hybrid_shard", "--fsdp_config.replicate_degree=2"]), ("llava", ["full_shard"])],
+)
+def test_text_only_batch_on_one_rank_and_image_on_the_other(family, strategy, request, shapes, tmp_path):
     """Every step one rank has only the text-only sample, the other the image one; nothing hangs."""
+    tiny_model = request.getfixturevalue(f"tiny_{family}")
     lines = Path(shapes["train"]).read_text().splitlines()
     text_only = {
         "id": "text-only",
@@ -304,7 +311,7 @@ def test_text_only_batch_on_one_rank_and_image_on_the_other(tiny_mllama, shapes,
 
     def flags(out: Path, batch: int, **extra) -> list[str]:
         return _flags(
-            tiny_mllama,
+            tiny_model,
             str(tmp_path / "train.jsonl"),
             str(tmp_path / "test.jsonl"),
             out,
@@ -315,11 +322,11 @@ def test_text_only_batch_on_one_rank_and_image_on_the_other(tiny_mllama, shapes,
             **extra,
         )
 
-    # hybrid sharding over a (2 replicas, 1 shard) mesh: the replicas all-reduce every unit's gradients
-    two = flags(tmp_path / "two", 1, **{"fsdp_config.sharding_strategy": "hybrid_shard"})
-    ranks = _start_ranks(two + ["--fsdp_config.replicate_degree=2"], tmp_path / "logs")
+    two = flags(tmp_path / "two", 1, **{"fsdp_config.sharding_strategy": strategy[0]})
+    ranks = _start_ranks(two + strategy[1:], tmp_path / "logs")
     assert _join_ranks(ranks, timeout=180) == [0, 0]
-    assert "fsdp: hybrid_shard over 2 process(es)" in (tmp_path / "logs" / "rank0.log").read_text()
+    log = (tmp_path / "logs" / "rank0.log").read_text()
+    assert f"fsdp: {strategy[0]} over 2 process(es)" in log and "would hang" not in log
     _in_process(flags(tmp_path / "one", 2))
     m2, m1 = _metrics(tmp_path / "two"), _metrics(tmp_path / "one")
     assert len(m2) == len(m1) == 2

@@ -20,6 +20,10 @@ _ATTN = r"(self_attn|cross_attn)\.(q|k|v|o)_proj"
 _MLP = r"mlp\.(gate|up|down)_proj"
 
 
+# Batch key of a blank image that only ``ModelFamily.dummy_vision_pass`` takes (not the forward).
+DUMMY_PIXELS = "dummy_pixel_values"
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     """Architecture-specific knowledge.
@@ -37,7 +41,11 @@ class ModelFamily:
             cross-attention models; the patch count for LLaVA-style models).
         dummy_image_inputs: for a batch without images, image inputs that no text attends to, so
             that under FSDP every rank runs the vision layers (their collectives) every step;
-            None when the family has none (``mllama_dummy_image_inputs``).
+            None when the family has none (``mllama_dummy_image_inputs``). Inputs the model's
+            forward cannot take go under ``DUMMY_PIXELS`` and are run by ``dummy_vision_pass``.
+        dummy_vision_pass: ``(inner model, pixel_values) -> scalar``: runs the vision layers on
+            ``inputs[DUMMY_PIXELS]`` before the text; the loss adds it times zero
+            (``llava_dummy_vision_pass``). None when the dummy inputs go to the forward itself.
         collate_packed_images: like ``collate_images`` for packed rows (lists of items that share a
             row, in order); each sample's text must reach only its own images. None: no packing.
     """
@@ -54,6 +62,7 @@ class ModelFamily:
     tokens_per_image: Callable[[Any], int] = field(default=lambda processor: 1)
     cross_attention: bool = False
     dummy_image_inputs: Callable[[dict, Any], dict] | None = None
+    dummy_vision_pass: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
     collate_packed_images: Callable[[list[list[dict]], int, int], dict] | None = None
 
     def image_token_id(self, tokenizer) -> int:
@@ -289,6 +298,39 @@ def llava_collate_images(items: list[dict], seq_len: int, image_token_id: int) -
     return {"pixel_values": torch.cat(stacks)} if stacks else {}
 
 
+def llava_dummy_image_inputs(batch: dict, config: Any) -> dict:
+    """One blank image for ``llava_dummy_vision_pass``; no image token refers to it.
+
+    LLaVA's forward needs one image token per patch for every image it is given, so the blank image
+    cannot go through the forward: it is passed under ``DUMMY_PIXELS`` instead.
+
+    Args:
+        batch: a collated batch without ``pixel_values`` (unused: one image serves any batch).
+        config: the model's ``LlavaConfig``.
+    """
+    vision = config.vision_config
+    return {DUMMY_PIXELS: torch.zeros(1, vision.num_channels, vision.image_size, vision.image_size)}
+
+
+def llava_dummy_vision_pass(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Runs the vision tower and the projector on ``pixel_values`` as a real image would be run.
+
+    Returns the sum of the image features: the loss adds it times zero, so the vision weights get
+    zero gradients through the same layers (and, under FSDP, the same collectives) as a real image's.
+
+    Args:
+        model: the ``LlavaModel`` (``...ForConditionalGeneration.model``).
+        pixel_values: from ``llava_dummy_image_inputs``.
+    """
+    config = model.config
+    out = model.get_image_features(
+        pixel_values=pixel_values,
+        vision_feature_layer=config.vision_feature_layer,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+    )
+    return sum(f.float().sum() for f in out.pooler_output)
+
+
 LLAVA = ModelFamily(
     name="llava",
     model_types=("llava",),
@@ -298,6 +340,8 @@ LLAVA = ModelFamily(
     image_inputs=llava_image_inputs,
     collate_images=llava_collate_images,
     tokens_per_image=_llava_tokens_per_image,
+    dummy_image_inputs=llava_dummy_image_inputs,
+    dummy_vision_pass=llava_dummy_vision_pass,
     # LLaVA takes the batch's images as one stack in text order: packed rows need nothing more
     collate_packed_images=lambda rows, seq_len, image_id: llava_collate_images(
         [it for row in rows for it in row], seq_len, image_id

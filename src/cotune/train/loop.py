@@ -136,7 +136,7 @@ def setup(cfg: TrainConfig, log=print) -> Run:
         f"{dist.world_size} processes = {global_batch} samples per step; {total_steps} steps"
     )
 
-    loss_model = ChunkedLossModel(peft_model)
+    loss_model = ChunkedLossModel(peft_model, family=family)
     if sharded:  # after add_lora (LoRA weights fp32, the same on every rank), before the optimizer
         fsdp = cfg.fsdp_config
         if cfg.gradient_checkpointing:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from cotune.data.chat import IGNORE_INDEX
+from cotune.models.families import DUMMY_PIXELS
 
 
 def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -132,12 +133,22 @@ class ChunkedLossModel(torch.nn.Module):
     without materialising full logits. Being the root module, it is also the FSDP root.
     """
 
-    def __init__(self, model: torch.nn.Module, chunk_size: int = 512) -> None:
+    def __init__(self, model: torch.nn.Module, chunk_size: int = 512, family: Any = None) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.family = family
 
     def forward(self, labels: torch.Tensor, **inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         core = inner_model(self.model)
+        dummy = inputs.pop(DUMMY_PIXELS, None)
+        anchor = None
+        if dummy is not None:  # before the text, in the order a real image's vision layers run
+            if self.family is None or self.family.dummy_vision_pass is None:
+                raise ValueError(f"'{DUMMY_PIXELS}' given, but no model family to run it was")
+            anchor = self.family.dummy_vision_pass(core.model, dummy)
         out = core.model(**inputs, use_cache=False)
-        return chunked_cross_entropy(out.last_hidden_state, core.lm_head.weight, labels, self.chunk_size)
+        total, n = chunked_cross_entropy(out.last_hidden_state, core.lm_head.weight, labels, self.chunk_size)
+        if anchor is not None:
+            total = total + 0.0 * anchor
+        return total, n
