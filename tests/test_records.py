@@ -104,3 +104,40 @@ def test_split_is_deterministic_and_disjoint(tmp_path):
 def test_missing_file_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothere.jsonl"):
         load_samples(tmp_path / "nothere.jsonl")
+
+
+def test_header_check_is_fast_path_and_training_still_skips_a_cut_short_image(tmp_path, tiny_mllama):
+    """`data.image_check: header` finds what a header shows; a file cut short is left to training, which
+    skips it instead of crashing."""
+    import io
+
+    from cotune.data.batching import PaddingCollator
+    from cotune.data.dataset import SFTDataset, encode_samples
+    from cotune.models.load import load_base_model, load_processor
+
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 40).convert("RGB").save(buf, format="PNG")
+    (tmp_path / "cut.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # header intact
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "ok.png")
+    Image.new("RGB", (5000, 10), "red").save(tmp_path / "thin.png")
+    rows = [("ok", "ok.png"), ("cut", "cut.png"), ("missing", "nope.png"), ("thin", "thin.png")]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "image": img, **GOOD}) + "\n" for i, img in rows))
+
+    full, full_problems = load_samples(path)
+    assert [s.id for s in full] == ["ok"]
+    assert [p.where for p in full_problems] == ["train.jsonl:2", "train.jsonl:3", "train.jsonl:4"]
+    fast, fast_problems = load_samples(path, image_check="header")
+    assert [s.id for s in fast] == ["ok", "cut"]  # the cut-short file passes its header check
+    assert [p.where for p in fast_problems] == ["train.jsonl:3", "train.jsonl:4"]
+    with pytest.raises(ValueError, match="image_check"):
+        load_samples(path, image_check="quick")
+
+    processor = load_processor(tiny_mllama)
+    _, family = load_base_model(tiny_mllama)
+    encoded, _, _ = encode_samples(fast, processor, family, 512, "drop")
+    dataset = SFTDataset(encoded, processor, family)
+    batch = PaddingCollator(
+        processor.tokenizer.pad_token_id, family, family.image_token_id(processor.tokenizer)
+    )([dataset[0], dataset[1]])
+    assert batch["input_ids"].shape[0] == 1 and "cannot be decoded" in batch["skipped"][0]

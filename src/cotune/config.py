@@ -104,7 +104,12 @@ class DataConfig:
     overlength: str = _opt("drop", "Samples longer than max_seq_len: 'drop' or 'truncate'.")
     columns: dict = _opt({}, "Column mapping for Hugging Face datasets (e.g. {image: img, messages: chat}).")
     image_workers: int = _opt(
-        4, "Threads decoding every image once before training (and in 'cotune data check')."
+        4, "Threads checking every image once before training (and in 'cotune data check')."
+    )
+    image_check: str = _opt(
+        "decode",
+        "Before training: 'decode' every image, or read only each 'header' (fast on large sets; "
+        "an image whose data is cut short is then skipped when training reaches it).",
     )
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -331,6 +336,7 @@ def validate(cfg: TrainConfig) -> None:
         "peft_method": (cfg.peft_method, ("lora",)),
         "data.on_error": (cfg.data.on_error, ("skip", "raise")),
         "data.overlength": (cfg.data.overlength, ("drop", "truncate")),
+        "data.image_check": (cfg.data.image_check, ("decode", "header")),
         "data.format": (
             cfg.data.format,
             ("auto", "llava_cot_jsonl", "llava_json", "sharegpt", "hf", "cookbook"),

@@ -60,7 +60,14 @@ def load_data_file(
     image root, system prompt): what training and ``cotune data check`` both use."""
     d = cfg.data
     return load_samples(
-        path, d.image_root, d.system_prompt, fmt=d.format, columns=d.columns, log=log, workers=d.image_workers
+        path,
+        d.image_root,
+        d.system_prompt,
+        fmt=d.format,
+        columns=d.columns,
+        log=log,
+        workers=d.image_workers,
+        image_check=d.image_check,
     )
 
 

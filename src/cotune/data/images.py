@@ -101,8 +101,14 @@ def _describe(ref: Any) -> str:
     return str(ref) if hasattr(ref, "fetch") else "in record"
 
 
-def load_image(ref: Any) -> Image.Image:
+def load_image(ref: Any, decode: bool = True) -> Image.Image:
     """Opens a path, bytes, a datasets Image cell, a table reference or a PIL image as RGB.
+
+    Args:
+        ref: the image reference.
+        decode: False stops after the header checks (size, aspect ratio) and returns the image
+            undecoded, in its own mode: a fast check that finds missing, empty, unreadable and
+            oversized images but not a file whose pixel data is cut short.
 
     Raises:
         ValueError: missing, empty, corrupt, oversized or absurdly shaped image, with the reason.
@@ -127,16 +133,19 @@ def load_image(ref: Any) -> Image.Image:
             raise ValueError(
                 f"image {_describe(ref)} is {width}x{height}: aspect ratio over {MAX_ASPECT}:1 (crop or pad it)"
             )
+        if not decode:
+            return image
         image.load()
         return to_rgb(image)
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError, KeyError) as e:
         raise ValueError(f"image {_describe(ref)} cannot be decoded ({type(e).__name__}: {e})") from None
 
 
-def check_image(ref: Any) -> str | None:
-    """The reason ``ref`` is unusable, or None when it decodes."""
+def check_image(ref: Any, decode: bool = True) -> str | None:
+    """The reason ``ref`` is unusable, or None when it decodes (or, with ``decode=False``, when its
+    header passes the checks)."""
     try:
-        load_image(ref)
+        load_image(ref, decode=decode)
     except ValueError as e:
         return str(e)
     return None

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from cotune.data.images import check_image, resolve_image_path
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -166,18 +168,40 @@ def read_jsonl(path: Path, image_root: Path, system_prompt: str = "") -> tuple[l
     return read_records(Path(path), "llava_cot_jsonl", Path(image_root), system_prompt)
 
 
-def check_sample_images(samples: list[Sample], workers: int = 4) -> tuple[list[Sample], list[Problem]]:
-    """Decodes every image once, in threads; returns the samples whose images are all usable."""
+# Checks of more images than this show a progress bar.
+PROGRESS_MIN_IMAGES = 2000
+
+
+def check_sample_images(
+    samples: list[Sample], workers: int = 4, decode: bool = True
+) -> tuple[list[Sample], list[Problem]]:
+    """Checks every image once, in threads; returns the samples whose images are all usable.
+
+    Args:
+        samples: parsed samples.
+        workers: threads.
+        decode: decode every image (True), or read only its header (``data.image_check: header``).
+    """
 
     def first_problem(sample: Sample) -> str | None:
         for ref in sample.images:
-            reason = check_image(ref)
+            reason = check_image(ref, decode=decode)
             if reason:
                 return reason
         return None
 
+    n_images = sum(len(s.images) for s in samples)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        reasons = list(pool.map(first_problem, samples, chunksize=16))
+        reasons = list(
+            tqdm(
+                pool.map(first_problem, samples, chunksize=16),
+                total=len(samples),
+                desc=f"checking images ({'decode' if decode else 'header'})",
+                unit="record",
+                disable=n_images < PROGRESS_MIN_IMAGES,
+                dynamic_ncols=True,
+            )
+        )
     good = [s for s, r in zip(samples, reasons) if r is None]
     problems = [Problem(s.where, r) for s, r in zip(samples, reasons) if r is not None]
     return good, problems
@@ -198,8 +222,9 @@ def load_samples(
     columns: dict | None = None,
     log=None,
     workers: int = 4,
+    image_check: str = "decode",
 ) -> tuple[list[Sample], list[Problem]]:
-    """Reads and validates a data file: records parsed, structure checked, images decoded.
+    """Reads and validates a data file: records parsed, structure checked, images checked.
 
     Args:
         path: a data file or folder in any format of ``data/formats.py``.
@@ -209,7 +234,9 @@ def load_samples(
         fmt: ``data.format``; 'auto' detects it and says what it found through ``log``.
         columns: ``data.columns``, canonical name -> the table's column name.
         log: where to say which format was detected (None: silent).
-        workers: threads decoding images.
+        workers: threads checking images.
+        image_check: 'decode' every image, or read only each image's 'header' (fast; an image
+            whose data is cut short is then found, and skipped, when training reaches it).
 
     Returns:
         The usable samples and the problems of the others, each with file:line and reason.
@@ -225,7 +252,9 @@ def load_samples(
             log(f"{path.name}: format '{fmt}' detected ({why}); set data.format to override")
     root = Path(image_root) if image_root else (path if path.is_dir() else path.parent)
     samples, problems = read_records(path, fmt, root, system_prompt, columns)
-    samples, image_problems = check_sample_images(samples, workers=workers)
+    if image_check not in ("decode", "header"):
+        raise ValueError(f"data.image_check must be 'decode' or 'header', not '{image_check}'")
+    samples, image_problems = check_sample_images(samples, workers=workers, decode=image_check == "decode")
     problems += image_problems
     problems.sort(key=lambda p: problem_order(p.where))
     return samples, problems
