@@ -221,6 +221,18 @@ def test_two_processes_match_one_process_with_twice_the_batch(reference_runs, ti
     assert (two / "best_adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_low_cpu_fsdp_other_ranks_start_on_meta_and_match(reference_runs, tiny_mllama, shapes, tmp_path):
+    """Only rank 0 reads the checkpoint; the run equals the one-process reference all the same."""
+    out = tmp_path / "low_cpu"
+    flags = _flags(tiny_mllama, shapes["train"], shapes["test"], out, 1, low_cpu_fsdp=True)
+    ranks = _start_ranks(flags, tmp_path / "logs")
+    assert _join_ranks(ranks, timeout=180) == [0, 0]
+    assert "base weights read by process 0 only" in (tmp_path / "logs" / "rank0.log").read_text()
+    one = reference_runs["one"]
+    _assert_same_metrics(_metrics(out), _metrics(one), rel=1e-4)
+    _assert_same_adapter(_adapter(out), _adapter(one), atol=1e-5)
+
+
 def test_sigkill_then_resume_auto_gives_the_uninterrupted_run(reference_runs, tiny_mllama, shapes):
     out = reference_runs["root"] / "killed"
     flags = _flags(tiny_mllama, shapes["train"], shapes["test"], out, 1)
@@ -338,3 +350,35 @@ def test_resume_from_a_path_that_is_not_a_checkpoint_stops_before_loading(tiny_m
     flags = _flags(tiny_mllama, shapes["train"], shapes["test"], tmp_path / "run", 2)
     with pytest.raises(FileNotFoundError, match="not a complete cotune checkpoint"):
         _in_process(flags + [f"--resume={tmp_path / 'run' / 'checkpoints' / 'step_00000009'}"])
+
+
+def test_a_rank_whose_batch_failed_to_load_runs_a_stand_in(tiny_mllama, shapes, tmp_path):
+    """With `data.image_check: header` a cut-short image passes the check and fails in training: that
+    rank's batch is empty, and it runs a no-label stand-in instead of leaving the others waiting."""
+    good = json.loads(Path(shapes["train"]).read_text().splitlines()[0])
+    image = Path(shapes["train"]).parent / good["image"]
+    data = image.read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "good.png").write_bytes(data)
+    cut = {**good, "id": "cut", "image": "cut.png"}
+    good = {**good, "image": "good.png"}
+    (tmp_path / "both.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(cut) + "\n")
+    (tmp_path / "good.jsonl").write_text(json.dumps(good) + "\n")
+
+    def flags(out: Path, train: str) -> list[str]:
+        both = str(tmp_path / "both.jsonl")
+        return _flags(tiny_mllama, train, both, out, 1, max_train_step=2, num_epochs=2, eval_every_steps=1)
+
+    two = flags(tmp_path / "two", str(tmp_path / "both.jsonl")) + ["--data.image_check=header"]
+    ranks = _start_ranks(two, tmp_path / "logs")
+    assert _join_ranks(ranks, timeout=180) == [0, 0]
+    logs = "".join((tmp_path / "logs" / f"rank{r}.log").read_text() for r in (0, 1))
+    assert "warning: skipped" in logs and "cut.png" in logs
+    # the reference: one process training on the good record alone, validating on both (the cut one skipped)
+    _in_process(flags(tmp_path / "one", str(tmp_path / "good.jsonl")) + ["--data.image_check=header"])
+    m2, m1 = _metrics(tmp_path / "two"), _metrics(tmp_path / "one")
+    assert [m["step"] for m in m2] == [m["step"] for m in m1] and len(m2) >= 4
+    for a, b in zip(m2, m1):
+        for key in ("loss", "eval_loss"):
+            if key in b:
+                assert abs(a[key] - b[key]) <= 1e-4 * b[key], (key, a, b)

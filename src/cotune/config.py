@@ -163,6 +163,11 @@ class TrainConfig:
     from_peft_checkpoint: str = _opt("", "Start from an existing adapter directory.")
     enable_fsdp: bool = _opt(False, "Shard with FSDP2 across the processes of torchrun.")
     nproc_per_node: int = _opt(0, "With enable_fsdp and not under torchrun: launch this many processes.")
+    low_cpu_fsdp: bool = _opt(
+        False,
+        "Several processes: only the first reads the checkpoint; the others build the model on the "
+        "meta device and receive their shards (host memory: one copy of the base, not one per process).",
+    )
     save_model: bool = _opt(True, "Save the adapter at the end (and the best one when validating).")
     save_metrics: bool = _opt(True, "Write metrics.jsonl and the loss plot.")
     save_every_steps: int = _opt(

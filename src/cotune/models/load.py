@@ -62,6 +62,7 @@ def load_base_model(
     dtype: torch.dtype = torch.float32,
     sdpa: bool = True,
     device: torch.device | str = "cpu",
+    on_meta: bool = False,
 ) -> tuple[torch.nn.Module, ModelFamily]:
     """Loads the base vision-language model through transformers' own classes.
 
@@ -70,6 +71,8 @@ def load_base_model(
         dtype: dtype of the (frozen) base weights.
         sdpa: use PyTorch's scaled-dot-product attention (cookbook's ``use_fast_kernels``).
         device: where to put the weights.
+        on_meta: build the model from the checkpoint's config on the meta device, reading no
+            weights (``low_cpu_fsdp``: the first process loads them and sends each its shards).
 
     Returns:
         The model (eval mode, requires_grad off everywhere) and its family.
@@ -80,10 +83,17 @@ def load_base_model(
     path = check_model_dir(path)
     config = AutoConfig.from_pretrained(str(path))
     family = family_for(config)
-    model = AutoModelForImageTextToText.from_pretrained(
-        str(path), dtype=dtype, attn_implementation="sdpa" if sdpa else "eager"
-    )
-    model.to(device)
+    attention = "sdpa" if sdpa else "eager"
+    if on_meta:
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(
+                config, dtype=dtype, attn_implementation=attention
+            )
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(
+            str(path), dtype=dtype, attn_implementation=attention
+        )
+        model.to(device)
     model.requires_grad_(False)
     model.eval()
     return model, family

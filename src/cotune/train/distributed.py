@@ -159,6 +159,28 @@ def wrap_fsdp(
     return root
 
 
+def load_from_rank0(root: torch.nn.Module, full_state: dict | None, info: DistInfo) -> None:
+    """Fills a sharded ``root`` whose other processes built it on the meta device (``low_cpu_fsdp``).
+
+    The first process loaded the checkpoint and added LoRA as usual; ``full_state`` is its
+    ``root.state_dict()`` taken before ``wrap_fsdp``. The others allocate their shards, receive
+    them from it, and copy its buffers (rotary frequencies and other tensors no checkpoint holds).
+
+    Args:
+        root: the module ``wrap_fsdp`` returned.
+        full_state: the first process's full state dict; None on the others.
+        info: this process's ``DistInfo``.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if not info.is_main:
+        root.to_empty(device=info.device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(root, full_state if info.is_main else {}, options=options)
+    for buffer in root.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def apply_activation_checkpointing(layer: torch.nn.Module) -> None:
     """Recomputes ``layer``'s activations in backward.
 

@@ -42,7 +42,9 @@ from cotune.train.step import (
     build_scheduler,
     label_tokens,
     optimizer_step,
+    stand_in_batch,
     validation_loss,
+    without_empty,
 )
 
 MODEL_INPUT_KEYS = (
@@ -74,7 +76,8 @@ class Run:
     metrics: MetricsLog
     base_dtype: torch.dtype
     steps_per_epoch: int
-    log: Any = print
+    log: Any = print  # the first process's lines; silent on the others
+    warn: Any = print  # every process's warnings (records skipped there), prefixed with the rank
     sharded: bool = False  # FSDP2: parameters are DTensors, the adapter is gathered to save it
     resumed: R.TrainerState | None = None  # the checkpoint this run continues, if any
     resumed_from: Path | None = None
@@ -112,7 +115,15 @@ def setup(cfg: TrainConfig, log=print) -> Run:
     processor = load_processor(cfg.tokenizer_name or cfg.model_name)
     dtype_name = "bf16" if cfg.pure_bf16 else cfg.torch_dtype
     base_dtype = resolve_dtype(dtype_name, dist.device)
-    model, family = load_base_model(cfg.model_name, base_dtype, sdpa=cfg.use_fast_kernels, device=dist.device)
+    # low_cpu_fsdp: one copy of the base in host memory, not one per process
+    from_rank0 = sharded and dist.enabled and cfg.low_cpu_fsdp
+    model, family = load_base_model(
+        cfg.model_name,
+        base_dtype,
+        sdpa=cfg.use_fast_kernels,
+        device=dist.device,
+        on_meta=from_rank0 and not dist.is_main,
+    )
     torch.manual_seed(cfg.seed)  # LoRA init does not depend on how much randomness loading used
     peft_model = add_lora(model, family, cfg.lora_config, from_checkpoint=cfg.from_peft_checkpoint)
     if cfg.gradient_checkpointing and not sharded:  # under FSDP: per wrapped layer, below
@@ -142,13 +153,18 @@ def setup(cfg: TrainConfig, log=print) -> Run:
         if cfg.gradient_checkpointing:
             fsdp = dataclasses.replace(fsdp, fsdp_activation_checkpointing=True)
         layers = layer_modules(peft_model, family)
+        full_state = loss_model.state_dict() if (from_rank0 and dist.is_main) else None
         D.wrap_fsdp(loss_model, layers, fsdp, dist)
+        if from_rank0:
+            D.load_from_rank0(loss_model, full_state, dist)
+            del full_state
         quiet(
             f"fsdp: {fsdp.sharding_strategy} over {dist.world_size} process(es) on {dist.num_nodes} node(s), "
             f"{len(layers)} layer units + root; mixed precision "
             f"{'bf16/fp32' if fsdp.mixed_precision and dist.device.type == 'cuda' else 'off (fp32)'}, "
             f"activation checkpointing {'on' if fsdp.fsdp_activation_checkpointing else 'off'}, "
-            f"cpu offload {'on' if fsdp.cpu_offload else 'off'}"
+            f"cpu offload {'on' if fsdp.cpu_offload else 'off'}; base weights read by "
+            f"{'process 0 only' if from_rank0 else 'every process'}"
         )
         if dist.enabled:
             torch.manual_seed(cfg.seed + dist.rank)  # dropout masks differ between ranks
@@ -189,6 +205,7 @@ def setup(cfg: TrainConfig, log=print) -> Run:
         base_dtype=base_dtype,
         steps_per_epoch=steps_per_epoch,
         log=quiet,
+        warn=log if dist.is_main else (lambda msg: log(f"[rank {dist.rank}] {msg}")),
         sharded=sharded,
         resumed=resumed,
         resumed_from=resume_from,
@@ -225,7 +242,9 @@ def train(run: Run) -> TrainResult:
 
     def validate(step: int, epoch: int) -> None:
         nonlocal best
-        loss = validation_loss(model, run.data.val, lambda b: _model_inputs(b, run), cfg, dist.device)
+        loss = validation_loss(
+            model, run.data.val, lambda b: _model_inputs(b, run), cfg, dist.device, stand_in, run.warn
+        )
         result.eval_losses.append(loss)
         run.metrics.write(step=step, epoch=epoch, eval_loss=loss, eval_perplexity=perplexity(loss))
         run.log(f"validation at step {step}: loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
@@ -233,6 +252,8 @@ def train(run: Run) -> TrainResult:
             result.best_adapter_dir = _save(run, run.out / "best_adapter")
         best = min(best, loss) if step > 0 else best
 
+    # several processes: a batch whose items all failed to load is replaced, never skipped alone
+    stand_in = stand_in_batch(run.processor.tokenizer.bos_token_id) if dist.enabled else None
     scaler = torch.amp.GradScaler("cuda") if (cfg.use_fp16 and dist.device.type == "cuda") else None
     global_batch = cfg.batch_size_training * dist.world_size  # samples per loader batch, all ranks
     step, start_epoch, skip, resumed = 0, 0, 0, run.resumed
@@ -303,11 +324,12 @@ def train(run: Run) -> TrainResult:
             batches_done += len(group)
             for batch in group:
                 for msg in batch.pop("skipped", []):
-                    run.log(f"warning: skipped {msg}")
-            group = [b for b in group if not b.get("empty")]
-            if not audited and group:
+                    run.warn(f"warning: skipped {msg}")
+            group = without_empty(group, stand_in)
+            real = [b for b in group if not b.get("stand_in")]
+            if not audited and real:
                 for w in audit_batch(
-                    group[0], run.processor.tokenizer, run.family.image_token_id(run.processor.tokenizer)
+                    real[0], run.processor.tokenizer, run.family.image_token_id(run.processor.tokenizer)
                 ):
                     run.log(f"warning: dataset file: {w}")
                 audited = True

@@ -53,6 +53,29 @@ def accumulation_groups(loader: Iterable[dict], size: int) -> Iterator[list[dict
         yield group
 
 
+def stand_in_batch(token_id: int) -> dict:
+    """A one-token batch with no label, run in place of a batch whose items all failed to load.
+
+    Under several processes every rank must run the same forwards and backwards (FSDP's collectives
+    pair up across ranks), so a rank cannot just skip a batch. This one adds nothing to the loss
+    and zero to every gradient; the family's dummy image inputs make it run the vision layers too.
+    """
+    return {
+        "input_ids": torch.tensor([[token_id]]),
+        "attention_mask": torch.ones(1, 1, dtype=torch.long),
+        "labels": torch.tensor([[IGNORE_INDEX]]),
+        "stand_in": True,
+    }
+
+
+def without_empty(group: list[dict], stand_in: dict | None) -> list[dict]:
+    """The group's batches, each empty one (every item failed to load) dropped or, when ``stand_in``
+    is given (several processes), replaced by it, so that every rank runs as many forwards."""
+    if stand_in is None:
+        return [b for b in group if not b.get("empty")]
+    return [stand_in if b.get("empty") else b for b in group]
+
+
 def label_tokens(batch: dict) -> int:
     """Tokens of ``batch`` whose next token is predicted (the loss's denominator)."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -99,6 +122,8 @@ def validation_loss(
     model_inputs: Callable[[dict], dict],
     cfg: TrainConfig,
     device: torch.device,
+    stand_in: dict | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> float:
     """Token-weighted mean validation loss over the whole validation set (all ranks).
 
@@ -108,6 +133,8 @@ def validation_loss(
         model_inputs: a batch's inputs for ``loss_model``, on the device.
         cfg: the run's configuration (``max_eval_step``, mixed precision).
         device: this process's device.
+        stand_in: run in place of an empty batch (several processes), see ``stand_in_batch``.
+        warn: told of each validation record that failed to load (it is left out of the loss).
     """
     loss_model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)
@@ -115,8 +142,13 @@ def validation_loss(
         for i, batch in enumerate(loader):
             if cfg.max_eval_step and i >= cfg.max_eval_step:
                 break
+            for msg in batch.pop("skipped", []):
+                if warn is not None:
+                    warn(f"warning: validation skipped {msg}")
             if batch.get("empty"):
-                continue
+                if stand_in is None:
+                    continue
+                batch = stand_in
             with autocast(cfg, device):
                 loss_sum, n = loss_model(**model_inputs(batch))
             totals += torch.stack([loss_sum.double(), n.double()])
