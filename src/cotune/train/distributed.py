@@ -11,6 +11,7 @@ embedding are all-gathered once per step by the root.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -157,6 +158,41 @@ def wrap_fsdp(
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload)
     fully_shard(root, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload)
     return root
+
+
+def shard_for_training(
+    root: torch.nn.Module,
+    layers: list[torch.nn.Module],
+    fsdp_cfg: Any,
+    info: DistInfo,
+    activation_checkpointing: bool = False,
+    from_rank0: bool = False,
+) -> str:
+    """``wrap_fsdp``, then, with ``from_rank0`` (``low_cpu_fsdp``), ``load_from_rank0``.
+
+    Args:
+        root, layers, fsdp_cfg, info: as for ``wrap_fsdp``.
+        activation_checkpointing: the top-level ``gradient_checkpointing``: recompute every unit.
+        from_rank0: the processes other than the first built ``root`` on the meta device.
+
+    Returns:
+        A line that says how the model is sharded, for the log.
+    """
+    if activation_checkpointing:
+        fsdp_cfg = dataclasses.replace(fsdp_cfg, fsdp_activation_checkpointing=True)
+    full_state = root.state_dict() if (from_rank0 and info.is_main) else None
+    wrap_fsdp(root, layers, fsdp_cfg, info)
+    if from_rank0:
+        load_from_rank0(root, full_state, info)
+    on = {True: "on", False: "off"}
+    mixed = fsdp_cfg.mixed_precision and info.device.type == "cuda"
+    return (
+        f"fsdp: {fsdp_cfg.sharding_strategy} over {info.world_size} process(es) on {info.num_nodes} node(s), "
+        f"{len(layers)} layer units + root; mixed precision {'bf16/fp32' if mixed else 'off (fp32)'}, "
+        f"activation checkpointing {on[bool(fsdp_cfg.fsdp_activation_checkpointing)]}, "
+        f"cpu offload {on[bool(fsdp_cfg.cpu_offload)]}; base weights read by "
+        f"{'process 0 only' if from_rank0 else 'every process'}"
+    )
 
 
 def load_from_rank0(root: torch.nn.Module, full_state: dict | None, info: DistInfo) -> None:

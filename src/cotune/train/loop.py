@@ -8,7 +8,6 @@ as one large batch.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,22 +148,11 @@ def setup(cfg: TrainConfig, log=print) -> Run:
 
     loss_model = ChunkedLossModel(peft_model, family=family)
     if sharded:  # after add_lora (LoRA weights fp32, the same on every rank), before the optimizer
-        fsdp = cfg.fsdp_config
-        if cfg.gradient_checkpointing:
-            fsdp = dataclasses.replace(fsdp, fsdp_activation_checkpointing=True)
         layers = layer_modules(peft_model, family)
-        full_state = loss_model.state_dict() if (from_rank0 and dist.is_main) else None
-        D.wrap_fsdp(loss_model, layers, fsdp, dist)
-        if from_rank0:
-            D.load_from_rank0(loss_model, full_state, dist)
-            del full_state
         quiet(
-            f"fsdp: {fsdp.sharding_strategy} over {dist.world_size} process(es) on {dist.num_nodes} node(s), "
-            f"{len(layers)} layer units + root; mixed precision "
-            f"{'bf16/fp32' if fsdp.mixed_precision and dist.device.type == 'cuda' else 'off (fp32)'}, "
-            f"activation checkpointing {'on' if fsdp.fsdp_activation_checkpointing else 'off'}, "
-            f"cpu offload {'on' if fsdp.cpu_offload else 'off'}; base weights read by "
-            f"{'process 0 only' if from_rank0 else 'every process'}"
+            D.shard_for_training(
+                loss_model, layers, cfg.fsdp_config, dist, cfg.gradient_checkpointing, from_rank0
+            )
         )
         if dist.enabled:
             torch.manual_seed(cfg.seed + dist.rank)  # dropout masks differ between ranks
