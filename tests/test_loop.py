@@ -12,7 +12,7 @@ from cotune.data.batching import PaddingCollator
 from cotune.data.dataset import SFTDataset, encode_samples
 from cotune.data.records import load_samples
 from cotune.models.families import MLLAMA
-from cotune.models.load import add_lora, load_base_model
+from cotune.models.load import add_lora, enable_activation_checkpointing, load_base_model
 from cotune.train.loop import build_scheduler
 from cotune.train.loss import ChunkedLossModel
 from helpers import random_lora
@@ -51,9 +51,7 @@ def batch(processor, shapes):
 def loss_and_grads(tiny_mllama, batch, checkpointing: bool):
     peft = random_lora(tiny_mllama, seed=0, std=0.05, targets="all")
     if checkpointing:
-        peft.get_base_model().gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        enable_activation_checkpointing(peft)  # what setup() does without FSDP
     peft.train()
     loss_sum, n = ChunkedLossModel(peft)(**batch)
     (loss_sum / n).backward()
