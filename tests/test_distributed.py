@@ -233,6 +233,23 @@ def test_low_cpu_fsdp_other_ranks_start_on_meta_and_match(reference_runs, tiny_m
     _assert_same_adapter(_adapter(out), _adapter(one), atol=1e-5)
 
 
+def test_cpu_offload_matches_and_low_cpu_fsdp_steps_aside_for_it(
+    reference_runs, tiny_mllama, shapes, tmp_path
+):
+    out = tmp_path / "offload"
+    extra = {"low_cpu_fsdp": True, "fsdp_config.cpu_offload": True}
+    ranks = _start_ranks(
+        _flags(tiny_mllama, shapes["train"], shapes["test"], out, 1, **extra), tmp_path / "logs"
+    )
+    assert _join_ranks(ranks, timeout=180) == [0, 0]
+    log = (tmp_path / "logs" / "rank0.log").read_text()
+    assert "low_cpu_fsdp is not combined with fsdp_config.cpu_offload" in log
+    assert "cpu offload on; base weights read by every process" in log
+    one = reference_runs["one"]
+    _assert_same_metrics(_metrics(out), _metrics(one), rel=1e-4)
+    _assert_same_adapter(_adapter(out), _adapter(one), atol=1e-5)
+
+
 def test_sigkill_then_resume_auto_gives_the_uninterrupted_run(reference_runs, tiny_mllama, shapes):
     out = reference_runs["root"] / "killed"
     flags = _flags(tiny_mllama, shapes["train"], shapes["test"], out, 1)

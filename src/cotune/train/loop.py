@@ -116,6 +116,11 @@ def setup(cfg: TrainConfig, log=print) -> Run:
     base_dtype = resolve_dtype(dtype_name, dist.device)
     # low_cpu_fsdp: one copy of the base in host memory, not one per process
     from_rank0 = sharded and dist.enabled and cfg.low_cpu_fsdp
+    if from_rank0 and cfg.fsdp_config.cpu_offload:  # offloaded shards are not allocated on the device
+        quiet(
+            "warning: low_cpu_fsdp is not combined with fsdp_config.cpu_offload: every process reads the checkpoint"
+        )
+        from_rank0 = False
     model, family = load_base_model(
         cfg.model_name,
         base_dtype,
