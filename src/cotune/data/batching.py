@@ -16,6 +16,7 @@ text cross-attends only to its own images (``ModelFamily.collate_packed_images``
 from __future__ import annotations
 
 import random
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,7 +27,7 @@ from cotune.data.dataset import ItemKey
 from cotune.models.families import ModelFamily
 
 
-class _Collator:
+class _Collator(ABC):
     """What both collators share: their settings, leaving out items that failed to load, rounding up.
 
     ``__call__`` drops the items that failed (``{"error": ...}``, listed under ``skipped``) and hands
@@ -51,8 +52,9 @@ class _Collator:
             batch["skipped"] = skipped
         return batch
 
+    @abstractmethod
     def collate(self, items: list[dict]) -> dict:
-        raise NotImplementedError
+        """The batch of ``items`` (all loaded); each collator lays its rows out in its own way."""
 
     def _blank_rows(self, n_rows: int, longest: int) -> tuple[int, torch.Tensor, torch.Tensor]:
         """(row length: ``longest`` rounded up to ``pad_to_multiple_of``, padded input_ids, labels)."""

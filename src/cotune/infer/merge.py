@@ -71,12 +71,14 @@ class MergeReport:
 
 
 def _rss_now() -> int:
+    """This process's resident memory in bytes (0 where /proc is not available)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+        status = Path("/proc/self/status").read_text()
     except OSError:
-        pass
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
     return 0
 
 
