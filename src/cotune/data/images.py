@@ -145,7 +145,9 @@ def check_image(ref: Any, decode: bool = True) -> str | None:
     """The reason ``ref`` is unusable, or None when it decodes (or, with ``decode=False``, when its
     header passes the checks)."""
     try:
-        load_image(ref, decode=decode)
+        image = load_image(ref, decode=decode)
     except ValueError as e:
         return str(e)
+    if not isinstance(ref, Image.Image) and not hasattr(ref, "fetch"):
+        image.close()  # opened here (an undecoded one still holds its file); not the caller's object
     return None

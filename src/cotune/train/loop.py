@@ -42,8 +42,8 @@ from cotune.train.step import (
     label_tokens,
     optimizer_step,
     stand_in_batch,
+    usable_batches,
     validation_loss,
-    without_empty,
 )
 
 MODEL_INPUT_KEYS = (
@@ -315,10 +315,7 @@ def train(run: Run) -> TrainResult:
         batches_done, skip = skip, 0
         for group in accumulation_groups(batches, cfg.gradient_accumulation_steps):
             batches_done += len(group)
-            for batch in group:
-                for msg in batch.pop("skipped", []):
-                    run.warn(f"warning: skipped {msg}")
-            group = without_empty(group, stand_in)
+            group = usable_batches(group, stand_in, run.warn)
             real = [b for b in group if not b.get("stand_in")]
             if not audited and real:
                 for w in audit_batch(

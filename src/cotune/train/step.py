@@ -68,9 +68,19 @@ def stand_in_batch(token_id: int) -> dict:
     }
 
 
-def without_empty(group: list[dict], stand_in: dict | None) -> list[dict]:
-    """The group's batches, each empty one (every item failed to load) dropped or, when ``stand_in``
-    is given (several processes), replaced by it, so that every rank runs as many forwards."""
+def usable_batches(
+    group: list[dict], stand_in: dict | None, warn: Callable[[str], None] | None, what: str = "skipped"
+) -> list[dict]:
+    """The group's batches once the items that failed to load are accounted for.
+
+    Each failed item is reported through ``warn`` (as "warning: {what} {reason}"). A batch left empty
+    is dropped or, when ``stand_in`` is given (several processes), replaced by it, so that every
+    rank runs as many forwards.
+    """
+    for batch in group:
+        for msg in batch.pop("skipped", []):
+            if warn is not None:
+                warn(f"warning: {what} {msg}")
     if stand_in is None:
         return [b for b in group if not b.get("empty")]
     return [stand_in if b.get("empty") else b for b in group]
@@ -142,16 +152,10 @@ def validation_loss(
         for i, batch in enumerate(loader):
             if cfg.max_eval_step and i >= cfg.max_eval_step:
                 break
-            for msg in batch.pop("skipped", []):
-                if warn is not None:
-                    warn(f"warning: validation skipped {msg}")
-            if batch.get("empty"):
-                if stand_in is None:
-                    continue
-                batch = stand_in
-            with autocast(cfg, device):
-                loss_sum, n = loss_model(**model_inputs(batch))
-            totals += torch.stack([loss_sum.double(), n.double()])
+            for usable in usable_batches([batch], stand_in, warn, "validation skipped"):
+                with autocast(cfg, device):
+                    loss_sum, n = loss_model(**model_inputs(usable))
+                totals += torch.stack([loss_sum.double(), n.double()])
     loss_model.train()
     D.all_reduce_sum(totals)
     return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
