@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from PIL import Image
 
 from cotune.data.batching import LengthGroupedBatchSampler, PaddingCollator, pad_fraction
 from cotune.data.dataset import SFTDataset, encode_samples
@@ -42,6 +43,40 @@ def test_collator_matches_hf_processor(processor, shapes):
     assert torch.equal(batch["cross_attention_mask"][real], ref["cross_attention_mask"][real])
     # padding is right-side and out of the loss
     assert (batch["labels"][~real] == -100).all()
+
+
+def test_collator_matches_hf_processor_for_several_and_differently_sized_images(processor, tmp_path):
+    """One wide image, two images of other shapes, one tall image: tiles, aspect ratios and the
+    cross-attention mask token by token are the HF processor's."""
+    from cotune.data.chat import tokenize_conversation
+    from cotune.data.dataset import Encoded
+    from cotune.data.images import load_image
+
+    sizes = [[(96, 32)], [(20, 70), (48, 48)], [(30, 100)]]
+    encoded = []
+    for k, group in enumerate(sizes):
+        paths = []
+        for j, (w, h) in enumerate(group):
+            path = tmp_path / f"{k}_{j}.png"
+            Image.new("RGB", (w, h), (40 * k + 60 * j, 120, 200)).save(path)
+            paths.append(str(path))
+        question = " and ".join(["<image>"] * len(group)) + " What differs?"
+        messages = conversation_to_messages([("user", question), ("assistant", "The colour.")], len(group))
+        ids, labels = tokenize_conversation(processor, messages)
+        encoded.append(Encoded(ids, labels, paths, f"s{k}", f"s{k}:1"))
+    ds = SFTDataset(encoded, processor, MLLAMA)
+    batch = collate(processor, [ds[i] for i in range(len(sizes))])
+    texts = [processor.tokenizer.decode(e.input_ids) for e in encoded]
+    images = [[load_image(p) for p in e.images] for e in encoded]
+    ref = processor(text=texts, images=images, padding=True, add_special_tokens=False, return_tensors="pt")
+    assert len(set(ref["aspect_ratio_ids"][ref["aspect_ratio_ids"] > 0].tolist())) >= 3  # really different
+    assert torch.equal(batch["input_ids"], ref["input_ids"])
+    torch.testing.assert_close(batch["pixel_values"], ref["pixel_values"])
+    assert torch.equal(batch["aspect_ratio_ids"], ref["aspect_ratio_ids"])
+    assert torch.equal(batch["aspect_ratio_mask"], ref["aspect_ratio_mask"])
+    real = batch["attention_mask"].bool()
+    assert batch["cross_attention_mask"].shape == ref["cross_attention_mask"].shape
+    assert torch.equal(batch["cross_attention_mask"][real], ref["cross_attention_mask"][real])
 
 
 def test_mixed_text_only_and_image_batch(processor, shapes):
@@ -95,3 +130,37 @@ def test_length_grouping_reduces_padding_and_covers_every_sample():
     r1 = LengthGroupedBatchSampler(lengths, 2, seed=1, rank=1, world_size=2)
     seen = [i for a, b in zip(r0, r1) for i in a + b]
     assert sorted(seen) == list(range(200))
+
+
+# ----------------------------------------------------------------------------- images reach their own rows
+
+
+def _swap_images(ds: SFTDataset, a: int, b: int) -> SFTDataset:
+    """The same samples with the images of samples ``a`` and ``b`` exchanged."""
+    import dataclasses
+
+    enc = list(ds.encoded)
+    enc[a], enc[b] = (
+        dataclasses.replace(enc[a], images=ds.encoded[b].images),
+        dataclasses.replace(enc[b], images=ds.encoded[a].images),
+    )
+    return SFTDataset(enc, ds.processor, ds.family)
+
+
+def _row_losses(model, batch) -> torch.Tensor:
+    from cotune.eval.evaluate import label_token_losses
+
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "token_mask", "samples_per_row")}
+    return label_token_losses(model, inputs, batch["labels"])
+
+
+def test_swapping_two_rows_images_changes_exactly_those_rows_losses(tiny_mllama, processor, shapes):
+    ds = dataset(processor, shapes, n=4)
+    model = random_lora(tiny_mllama, seed=0, std=0.05).eval()
+    before = _row_losses(model, collate(processor, [ds[i] for i in range(4)])).sum(dim=1)
+    swapped = _swap_images(ds, 0, 2)
+    after = _row_losses(model, collate(processor, [swapped[i] for i in range(4)])).sum(dim=1)
+    change = (after - before).abs() / before
+    # each row sees the other's picture (a small share of a random model's loss, far above rounding)
+    assert change[0] > 2e-5 and change[2] > 2e-5, change
+    torch.testing.assert_close(after[[1, 3]], before[[1, 3]], rtol=1e-6, atol=0)  # the others do not move

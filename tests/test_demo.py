@@ -14,15 +14,25 @@ from cotune.cli import main
 from cotune.demo import TARGET_FORMAT_RATE, demo_verdict
 
 
+def _figures(**changes):
+    good = {
+        "eval_loss_base": 15.0, "eval_loss_final": 0.4, "format_rate": TARGET_FORMAT_RATE,
+        "accuracy": 0.7, "accuracy_shuffled_images": 0.3,
+        "accuracy_by_task": {"colour": {"accuracy": 0.9}, "shape": {"accuracy": 0.85}},
+    }  # fmt: skip
+    return {**good, **changes}
+
+
 def test_verdict_names_each_missed_target():
-    good = {"eval_loss_base": 15.0, "eval_loss_final": 0.4, "format_rate": TARGET_FORMAT_RATE}
-    assert demo_verdict(good) == []
-    misses = demo_verdict({"eval_loss_base": 15.0, "eval_loss_final": 3.0, "format_rate": 0.5})
+    assert demo_verdict(_figures()) == []
+    misses = demo_verdict(_figures(eval_loss_final=3.0, format_rate=0.5))
     assert len(misses) == 2 and "validation loss 3.000" in misses[0] and "format rate 50%" in misses[1]
-    assert (
-        "no validation loss"
-        in demo_verdict({"eval_loss_base": None, "eval_loss_final": None, "format_rate": 1})[0]
-    )
+    assert "no validation loss" in demo_verdict(_figures(eval_loss_base=None, eval_loss_final=None))[0]
+    # the adapter must read the pictures: colour and shape right, and far better than with shuffled images
+    blind = demo_verdict(_figures(accuracy_by_task={"colour": {"accuracy": 0.2}, "shape": {"accuracy": 0.9}}))
+    assert blind == ["'colour' accuracy 20% is below 80%"]
+    prior = demo_verdict(_figures(accuracy=0.5, accuracy_shuffled_images=0.45))
+    assert len(prior) == 1 and "less than 30 points above the 45% with shuffled images" in prior[0]
 
 
 @pytest.mark.slow
@@ -45,15 +55,43 @@ def test_demo_command_reports_figures_and_fails_when_short_of_targets(tiny_mllam
     for path in ("adapter/adapter_model.safetensors", "metrics.jsonl", "loss.png", "config.yaml"):
         assert (run / path).is_file(), path
     assert f"adapter: {run / 'adapter'}" in out and "validation loss: base model" in out
+    assert {"accuracy", "accuracy_shuffled_images", "accuracy_by_task"} <= set(figures)
+    assert "answer accuracy:" in out and "with images shuffled across samples" in out
 
 
-def test_demo_rebuilds_a_tiny_model_from_an_older_builder(tiny_mllama, tmp_path):
+@pytest.mark.slow
+def test_demo_without_validation_reports_instead_of_crashing(tiny_mllama, shapes, tmp_path, capsys):
+    workdir = tmp_path / "demo"
+    workdir.mkdir()
+    (workdir / "tiny").symlink_to(tiny_mllama)
+    (workdir / "data").symlink_to(shapes["train"].parent)
+    rc = main(
+        ["demo", "--workdir", str(workdir), "--n_eval", "2", "--max_train_step", "2",
+         "--run_validation", "False", "--progress", "False"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    figures = json.loads((workdir / "demo.json").read_text())
+    assert rc == 1 and figures["eval_loss_base"] is None
+    assert (
+        "validation loss: not measured" in out and "no validation loss was measured" in figures["misses"][0]
+    )
+
+
+def test_demo_rebuilds_a_tiny_model_from_an_older_builder(tmp_path):
+    from cotune.demo import prepare_demo
     from cotune.models.tiny import BUILD_MARKER, is_current_build
 
-    assert is_current_build(tiny_mllama)
-    old = tmp_path / "old"
+    old = tmp_path / "tiny"
     old.mkdir()
     (old / "config.json").write_text("{}")  # a checkpoint without a marker: written before markers existed
     assert not is_current_build(old)
     (old / BUILD_MARKER).write_text('{"builder_version": 1}')
     assert not is_current_build(old)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("")  # existing data are kept as they are
+    logs = []
+    model_dir, data_dir = prepare_demo(tmp_path, n_test=4, log=logs.append)
+    assert model_dir == old and is_current_build(old) and (old / "model.safetensors").is_file()
+    assert json.loads((old / "config.json").read_text())["model_type"] == "mllama"
+    assert logs == [f"building the tiny Mllama in {old}"]
+    assert (data_dir / "train.jsonl").read_text() == ""

@@ -7,6 +7,7 @@ text-only samples mixed with image samples, checked token by token.
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import pytest
 import torch
@@ -292,3 +293,35 @@ def test_llava_packed_loss_equals_unpacked_loss(tiny_llava, shapes):
         got, n = loss_model(**{k: v for k, v in batch.items() if k not in ("token_mask", "samples_per_row")})
     assert int(n) == sum(int(k) for _, k in ref)
     torch.testing.assert_close(got, sum(s for s, _ in ref), rtol=1e-5, atol=0)
+
+
+def test_swapping_two_samples_images_within_a_pack_changes_exactly_their_losses(
+    lora_model, processor, shapes
+):
+    import dataclasses
+
+    from cotune.eval.evaluate import label_token_losses
+
+    pngs = sorted(shapes["images"].glob("train_*.png"))
+    turns = [("user", "<image>\nWhat colour is it?"), ("assistant", "It is red, I think.")]
+    enc = [encode(processor, turns, pngs[k : k + 1], f"s{k}") for k in range(3)]
+
+    def per_sample_losses(encoded):
+        ds = SFTDataset(encoded, processor, MLLAMA)
+        batch = packed(processor, ds, [[0, 1, 2]])
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "token_mask", "samples_per_row")}
+        with torch.no_grad():
+            losses = label_token_losses(lora_model, inputs, batch["labels"])[0]
+        bounds = [0, *itertools.accumulate(len(e.input_ids) for e in encoded)]
+        return torch.stack([losses[a:b].sum() for a, b in zip(bounds, bounds[1:])])
+
+    before = per_sample_losses(enc)
+    swapped = [
+        dataclasses.replace(enc[0], images=enc[2].images),
+        enc[1],
+        dataclasses.replace(enc[2], images=enc[0].images),
+    ]
+    after = per_sample_losses(swapped)
+    change = (after - before).abs() / before
+    assert change[0] > 2e-5 and change[2] > 2e-5, change
+    torch.testing.assert_close(after[1], before[1], rtol=1e-6, atol=0)

@@ -214,3 +214,42 @@ def test_tiny_llava_forward(tmp_path):
     with torch.no_grad():
         loss = model(**inputs, labels=labels).loss
     assert math.isfinite(loss.item())
+
+
+# ----------------------------------------------------------------------------- the tiny model sees
+
+
+def _answer_logits(model, processor, image):
+    """Next-token logits after a question about ``image``, with the text fixed."""
+    text = "<|image|>What colour is the shape?"
+    inputs = processor(images=[[image]], text=[text], return_tensors="pt")
+    with torch.no_grad():
+        return model(**inputs).logits[0, -1]
+
+
+def test_gates_are_open_as_in_a_trained_checkpoint(mllama_dir):
+    from cotune.models.tiny import MLLAMA_GATES
+
+    model = AutoModelForImageTextToText.from_pretrained(mllama_dir)
+    gates = {n: p for n, p in model.named_parameters() if MLLAMA_GATES.fullmatch(n)}
+    kinds = {n.rsplit(".", 1)[-1] for n in gates}
+    assert {"cross_attn_attn_gate", "cross_attn_mlp_gate", "gate", "gate_attn", "gate_ffn"} <= kinds
+    for name, gate in gates.items():  # a fresh transformers model has every one of them at 0
+        assert torch.tanh(gate).abs().min() > 0.5, name
+
+
+def test_logits_change_with_the_pixels_and_not_with_gates_shut(mllama_dir, processor):
+    model = AutoModelForImageTextToText.from_pretrained(mllama_dir).eval()
+    red, blue = Image.new("RGB", (64, 64), (220, 40, 40)), Image.new("RGB", (64, 64), (40, 80, 220))
+    same = _answer_logits(model, processor, red) - _answer_logits(model, processor, red.copy())
+    differ = _answer_logits(model, processor, red) - _answer_logits(model, processor, blue)
+    assert same.abs().max() == 0
+    assert differ.abs().max() > 0.05 * _answer_logits(model, processor, red).std()
+    # the control: with the cross-attention gates at 0 (a random model as transformers builds it), the
+    # image cannot reach the text, and this test's main assertion would fail
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "cross_attn_attn_gate" in name or "cross_attn_mlp_gate" in name:
+                p.zero_()
+    shut = _answer_logits(model, processor, red) - _answer_logits(model, processor, blue)
+    assert shut.abs().max() < 1e-5

@@ -58,7 +58,7 @@ def cmd_demo(argv: list[str]) -> int:
     from cotune.demo import run_demo
 
     workdir = flags.pop("workdir", "demo_out")
-    n_eval = int(flags.pop("n_eval", 40))
+    n_eval = int(flags.pop("n_eval", 100))
     figures = run_demo(workdir, overrides=list(flags.items()), n_eval=n_eval)
     return 1 if figures["misses"] else 0
 

@@ -15,6 +15,7 @@ is off unless asked, because flips break text and left/right questions.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -108,3 +109,54 @@ def build_augmenter(cfg: Any) -> Augmenter | None:
     """The training augmenter of a ``TrainConfig``, or None when ``data.augment.enabled`` is off."""
     aug = cfg.data.augment
     return Augmenter(aug, cfg.seed) if aug.enabled else None
+
+
+# A hue shift within +-0.02 of the colour circle (7 degrees) keeps a named colour; beyond it, orange
+# turns red or yellow (they are 20-30 degrees apart) and the answer to "what colour is it?" changes.
+SAFE_HUE = 0.02
+_COLOUR_WORDS = re.compile(
+    r"\b(colou?rs?|hue|red|orange|yellow|green|blue|purple|violet|pink|brown|cyan|magenta)\b", re.I
+)
+_SIDE_WORDS = re.compile(r"\b(left|right)\b", re.I)
+
+
+def _conversation_text(sample: Any) -> str:
+    return " ".join(
+        item.get("text", "")
+        for message in sample.messages
+        for item in (message["content"] if isinstance(message["content"], list) else [])
+        if isinstance(item, dict)
+    )
+
+
+def augment_conflicts(aug: Any, samples: list) -> list[str]:
+    """Augmentation settings that change what the data's questions ask about, each as a sentence.
+
+    A hue jitter over ``SAFE_HUE`` recolours the picture under a question about colour; a horizontal
+    flip swaps left and right under a question about sides. The label then contradicts the image the
+    model sees, and the model learns to ignore the picture.
+
+    Args:
+        aug: the ``data.augment`` section (``AugmentConfig``); nothing is reported when it is off.
+        samples: the training samples (``records.Sample``).
+
+    Returns:
+        One sentence per conflicting setting, with the number of samples it touches and the first.
+    """
+    if not aug.enabled:
+        return []
+    checks = []
+    if aug.hue > SAFE_HUE:
+        checks.append(("hue", aug.hue, _COLOUR_WORDS, "colours", f"set it to at most {SAFE_HUE}"))
+    if aug.hflip > 0:
+        checks.append(("hflip", aug.hflip, _SIDE_WORDS, "left and right", "set it to 0"))
+    out = []
+    for name, value, words, what, fix in checks:
+        hits = [s for s in samples if words.search(_conversation_text(s))]
+        if hits:
+            out.append(
+                f"data.augment.{name} {value:g} changes {what} in the picture, and {len(hits)} of "
+                f"{len(samples)} samples talk about {what} (first: {hits[0].where}): their labels would "
+                f"contradict the augmented image; {fix}"
+            )
+    return out

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from cotune.data.augment import build_augmenter
+from cotune.data.augment import augment_conflicts, build_augmenter
 from cotune.data.batching import (
     LengthGroupedBatchSampler,
     PackedBatchSampler,
@@ -118,6 +118,7 @@ def build_data(
     augment = augment or build_augmenter(cfg)
     if augment is not None:
         report.append(f"augmentation of training images: {_describe_augment(d.augment)}")
+        report += [f"warning: {c}" for c in augment_conflicts(d.augment, train_samples)]
     train_ds = SFTDataset(train_enc, processor, family, augment=augment)
     lengths = train_ds.lengths
     grouped_sampler = LengthGroupedBatchSampler(

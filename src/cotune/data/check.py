@@ -3,7 +3,9 @@
 ``check_data`` runs exactly the validation training runs (``build.load_data_file`` then, with a
 model, ``dataset.encode_samples``), so the records it lists as problems are exactly the ones
 training skips. On top it reports what does not stop training but deserves a look: LLaVA-CoT's
-four-stage tags missing or out of order, and the distribution of token and label counts.
+four-stage tags missing or out of order, augmentation settings that contradict the questions (hue
+jitter under colour questions, flips under left/right ones), and the distribution of token and
+label counts.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cotune.data.augment import augment_conflicts
 from cotune.data.records import Problem, Sample, problem_order
 from cotune.eval.cot import STAGES, parse_stages
 
@@ -121,6 +124,7 @@ def check_data(
     report.turns = [len(s.messages) for s in samples]
     report.images_per_record = Counter(len(s.images) for s in samples)
     _cot_warnings(samples, report)
+    report.warnings += [Problem(str(path), c) for c in augment_conflicts(cfg.data.augment, samples)]
     if processor is not None:
         d = cfg.data
         encoded, token_problems, stats = encode_samples(

@@ -3,9 +3,9 @@
 Each sample is a small PIL-drawn picture of 1-4 shapes (all different) in distinct colours at
 distinct positions, a templated question about it, and an answer in LLaVA-CoT's
 ``<SUMMARY> ... <CAPTION> ... <REASONING> ... <CONCLUSION>`` format whose content follows from
-the drawn scene. Records use the LLaVA-CoT-100k JSONL layout plus two extra fields: ``answer``
-(the gold short answer of the first turn, for evaluation) and ``meta`` (the scene and task, for
-tests and debugging). Everything is deterministic given the seed, down to the PNG bytes.
+the drawn scene. Records use the LLaVA-CoT-100k JSONL layout plus three extra fields: ``answer``
+(the gold short answer of the first turn) and ``task`` (what it asks about), for evaluation, and
+``meta`` (the scene and task, for tests and debugging). Everything is deterministic given the seed, down to the PNG bytes.
 
 Example:
     >>> paths = write_synthetic_dataset("demo_out/data", n_train=400, n_test=40)
@@ -19,6 +19,7 @@ import json
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw
 
@@ -89,9 +90,9 @@ def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def random_scene(rng: random.Random) -> Scene:
-    """Draws a scene description: background and 1-4 shapes, all different in kind, colour and place."""
-    n = rng.randint(1, 4)
+def random_scene(rng: random.Random, max_shapes: int = 4) -> Scene:
+    """Draws a scene description: background and 1-``max_shapes`` shapes, all different in kind, colour and place."""
+    n = rng.randint(1, max_shapes)
     shapes = rng.sample(SHAPES, n)
     colours = rng.sample(sorted(COLOURS), n)
     positions = rng.sample(sorted(POSITIONS), n)
@@ -137,11 +138,17 @@ def draw_scene(scene: Scene, image_size: int, rng: random.Random | None = None) 
     return image
 
 
+# The caption lists shapes in reading order, place first: what to say next depends only on the
+# picture (a random order would make the caption a guess), and naming the place before the shape
+# tells the model where to look for the colour and the outline it writes next.
+READING_ORDER = ("top", "left", "center", "right", "bottom")
+
+
 def _caption(scene: Scene) -> str:
-    items = scene["shapes"]
+    items = sorted(scene["shapes"], key=lambda i: READING_ORDER.index(i["position"]))
     noun = "shape" if len(items) == 1 else "shapes"
-    parts = [f"{_a(i['colour'])} {i['shape']} {_WHERE[i['position']]}" for i in items]
-    return f"The image shows {_NUMBER_WORDS[len(items)]} {noun} on {_a(scene['background'])} background: {_join(parts)}."
+    parts = [f"{_WHERE[i['position']]}, {_a(i['colour'])} {i['shape']}" for i in items]
+    return f"The image shows {_NUMBER_WORDS[len(items)]} {noun} on {_a(scene['background'])} background: {'; '.join(parts)}."
 
 
 def _free_form(rng: random.Random, scene: Scene, task: str) -> tuple[str, str, str, str, list[str]]:
@@ -218,7 +225,14 @@ def sample_texts(n: int = 200, seed: int = 0) -> list[str]:
 
 
 def make_sample(
-    rng: random.Random, index: int, image_size: int, split: str = "train"
+    rng: random.Random,
+    index: int,
+    image_size: int,
+    split: str = "train",
+    tasks: tuple[str, ...] = TASKS,
+    max_shapes: int = 4,
+    multiple_choice_rate: float = MULTIPLE_CHOICE_RATE,
+    follow_up_rate: float = FOLLOW_UP_RATE,
 ) -> tuple[Image.Image, dict]:
     """Draws one scene and builds its LLaVA-CoT record. Pure: all randomness comes from ``rng``.
 
@@ -231,29 +245,37 @@ def make_sample(
     Returns:
         The RGB image and its record: ``id``, ``image`` (relative to the JSONL file's folder),
         ``conversations`` (one or, for about 10% of samples, two human/gpt turns), ``answer``
-        (the first turn's gold short answer) and ``meta`` (``task``, ``background``, ``shapes``).
+        (the first turn's gold short answer), ``task`` (what the first question asks about; eval
+        groups accuracy by it) and ``meta`` (``task``, ``background``, ``shapes``).
     """
-    scene = random_scene(rng)
+    scene = random_scene(rng, max_shapes)
     image = draw_scene(scene, image_size, rng)
-    task = rng.choice(TASKS)
-    question, text, answer = _turn(rng, scene, task, rng.random() < MULTIPLE_CHOICE_RATE)
+    task = rng.choice(tasks)
+    question, text, answer = _turn(rng, scene, task, rng.random() < multiple_choice_rate)
     conversations = [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": text}]
-    if rng.random() < FOLLOW_UP_RATE:
-        follow_task = rng.choice([t for t in TASKS if t != task])
-        question2, text2, _ = _turn(rng, scene, follow_task, rng.random() < MULTIPLE_CHOICE_RATE)
+    others = [t for t in tasks if t != task]
+    if others and rng.random() < follow_up_rate:
+        follow_task = rng.choice(others)
+        question2, text2, _ = _turn(rng, scene, follow_task, rng.random() < multiple_choice_rate)
         conversations += [{"from": "human", "value": question2}, {"from": "gpt", "value": text2}]
     record = {
         "id": f"shapes-{split}-{index:05d}",
         "image": f"images/{split}_{index:05d}.png",
         "conversations": conversations,
         "answer": answer,
+        "task": task,
         "meta": {"task": task, **scene},
     }
     return image, record
 
 
 def write_synthetic_dataset(
-    out_dir: str | Path, n_train: int = 400, n_test: int = 40, seed: int = 0, image_size: int = 64
+    out_dir: str | Path,
+    n_train: int = 400,
+    n_test: int = 40,
+    seed: int = 0,
+    image_size: int = 64,
+    **scene_options: Any,
 ) -> dict[str, Path]:
     """Writes the shapes dataset: ``train.jsonl``, ``test.jsonl`` and PNGs under ``images/``.
 
@@ -279,7 +301,7 @@ def write_synthetic_dataset(
         rng = random.Random(f"cotune-shapes-{split}-{seed}")
         with open(paths[split], "w", encoding="utf-8", newline="\n") as f:
             for index in range(1, count + 1):
-                image, record = make_sample(rng, index, image_size, split)
+                image, record = make_sample(rng, index, image_size, split, **scene_options)
                 image.save(out_dir / record["image"], format="PNG")  # PIL writes no time or text chunks
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return paths

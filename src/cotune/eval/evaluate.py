@@ -30,6 +30,7 @@ from cotune.data.batching import PaddingCollator, to_device
 from cotune.data.chat import IGNORE_INDEX
 from cotune.data.dataset import SFTDataset, encode_samples
 from cotune.data.records import Sample, load_samples, report_problems
+from cotune.eval.ablation import IMAGE_CONDITIONS, ablate_images
 from cotune.eval.cot import (
     STAGES,
     answer_kind,
@@ -143,8 +144,19 @@ def loss_by_stage(
     }
 
 
-def generation_metrics(replies: list[str], golds: list[str | None]) -> dict[str, Any]:
-    """Format compliance, stage presence and answer accuracy of generated replies."""
+def sample_task(sample: Sample) -> str | None:
+    """The record's ``task`` field (a label for grouping accuracy, e.g. 'colour'), if it has one."""
+    task = sample.meta.get("task")
+    return str(task) if isinstance(task, str | int) and str(task).strip() else None
+
+
+def generation_metrics(
+    replies: list[str], golds: list[str | None], tasks: list[str | None] | None = None
+) -> dict[str, Any]:
+    """Format compliance, stage presence and answer accuracy of generated replies.
+
+    ``tasks`` (one label or None per reply) adds ``accuracy_by_task``: ``{task: {"correct", "n"}}``.
+    """
     n = len(replies)
     parsed = [parse_stages(r) for r in replies]
     scores = [
@@ -158,6 +170,12 @@ def generation_metrics(replies: list[str], golds: list[str | None]) -> dict[str,
         by_kind.setdefault(kind, [0, 0])
         by_kind[kind][0] += int(bool(score and score["correct"]))
         by_kind[kind][1] += 1
+    by_task: dict[str, list[int]] = {}
+    for score, gold, task in zip(scores, golds, tasks or [None] * n):
+        if gold is not None and task is not None:
+            by_task.setdefault(task, [0, 0])
+            by_task[task][0] += int(bool(score and score["correct"]))
+            by_task[task][1] += 1
     n_scored = len(scored)
     return {
         "format_rate": sum(follows_format(r) for r in replies) / n if n else 0.0,
@@ -165,8 +183,67 @@ def generation_metrics(replies: list[str], golds: list[str | None]) -> dict[str,
         "accuracy": sum(bool(s and s["correct"]) for s, _ in scored) / n_scored if n_scored else None,
         "exact_match": sum(bool(s and s["exact"]) for s, _ in scored) / n_scored if n_scored else None,
         "accuracy_by_kind": {k: {"correct": c, "n": t} for k, (c, t) in sorted(by_kind.items())},
+        "accuracy_by_task": {k: {"correct": c, "n": t} for k, (c, t) in sorted(by_task.items())},
         "scored": n_scored,
         "scores": scores,
+    }
+
+
+def evaluate_condition(
+    model: torch.nn.Module,
+    processor: Any,
+    family: ModelFamily,
+    samples: list[Sample],
+    name: str,
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    max_seq_len: int = 4096,
+    log=print,
+    desc: str = "",
+) -> dict[str, Any]:
+    """Loss (in total and per stage) and greedy first-turn replies of one adapter on ``samples``.
+
+    Returns:
+        The metrics of ``loss_by_stage`` and ``generation_metrics`` (with ``scores``), plus
+        ``replies`` and the generation cost.
+    """
+    tokenizer = processor.tokenizer
+    encoded, problems, _ = encode_samples(samples, processor, family, max_seq_len, "drop")
+    for p in problems:
+        log(f"eval: left out of the loss: {p}")
+    dataset = SFTDataset(encoded, processor, family)
+    stages = [label_stages(tokenizer, e.input_ids, e.labels) for e in encoded]
+    turns = [first_turn(s) for s in samples]
+    order = sorted(range(len(samples)), key=lambda i: len(str(turns[i][0])))  # similar lengths batch well
+    label = f"{name}{desc}"
+    with use_adapter(model, name):
+        metrics = loss_by_stage(model, processor, family, dataset, stages, batch_size, f"loss ({label})")
+        replies: list[str] = [""] * len(samples)
+        meter, start = TokenMeter(), time.perf_counter()
+        bar = tqdm(total=len(samples), desc=f"generating ({label})", dynamic_ncols=True)
+        for k in range(0, len(order), batch_size):
+            index = order[k : k + batch_size]
+            prompts = [(turns[i][0], samples[i].images) for i in index]
+            out = generate(model, processor, family, prompts, max_new_tokens=max_new_tokens, meter=meter)
+            for i, reply in zip(index, out):
+                replies[i] = reply
+            bar.update(len(index))
+        bar.close()
+    golds = [gold_answer(s) for s in samples]
+    metrics.update(generation_metrics(replies, golds, [sample_task(s) for s in samples]))
+    metrics["replies"] = replies
+    metrics["generated_tokens_per_reply"] = meter.generated / max(len(samples), 1)
+    metrics["generation_seconds"] = round(time.perf_counter() - start, 2)
+    return metrics
+
+
+def _ablation_figures(suffix: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The keys an image condition adds to a model's results: accuracy, CONCLUSION loss, by task."""
+    return {
+        f"accuracy{suffix}": metrics["accuracy"],
+        f"conclusion_loss{suffix}": metrics["stage_loss"]["CONCLUSION"],
+        f"format_rate{suffix}": metrics["format_rate"],
+        f"accuracy_by_task{suffix}": metrics["accuracy_by_task"],
     }
 
 
@@ -180,47 +257,50 @@ def evaluate_models(
     max_new_tokens: int = 256,
     max_seq_len: int = 4096,
     log=print,
+    image_conditions: tuple[str, ...] = ("true",),
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Evaluates each adapter of ``names`` ('none': the base) on ``samples``; see the module docstring."""
-    tokenizer = processor.tokenizer
-    encoded, problems, _ = encode_samples(samples, processor, family, max_seq_len, "drop")
-    for p in problems:
-        log(f"eval: left out of the loss: {p}")
-    dataset = SFTDataset(encoded, processor, family)
-    stages = [label_stages(tokenizer, e.input_ids, e.labels) for e in encoded]
-    turns = [first_turn(s) for s in samples]
+    """Evaluates each adapter of ``names`` ('none': the base) on ``samples``; see the module docstring.
+
+    Args:
+        image_conditions: ``ablation.IMAGE_CONDITIONS`` to run besides the true images: with
+            'shuffled' and/or 'blank', each model's results gain ``accuracy_shuffled_images``,
+            ``conclusion_loss_shuffled_images`` (and the ``_blank_images`` keys) and
+            ``image_reliance`` (accuracy with true minus shuffled images).
+        seed: Seed of the image shuffle.
+    """
     golds = [gold_answer(s) for s in samples]
-    order = sorted(range(len(samples)), key=lambda i: len(str(turns[i][0])))  # similar lengths batch well
+    ablated = {c: ablate_images(samples, c, seed) for c in image_conditions if c != "true"}
     results: dict[str, Any] = {"models": {}, "predictions": {}}
     for name in names:
-        with use_adapter(model, name):
-            metrics = loss_by_stage(model, processor, family, dataset, stages, batch_size, f"loss ({name})")
-            replies: list[str] = [""] * len(samples)
-            meter, start = TokenMeter(), time.perf_counter()
-            bar = tqdm(total=len(samples), desc=f"generating ({name})", dynamic_ncols=True)
-            for k in range(0, len(order), batch_size):
-                index = order[k : k + batch_size]
-                prompts = [(turns[i][0], samples[i].images) for i in index]
-                out = generate(model, processor, family, prompts, max_new_tokens=max_new_tokens, meter=meter)
-                for i, reply in zip(index, out):
-                    replies[i] = reply
-                bar.update(len(index))
-            bar.close()
-        gen = generation_metrics(replies, golds)
-        scores = gen.pop("scores")
-        metrics.update(gen)
-        metrics["generated_tokens_per_reply"] = meter.generated / max(len(samples), 1)
-        metrics["generation_seconds"] = round(time.perf_counter() - start, 2)
+        metrics = evaluate_condition(
+            model, processor, family, samples, name, batch_size, max_new_tokens, max_seq_len, log
+        )
+        replies, scores = metrics.pop("replies"), metrics.pop("scores")
+        metrics["conclusion_loss"] = metrics["stage_loss"]["CONCLUSION"]
+        for condition, changed in ablated.items():
+            other = evaluate_condition(
+                model, processor, family, changed, name, batch_size, max_new_tokens, max_seq_len,
+                log=lambda *_: None, desc=f", {condition} images",
+            )  # fmt: skip
+            metrics.update(_ablation_figures(IMAGE_CONDITIONS[condition], other))
+        if "shuffled" in ablated and metrics["accuracy"] is not None:
+            metrics["image_reliance"] = metrics["accuracy"] - metrics["accuracy_shuffled_images"]
         results["models"][name] = metrics
         results["predictions"][name] = [
             {"id": s.id, "gold": g, "reply": r, "score": sc}
             for s, g, r, sc in zip(samples, golds, replies, scores)
         ]
         acc = metrics["accuracy"]
-        log(
+        line = (
             f"eval [{name}]: loss {metrics['loss']:.4f} (ppl {metrics['perplexity']:.2f}), "
-            f"format {metrics['format_rate']:.0%}, accuracy {'n/a' if acc is None else f'{acc:.0%}'}"
+            f"format {metrics['format_rate']:.0%}, accuracy {_fmt(acc, 'pct')}"
         )
+        for condition in ablated:
+            line += (
+                f", with {condition} images {_fmt(metrics['accuracy' + IMAGE_CONDITIONS[condition]], 'pct')}"
+            )
+        log(line)
     return results
 
 
@@ -244,6 +324,27 @@ def markdown_table(results: dict[str, Any]) -> str:
     rows.append(("four-stage format", [_fmt(models[n]["format_rate"], "pct") for n in names]))
     rows += [(f"has {s}", [_fmt(models[n]["stage_rate"][s], "pct") for n in names]) for s in STAGES]
     rows.append(("answer accuracy", [_fmt(models[n]["accuracy"], "pct") for n in names]))
+    for condition, suffix in IMAGE_CONDITIONS.items():
+        if suffix and any(f"accuracy{suffix}" in models[n] for n in names):
+            rows.append(
+                (
+                    f"accuracy, {condition} images",
+                    [_fmt(models[n].get(f"accuracy{suffix}"), "pct") for n in names],
+                )
+            )
+    if any("image_reliance" in models[n] for n in names):
+        rows.append(
+            (
+                "image reliance (true - shuffled)",
+                [_fmt(models[n].get("image_reliance"), "pct") for n in names],
+            )
+        )
+        for condition, suffix in IMAGE_CONDITIONS.items():
+            key = f"conclusion_loss{suffix}"
+            if any(key in models[n] for n in names):
+                rows.append(
+                    (f"CONCLUSION loss, {condition} images", [_fmt(models[n].get(key)) for n in names])
+                )
     rows.append(("exact match", [_fmt(models[n]["exact_match"], "pct") for n in names]))
     kinds = sorted({k for n in names for k in models[n]["accuracy_by_kind"]})
     for kind in kinds:
@@ -252,6 +353,17 @@ def markdown_table(results: dict[str, Any]) -> str:
             c = models[n]["accuracy_by_kind"].get(kind)
             cells.append(f"{c['correct']}/{c['n']}" if c else "-")
         rows.append((f"accuracy: {kind}", cells))
+    tasks = sorted({t for n in names for t in models[n].get("accuracy_by_task", {})})
+    for task in tasks:
+        cells = []
+        for n in names:
+            c = models[n]["accuracy_by_task"].get(task)
+            shuffled = models[n].get("accuracy_by_task_shuffled_images", {}).get(task)
+            cell = f"{c['correct']}/{c['n']}" if c else "-"
+            cells.append(
+                cell + (f" ({shuffled['correct']}/{shuffled['n']} shuffled)" if c and shuffled else "")
+            )
+        rows.append((f"task: {task}", cells))
     rows.append(("tokens per reply", [f"{models[n]['generated_tokens_per_reply']:.1f}" for n in names]))
     header = "| metric | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names) + "\n"
     return header + "".join(f"| {label} | " + " | ".join(cells) + " |\n" for label, cells in rows)
@@ -286,10 +398,12 @@ def run_eval(
     dtype: str = "auto",
     device: str = "auto",
     log=print,
+    image_ablation: bool = False,
 ) -> dict[str, Any]:
     """What ``cotune eval`` runs: load once, evaluate the base ('none') and every adapter, write the files.
 
-    The base is evaluated too unless ``specs`` is only ``none`` (then it alone is).
+    The base is evaluated too unless ``specs`` is only ``none`` (then it alone is). With
+    ``image_ablation``, every model is also evaluated with shuffled and with blank images.
     """
     names = [s.name for s in specs]
     if NONE not in names:
@@ -301,10 +415,12 @@ def run_eval(
         samples = samples[:limit]
     if not samples:
         raise FileNotFoundError(f"{data}: no usable samples to evaluate")
+    conditions = tuple(IMAGE_CONDITIONS) if image_ablation else ("true",)
     results = evaluate_models(
-        model, processor, family, samples, names, batch_size, max_new_tokens, max_seq_len, log
+        model, processor, family, samples, names, batch_size, max_new_tokens, max_seq_len, log, conditions
     )
     results.update(
+        image_conditions=list(conditions),
         data=str(data),
         n_samples=len(samples),
         model_name=str(model_name),

@@ -64,6 +64,12 @@ class UseConfig:
     batch_size: int = _opt(8, "Prompts per generation batch and samples per loss batch.", (EVAL,))
     limit: int = _opt(0, "Evaluate the first N samples only (0: all).", (EVAL,))
     max_seq_len: int = _opt(4096, "Longer samples are left out of the loss.", (EVAL,))
+    image_ablation: bool = _opt(
+        False,
+        "Also evaluate with images shuffled across samples and with blank images: does the model "
+        "look at the image? (accuracy and CONCLUSION loss per condition, 'image reliance' row)",
+        (EVAL,),
+    )
     output_dir: str = _opt(
         "",
         "eval: where eval.json/eval.md go (default RUN/eval). merge: the merged checkpoint.",
@@ -291,6 +297,7 @@ def run_eval_command(cfg: UseConfig) -> int:
     run_eval(
         cfg.model_name, adapter_specs(cfg), cfg.data, cfg.output_dir, cfg.batch_size, cfg.max_new_tokens,
         cfg.max_seq_len, cfg.limit, cfg.image_root, cfg.torch_dtype, cfg.device,
+        image_ablation=cfg.image_ablation,
     )  # fmt: skip
     return 0
 

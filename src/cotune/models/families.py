@@ -137,8 +137,17 @@ def mllama_cross_attention_mask(
     return [tuple(s) for s in spans]
 
 
+def _empty_aspect_ratio_mask(batch: int, max_images: int, tiles: int) -> torch.Tensor:
+    """The aspect-ratio mask of image slots no image fills, as the HF processor pads them: the first
+    tile on. An all-zero slot changes what text rows attending to no image see (transformers
+    averages over every image slot there, #39379), so the loss would differ from HF's."""
+    mask = torch.zeros(batch, max_images, tiles, dtype=torch.long)
+    mask[:, :, 0] = 1
+    return mask
+
+
 def mllama_collate_images(items: list[dict], seq_len: int, image_token_id: int) -> dict:
-    """Batches Mllama image inputs; samples without images get zero tiles and a zero mask.
+    """Batches Mllama image inputs; samples without images get zero tiles and no cross-attention.
 
     Returns an empty dict when no item has an image (the model then skips cross-attention).
     Otherwise ``pixel_values`` (B, max_images, max_tiles, 3, H, W), ``aspect_ratio_ids``
@@ -155,7 +164,7 @@ def mllama_collate_images(items: list[dict], seq_len: int, image_token_id: int) 
         batch, max_images, tiles, channels, height, width, dtype=with_images[0]["pixel_values"].dtype
     )
     ratio_ids = torch.zeros(batch, max_images, dtype=torch.long)
-    ratio_mask = torch.zeros(batch, max_images, tiles, dtype=torch.long)
+    ratio_mask = _empty_aspect_ratio_mask(batch, max_images, tiles)
     cross_mask = torch.zeros(batch, seq_len, max_images, tiles, dtype=torch.long)
     for b, it in enumerate(items):
         if it.get("pixel_values") is None:
@@ -221,7 +230,7 @@ def mllama_collate_packed_images(rows: list[list[dict]], seq_len: int, image_tok
         batch, max_images, tiles, channels, height, width, dtype=with_images[0]["pixel_values"].dtype
     )
     ratio_ids = torch.zeros(batch, max_images, dtype=torch.long)
-    ratio_mask = torch.zeros(batch, max_images, tiles, dtype=torch.long)
+    ratio_mask = _empty_aspect_ratio_mask(batch, max_images, tiles)
     cross_mask = torch.zeros(batch, seq_len, max_images, tiles, dtype=torch.long)
     for b, row in enumerate(rows):
         first_image, first_token = 0, 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 from pathlib import Path
 
 import torch
@@ -267,7 +268,7 @@ def build_tiny_tokenizer(num_merges: int = 4000) -> PreTrainedTokenizerFast:
 
 
 # Bumped whenever a change to the builders changes what they write (weights, tokenizer, processor).
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 BUILD_MARKER = "cotune_tiny.json"
 
 
@@ -289,6 +290,14 @@ def is_current_build(model_dir: str | Path) -> bool:
 
 
 OUTPUT_HEAD_STD = 0.5
+# tanh(1.0) = 0.76: the gates let most of what they guard through, as in trained checkpoints
+OPEN_GATE = 1.0
+# The gates of Mllama that a freshly initialised model has at (or near) zero and a trained one open:
+# the cross-attention gates (at 0 no image reaches the text), the vision tower's tile-position and
+# positional-embedding gates (at 0 tiles carry no position) and the global encoder layers' gates.
+MLLAMA_GATES = re.compile(
+    r".*(cross_attn_attn_gate|cross_attn_mlp_gate|positional_embedding\.gate|global_transformer\..*gate_(attn|ffn))"
+)
 
 
 def _unreachable_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
@@ -298,7 +307,12 @@ def _unreachable_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
 
 
 def _init_seeded(
-    model_cls: type, config: PreTrainedConfig, seed: int, dtype: torch.dtype, unreachable: list[int]
+    model_cls: type,
+    config: PreTrainedConfig,
+    seed: int,
+    dtype: torch.dtype,
+    unreachable: list[int],
+    open_gates: re.Pattern = re.compile("(?!)"),
 ) -> torch.nn.Module:
     # A forked RNG keeps the caller's global torch RNG untouched.
     with torch.random.fork_rng(devices=[]):
@@ -313,6 +327,10 @@ def _init_seeded(
         torch.nn.init.normal_(head, std=OUTPUT_HEAD_STD)
         with torch.no_grad():
             head[torch.tensor(unreachable, dtype=torch.long)] = 0.0
+            # Gates a trained checkpoint has open; a random model built by transformers has them shut.
+            for name, param in model.named_parameters():
+                if open_gates.fullmatch(name):
+                    param.fill_(OPEN_GATE)
         return model.to(dtype)
 
 
@@ -373,7 +391,9 @@ def build_tiny_mllama(
     )
     config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID)
     tokenizer = build_tiny_tokenizer()
-    model = _init_seeded(MllamaForConditionalGeneration, config, seed, dtype, _unreachable_ids(tokenizer))
+    model = _init_seeded(
+        MllamaForConditionalGeneration, config, seed, dtype, _unreachable_ids(tokenizer), MLLAMA_GATES
+    )
     image_processor = MllamaImageProcessorPil(
         size={"height": image_size, "width": image_size}, max_image_tiles=4
     )
