@@ -41,6 +41,7 @@ from cotune.train.step import (
     build_scheduler,
     label_tokens,
     optimizer_step,
+    optimizer_steps_per_epoch,
     stand_in_batch,
     usable_batches,
     validation_loss,
@@ -141,7 +142,7 @@ def setup(cfg: TrainConfig, log=print) -> Run:
     data = build_data(cfg, processor, family, dist.rank, dist.world_size, log=quiet)
     for line in data.report:
         quiet(f"data: {line}")
-    steps_per_epoch = max(1, len(data.train) // cfg.gradient_accumulation_steps)
+    steps_per_epoch = optimizer_steps_per_epoch(len(data.train), cfg.gradient_accumulation_steps)
     total_steps = steps_per_epoch * cfg.num_epochs
     if cfg.max_train_step:
         total_steps = min(total_steps, cfg.max_train_step)
