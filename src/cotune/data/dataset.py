@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
+from jinja2 import TemplateError
 
 from cotune.data.chat import IGNORE_INDEX, tokenize_conversation
 from cotune.data.images import load_image
@@ -76,7 +77,9 @@ def encode_samples(
     for s in samples:
         try:
             ids, labels = tokenize_conversation(processor, s.messages, family.image_token, per_image)
-        except Exception as e:  # a template error concerns this record only
+        except (ValueError, TemplateError) as e:
+            # the record's content: spans that cannot be located, or the template's raise_exception
+            # (Mllama's refuses a system message with images); any other error is a bug and stops the run
             problems.append(Problem(s.where, f"cannot render with the chat template: {e}"))
             continue
         stats.lengths.append(len(ids))
