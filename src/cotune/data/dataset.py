@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -168,7 +167,3 @@ class SFTDataset(torch.utils.data.Dataset):
                 images = [self.augment(img, key.index, key.epoch, k) for k, img in enumerate(images)]
             item.update(self.family.image_inputs(self.processor, [images]))
         return item
-
-
-def label_token_counts(encoded: list[Encoded]) -> Counter:
-    return Counter(e.n_label_tokens for e in encoded)

@@ -36,7 +36,6 @@ from cotune.data.records import (
 )
 
 FORMATS = ("llava_cot_jsonl", "llava_json", "sharegpt", "hf", "cookbook")
-CANONICAL = ("id", "image", "images", "messages", "conversations", "system", "question", "answer")
 _PEEK_BYTES = 1 << 22
 
 

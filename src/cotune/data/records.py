@@ -161,13 +161,6 @@ def parse_llava_record(obj: Any, where: str, image_root: Path, system_prompt: st
     return Sample(id=str(obj.get("id", where)), messages=messages, images=refs, where=where, meta=meta)
 
 
-def read_jsonl(path: Path, image_root: Path, system_prompt: str = "") -> tuple[list[Sample], list[Problem]]:
-    """Reads a LLaVA-CoT-100k style JSONL file (one record per line; blank lines ignored)."""
-    from cotune.data.formats import read_records
-
-    return read_records(Path(path), "llava_cot_jsonl", Path(image_root), system_prompt)
-
-
 # Checks of more images than this show a progress bar.
 PROGRESS_MIN_IMAGES = 2000
 
