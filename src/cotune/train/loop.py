@@ -20,6 +20,7 @@ from cotune.config import TrainConfig, save_config
 from cotune.data.batching import count_tokens, to_device
 from cotune.data.build import DataBundle, build_data
 from cotune.data.cookbook import audit_batch
+from cotune.files import cleanup_partial
 from cotune.models.families import ModelFamily, layer_modules
 from cotune.models.load import (
     add_lora,
@@ -32,7 +33,7 @@ from cotune.models.load import (
 from cotune.runtime import tune_cpu_allocator
 from cotune.train import distributed as D
 from cotune.train import resume as R
-from cotune.train.checkpoint import cleanup_partial, save_adapter
+from cotune.train.checkpoint import save_adapter
 from cotune.train.loss import ChunkedLossModel
 from cotune.train.metrics import MetricsLog, Throughput, perplexity, plot_loss, read_metrics
 from cotune.train.step import (
