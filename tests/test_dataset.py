@@ -7,7 +7,7 @@ from PIL import Image
 
 import cotune.data.dataset as dataset
 from cotune.data.dataset import SFTDataset, encode_samples
-from cotune.data.records import Sample, conversation_to_messages
+from cotune.data.sample import Sample, conversation_to_messages
 from cotune.models.families import MLLAMA
 
 

@@ -1,4 +1,4 @@
-"""Imports that must flow one way: the neutral file helpers, merge apart from training."""
+"""Imports that must flow one way: the neutral file helpers, merge apart from training, records over formats."""
 
 from __future__ import annotations
 
@@ -31,3 +31,10 @@ def test_atomic_files_are_a_neutral_helper_that_merge_and_training_share():
         "a verb imports a verb"
     )
 
+
+def test_records_and_formats_import_one_way():
+    assert any(m.startswith("cotune.data.formats") for m in cotune_imports("data.records"))
+    assert not any(m.startswith("cotune.data.records") for m in cotune_imports("data.formats"))
+    assert not any(
+        m.startswith(("cotune.data.records", "cotune.data.formats")) for m in cotune_imports("data.sample")
+    )

@@ -11,7 +11,7 @@ from jinja2 import TemplateError
 
 from cotune.data.chat import IGNORE_INDEX, tokenize_conversation
 from cotune.data.images import load_image
-from cotune.data.records import Problem, Sample
+from cotune.data.sample import Problem, Sample
 from cotune.models.families import ModelFamily
 
 
