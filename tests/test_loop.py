@@ -49,19 +49,42 @@ def batch(processor, shapes):
     return PaddingCollator(tok.pad_token_id, MLLAMA, MLLAMA.image_token_id(tok))([ds[0], ds[1]])
 
 
+def count_forwards(model, where: str = "language_model") -> dict[str, int]:
+    """Counts how often the body of each decoder layer under ``where`` runs (filled as they run).
+
+    What is counted is the start of the layer's first sub-module, its input norm: transformers
+    checkpoints the layer's class-level forward, so a recomputation in backward would not pass
+    through a wrapper set on the instance; and the recomputation stops as soon as it has rebuilt
+    the tensors backward needs, so a hook at the end of the body could be skipped.
+    """
+    counts = {}
+    for name, layer in model.named_modules():
+        if where in name and type(layer).__name__ in MLLAMA.layer_classes:
+            counts[name] = 0
+            layer.input_layernorm.register_forward_pre_hook(
+                lambda *_, _name=name: counts.update({_name: counts[_name] + 1})
+            )
+    return counts
+
+
 def loss_and_grads(tiny_mllama, batch, checkpointing: bool):
     peft = random_lora(tiny_mllama, seed=0, std=0.05, targets="all")
     if checkpointing:
         enable_activation_checkpointing(peft)  # what setup() does without FSDP
     peft.train()
+    forwards = count_forwards(peft)
     loss_sum, n = ChunkedLossModel(peft)(**batch)
     (loss_sum / n).backward()
-    return loss_sum.detach(), {k: p.grad.clone() for k, p in peft.named_parameters() if p.requires_grad}
+    grads = {k: p.grad.clone() for k, p in peft.named_parameters() if p.requires_grad}
+    return loss_sum.detach(), grads, forwards
 
 
-def test_gradient_checkpointing_gives_same_loss_and_gradients(tiny_mllama, batch):
-    ref_loss, ref_grads = loss_and_grads(tiny_mllama, batch, checkpointing=False)
-    loss, grads = loss_and_grads(tiny_mllama, batch, checkpointing=True)
+def test_gradient_checkpointing_recomputes_and_gives_same_loss_and_gradients(tiny_mllama, batch):
+    ref_loss, ref_grads, ref_forwards = loss_and_grads(tiny_mllama, batch, checkpointing=False)
+    loss, grads, forwards = loss_and_grads(tiny_mllama, batch, checkpointing=True)
+    # checkpointing is on: every decoder layer runs its forward again in backward (recomputation)
+    assert len(ref_forwards) == 4 and set(ref_forwards.values()) == {1}, ref_forwards
+    assert forwards == {name: 2 for name in ref_forwards}, forwards
     torch.testing.assert_close(loss, ref_loss)
     assert any(("vision_model" in k) for k in grads), "the 'all' preset must reach the vision tower"
     for k in ref_grads:
