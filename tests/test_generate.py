@@ -6,7 +6,7 @@ from peft import PeftModel
 
 from cotune.cli import main
 from cotune.infer.adapters import NONE, attach_adapters, parse_adapter_specs, use_adapter
-from cotune.infer.commands import parse_use_flags, run_chat
+from cotune.infer.commands import CHAT_HELP, parse_use_flags, run_chat
 from cotune.infer.generate import (
     TokenMeter,
     encode_prompt,
@@ -131,26 +131,32 @@ def test_generate_command_with_several_adapters(tiny_mllama, adapters, prompt, c
     assert captured.err.count("[cost]") == 2
 
 
-def test_chat_switches_adapter_between_turns(tiny_mllama, adapters, prompt):
+def test_chat_switches_adapter_between_turns(tiny_mllama, adapters, processor, prompt):
+    """Each turn is answered by the adapter chosen for it: its reply is what that adapter alone generates
+    (greedy) for the conversation so far, so a switch that does nothing fails."""
     import io
 
     _, cfg = parse_use_flags(
         "chat",
-        [
-            "--model_name",
-            str(tiny_mllama),
-            "--adapter",
-            f"a={adapters['a']}",
-            "--adapter",
-            f"b={adapters['b']}",
-        ]
-        + ["--max_new_tokens", "3", "--image", str(prompt[1][0])],
-    )
+        ["--model_name", str(tiny_mllama), "--adapter", f"a={adapters['a']}", "--adapter", f"b={adapters['b']}",
+         "--max_new_tokens", "6", "--image", str(prompt[1][0])],
+    )  # fmt: skip
     lines = iter(["How many shapes?", "/adapter b", "And now?", "/adapter zzz", "/quit"])
     out = io.StringIO()
     assert run_chat(cfg, read=lambda _: next(lines), out=out) == 0
-    text = out.getvalue()
-    assert "using a" in text and "using b" in text and "no adapter 'zzz'" in text
+
+    def alone(name, messages):
+        model, family = load_base_model(tiny_mllama)
+        single = PeftModel.from_pretrained(model, adapters[name])
+        return generate(single, processor, family, [(messages, prompt[1][:1])], max_new_tokens=6)[0]
+
+    first = [user_message("How many shapes?", 1)]
+    reply_a = alone("a", first)
+    second = [*first, {"role": "assistant", "content": [{"type": "text", "text": reply_a}]}]
+    second.append(user_message("And now?", 0))
+    reply_b = alone("b", second)
+    assert reply_b != alone("a", second), "the adapters must answer the second turn differently"
+    assert f"(using a)\n{CHAT_HELP}\n{reply_a}\nusing b\n{reply_b}\nno adapter 'zzz'" in out.getvalue()
 
 
 def test_stop_on_text_ends_a_row_when_its_text_completes_the_stop_string(processor):
