@@ -92,7 +92,7 @@ def _record(k: int, n_words: int, rng: random.Random) -> dict:
 
 def _length(record: dict, processor: Any, root: Path) -> int:
     from cotune.data.chat import tokenize_conversation
-    from cotune.data.records import parse_llava_record
+    from cotune.data.formats import parse_llava_record
 
     sample = parse_llava_record(record, "bench", root)
     return len(tokenize_conversation(processor, sample.messages)[0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cotune.data.chat import IGNORE_INDEX, render_with_reply_spans, tokenize_conversation
-from cotune.data.records import conversation_to_messages
+from cotune.data.sample import conversation_to_messages
 
 BOS, START, END, EOT, IMAGE = 128000, 128006, 128007, 128009, 128256
 USER, ASSISTANT, SYSTEM = 882, 78191, 9125

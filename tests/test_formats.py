@@ -12,7 +12,8 @@ from PIL import Image
 from cotune.config import load_config
 from cotune.data.formats import detect_format
 from cotune.data.images import load_image
-from cotune.data.records import conversation_to_messages, load_samples
+from cotune.data.records import load_samples
+from cotune.data.sample import conversation_to_messages
 from cotune.train.loop import finetune
 
 COLOURS = ("red", "green", "blue", "orange")

@@ -6,7 +6,7 @@ from peft import PeftModel
 
 from cotune.cli import main
 from cotune.infer.adapters import NONE, attach_adapters, parse_adapter_specs, use_adapter
-from cotune.infer.commands import parse_use_flags, run_chat
+from cotune.infer.commands import CHAT_HELP, parse_use_flags, run_chat
 from cotune.infer.generate import (
     TokenMeter,
     encode_prompt,
@@ -131,26 +131,32 @@ def test_generate_command_with_several_adapters(tiny_mllama, adapters, prompt, c
     assert captured.err.count("[cost]") == 2
 
 
-def test_chat_switches_adapter_between_turns(tiny_mllama, adapters, prompt):
+def test_chat_switches_adapter_between_turns(tiny_mllama, adapters, processor, prompt):
+    """Each turn is answered by the adapter chosen for it: its reply is what that adapter alone generates
+    (greedy) for the conversation so far, so a switch that does nothing fails."""
     import io
 
     _, cfg = parse_use_flags(
         "chat",
-        [
-            "--model_name",
-            str(tiny_mllama),
-            "--adapter",
-            f"a={adapters['a']}",
-            "--adapter",
-            f"b={adapters['b']}",
-        ]
-        + ["--max_new_tokens", "3", "--image", str(prompt[1][0])],
-    )
+        ["--model_name", str(tiny_mllama), "--adapter", f"a={adapters['a']}", "--adapter", f"b={adapters['b']}",
+         "--max_new_tokens", "6", "--image", str(prompt[1][0])],
+    )  # fmt: skip
     lines = iter(["How many shapes?", "/adapter b", "And now?", "/adapter zzz", "/quit"])
     out = io.StringIO()
     assert run_chat(cfg, read=lambda _: next(lines), out=out) == 0
-    text = out.getvalue()
-    assert "using a" in text and "using b" in text and "no adapter 'zzz'" in text
+
+    def alone(name, messages):
+        model, family = load_base_model(tiny_mllama)
+        single = PeftModel.from_pretrained(model, adapters[name])
+        return generate(single, processor, family, [(messages, prompt[1][:1])], max_new_tokens=6)[0]
+
+    first = [user_message("How many shapes?", 1)]
+    reply_a = alone("a", first)
+    second = [*first, {"role": "assistant", "content": [{"type": "text", "text": reply_a}]}]
+    second.append(user_message("And now?", 0))
+    reply_b = alone("b", second)
+    assert reply_b != alone("a", second), "the adapters must answer the second turn differently"
+    assert f"(using a)\n{CHAT_HELP}\n{reply_a}\nusing b\n{reply_b}\nno adapter 'zzz'" in out.getvalue()
 
 
 def test_stop_on_text_ends_a_row_when_its_text_completes_the_stop_string(processor):
@@ -169,3 +175,41 @@ def test_stop_on_text_ends_a_row_when_its_text_completes_the_stop_string(process
         reply[:first]
     )
     assert not any(b for _, b in fired)
+
+
+@pytest.mark.parametrize("image", ["http://example.com/a.png", "nope.png", "empty.png"])
+@pytest.mark.parametrize("verb", ["generate", "chat"])
+def test_an_unusable_image_is_a_one_line_error(tiny_mllama, tmp_path, monkeypatch, capsys, verb, image):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.png").write_bytes(b"")
+    # refused before the model loads: chat never reads a line (stdin is closed under pytest)
+    assert main([verb, "--model_name", str(tiny_mllama), "--image", image, "How many shapes?"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cotune {verb}: error: image") and f"'{image}'" in err
+    assert err.count("\n") == 1 and "data.image_root" not in err  # generate and chat have no such option
+
+
+def test_chat_refuses_an_unusable_image_and_keeps_the_conversation(tiny_mllama, tmp_path):
+    import io
+
+    _, cfg = parse_use_flags("chat", ["--model_name", str(tiny_mllama), "--max_new_tokens", "2"])
+    missing, remote = str(tmp_path / "nope.png"), "https://example.com/a.png"
+    lines = iter([f"/image {missing}", f"/image {remote}", "How many shapes?", "/quit"])
+    out = io.StringIO()
+    assert run_chat(cfg, read=lambda _: next(lines), out=out) == 0
+    text = out.getvalue()
+    assert f"error: image file '{missing}' not found\n" in text
+    assert f"error: image '{remote}' is a URL" in text
+    assert "will go with your next message" not in text and "data.image_root" not in text
+    assert "error:" not in text.split("is a URL")[1]  # the question is answered, without the images
+
+
+def test_eval_with_no_usable_image_is_a_one_line_error(tiny_mllama, shapes, tmp_path, capsys):
+    records = shapes["test"].read_text().splitlines()[:2]
+    data = tmp_path / "remote.jsonl"
+    data.write_text("".join(r.replace('"image": "', '"image": "http://example.com/') + "\n" for r in records))
+    argv = ["eval", "--model_name", str(tiny_mllama), "--adapter", "none", "--data", str(data)]
+    assert main([*argv, "--output_dir", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f"\ncotune eval: error: {data}: no usable samples to evaluate\n")
+    assert "Traceback" not in err

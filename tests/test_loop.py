@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -13,7 +14,7 @@ from cotune.data.dataset import SFTDataset, encode_samples
 from cotune.data.records import load_samples
 from cotune.models.families import MLLAMA
 from cotune.models.load import add_lora, enable_activation_checkpointing, load_base_model
-from cotune.train.loop import build_scheduler
+from cotune.train.loop import build_scheduler, finetune
 from cotune.train.loss import ChunkedLossModel
 from helpers import random_lora
 
@@ -48,19 +49,42 @@ def batch(processor, shapes):
     return PaddingCollator(tok.pad_token_id, MLLAMA, MLLAMA.image_token_id(tok))([ds[0], ds[1]])
 
 
+def count_forwards(model, where: str = "language_model") -> dict[str, int]:
+    """Counts how often the body of each decoder layer under ``where`` runs (filled as they run).
+
+    What is counted is the start of the layer's first sub-module, its input norm: transformers
+    checkpoints the layer's class-level forward, so a recomputation in backward would not pass
+    through a wrapper set on the instance; and the recomputation stops as soon as it has rebuilt
+    the tensors backward needs, so a hook at the end of the body could be skipped.
+    """
+    counts = {}
+    for name, layer in model.named_modules():
+        if where in name and type(layer).__name__ in MLLAMA.layer_classes:
+            counts[name] = 0
+            layer.input_layernorm.register_forward_pre_hook(
+                lambda *_, _name=name: counts.update({_name: counts[_name] + 1})
+            )
+    return counts
+
+
 def loss_and_grads(tiny_mllama, batch, checkpointing: bool):
     peft = random_lora(tiny_mllama, seed=0, std=0.05, targets="all")
     if checkpointing:
         enable_activation_checkpointing(peft)  # what setup() does without FSDP
     peft.train()
+    forwards = count_forwards(peft)
     loss_sum, n = ChunkedLossModel(peft)(**batch)
     (loss_sum / n).backward()
-    return loss_sum.detach(), {k: p.grad.clone() for k, p in peft.named_parameters() if p.requires_grad}
+    grads = {k: p.grad.clone() for k, p in peft.named_parameters() if p.requires_grad}
+    return loss_sum.detach(), grads, forwards
 
 
-def test_gradient_checkpointing_gives_same_loss_and_gradients(tiny_mllama, batch):
-    ref_loss, ref_grads = loss_and_grads(tiny_mllama, batch, checkpointing=False)
-    loss, grads = loss_and_grads(tiny_mllama, batch, checkpointing=True)
+def test_gradient_checkpointing_recomputes_and_gives_same_loss_and_gradients(tiny_mllama, batch):
+    ref_loss, ref_grads, ref_forwards = loss_and_grads(tiny_mllama, batch, checkpointing=False)
+    loss, grads, forwards = loss_and_grads(tiny_mllama, batch, checkpointing=True)
+    # checkpointing is on: every decoder layer runs its forward again in backward (recomputation)
+    assert len(ref_forwards) == 4 and set(ref_forwards.values()) == {1}, ref_forwards
+    assert forwards == {name: 2 for name in ref_forwards}, forwards
     torch.testing.assert_close(loss, ref_loss)
     assert any(("vision_model" in k) for k in grads), "the 'all' preset must reach the vision tower"
     for k in ref_grads:
@@ -87,3 +111,38 @@ def test_lora_presets_select_the_right_layers(tiny_mllama):
     everything = targeted("all")
     assert any("vision_model" in n for n in everything) and with_cross < everything
     assert targeted("q_proj,v_proj") == {n for n in everything if n.endswith(("q_proj", "v_proj"))}
+
+
+def _first_records(shapes, n: int, path) -> str:
+    """The first ``n`` records of the synthetic training set, as a file of their own."""
+    path.write_text("".join(line + "\n" for line in shapes["train"].read_text().splitlines()[:n]))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "schedule, epochs, want",
+    [
+        # 7 batches in groups of 3: 3 optimizer steps, the last one a group of 1; the schedule
+        # ends on that step, not one step early (which left it at lr 0)
+        ([("scheduler", "linear")], 1, [1.0, 2 / 3, 1 / 3]),
+        ([("scheduler", "cosine")], 1, [1.0, 0.75, 0.25]),
+        # StepLR decays once per epoch, i.e. every 3 steps, not every 7 // 3 = 2
+        ([("scheduler", "step"), ("gamma", "0.5")], 2, [1.0, 1.0, 1.0, 0.5, 0.5, 0.5]),
+    ],
+)
+def test_schedule_ends_on_the_last_optimizer_step_with_accumulation(
+    tiny_mllama, shapes, tmp_path, schedule, epochs, want
+):
+    data = _first_records(shapes, 7, tmp_path / "seven.jsonl")
+    cfg = load_config(
+        None,
+        [("model_name", str(tiny_mllama)), ("dataset", data), ("test_file", data),
+         ("data.image_root", str(shapes["images"].parent)), ("output_dir", str(tmp_path / "run")),
+         ("batch_size_training", "1"), ("gradient_accumulation_steps", "3"), ("num_epochs", str(epochs)),
+         ("lr", "1.0"), *schedule, ("run_validation", "False"), ("save_model", "False"),
+         ("keep_last_checkpoints", "0"), ("progress", "False"), ("data.max_seq_len", "512")],
+    )  # fmt: skip
+    result = finetune(cfg, log=lambda s: None)
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert result.steps == len(want)
+    assert [r["lr"] for r in rows if "lr" in r] == pytest.approx(want)

@@ -1,6 +1,7 @@
 """Merging: the merged checkpoint reproduces the adapter and loads with plain transformers."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -8,8 +9,8 @@ from peft import PeftModel
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from cotune.cli import main
-from cotune.infer.merge import MergeMismatch, merge_adapter, parity_sample
-from cotune.models.load import load_base_model
+from cotune.infer.merge import TOLERANCES, MergeMismatch, merge_adapter, parity_sample
+from cotune.models.load import DTYPES, load_base_model
 from helpers import make_adapter
 
 
@@ -63,3 +64,38 @@ def test_bf16_merge_on_cpu_and_mismatch_guard(tiny_mllama, adapter, tmp_path, ca
         merge_adapter(str(tiny_mllama), adapter, str(tmp_path / "refused"), dtype="bf16", tolerance=1e-9)
     assert not (tmp_path / "refused").exists()
     assert main([*argv[:-1], str(tmp_path / "refused"), "--dtype", "bf16", "--tolerance", "1e-9"]) == 1
+
+
+def corrupt_one_merged_linear(monkeypatch, fraction: float) -> None:
+    """Makes every merge after this leave ``fraction`` of the first LoRA module's update out of its
+    merged weight: one linear slightly wrong, the kind of error a merge bug makes (a lost scale)."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTuner
+
+    merge = BaseTuner.merge_and_unload
+
+    def corrupted(self, *args, **kwargs):
+        name, layer = next((n, m) for n, m in self.model.named_modules() if isinstance(m, LoraLayer))
+        delta = layer.get_delta_weight(layer.active_adapters[0])
+        merged = merge(self, *args, **kwargs)
+        with torch.no_grad():
+            merged.get_submodule(name).weight -= fraction * delta
+        return merged
+
+    monkeypatch.setattr(BaseTuner, "merge_and_unload", corrupted)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_mismatch_guard_catches_a_slightly_corrupted_merge_at_the_default_tolerance(
+    tiny_mllama, adapter, tmp_path, monkeypatch, dtype
+):
+    good = merge_adapter(str(tiny_mllama), adapter, str(tmp_path / "good"), dtype=dtype, log=lambda s: None)
+    atol, rtol = TOLERANCES[DTYPES[dtype]]
+    assert atol <= good.tolerance and good.max_abs_diff <= good.tolerance  # the dtype's own rule, not 1e-9
+    corrupt_one_merged_linear(monkeypatch, fraction=0.05)
+    with pytest.raises(MergeMismatch) as caught:
+        merge_adapter(str(tiny_mllama), adapter, str(tmp_path / "bad"), dtype=dtype, log=lambda s: None)
+    diff, limit = map(float, re.search(r"by (\S+) > tolerance (\S+) ", str(caught.value)).groups())
+    assert limit == pytest.approx(good.tolerance, rel=1e-2)  # the same default tolerance as the good merge
+    assert diff < good.adapter_effect / 4  # a small error next to what the adapter does: still caught
+    assert not (tmp_path / "bad").exists()

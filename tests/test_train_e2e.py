@@ -140,26 +140,41 @@ def test_cookbook_dataset_file_unchanged(tiny_mllama, shapes, tmp_path):
     assert any("hold 2 BOS tokens" in line for line in logs), logs
 
 
-def test_llava_family_end_to_end(tiny_llava, shapes, tmp_path):
+def few_records(shapes, path, n: int = 3):
+    """The first ``n`` single-exchange records of the training set, in a file of their own."""
+    chosen = [
+        json.loads(line) for line in shapes["train"].read_text().splitlines() if "conversations" in line
+    ][:n]
+    for r in chosen:
+        r["conversations"] = r["conversations"][:2]
+    path.write_text("\n".join(json.dumps(r) for r in chosen) + "\n")
+    return path
+
+
+def test_llava_family_end_to_end_learns(tiny_llava, shapes, tmp_path):
+    """LLaVA trains through the same code as Mllama: on three samples seen again and again, the training
+    and validation losses fall well below where they started."""
+    few = few_records(shapes, tmp_path / "few.jsonl")
     cfg = load_config(
         None,
-        [("model_name", str(tiny_llava)), ("dataset", str(shapes["train"])), ("test_file", str(shapes["test"])),
-         ("output_dir", str(tmp_path / "run")), *FAST],
+        [("model_name", str(tiny_llava)), ("dataset", str(few)), ("test_file", str(few)),
+         ("data.image_root", str(shapes["images"].parent)), ("output_dir", str(tmp_path / "run")),
+         ("num_epochs", "12"), ("batch_size_training", "3"), ("lr", "5e-3"), ("scheduler", "constant"),
+         ("lora_config.lora_dropout", "0"), ("keep_last_checkpoints", "0"), ("progress", "False"),
+         ("data.max_seq_len", "1024")],
     )  # fmt: skip
     result = finetune(cfg, log=lambda s: None)
-    assert result.steps == 2 and len(result.eval_losses) == 2
-    assert all(torch.isfinite(torch.tensor(result.eval_losses)))
+    losses = result.train_losses
+    assert result.steps == 12 and len(losses) == 12 and len(result.eval_losses) == 13
+    assert all(torch.isfinite(torch.tensor(losses + result.eval_losses)))
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert result.eval_losses[-1] < 0.5 * result.eval_losses[0], result.eval_losses
 
 
 @pytest.mark.slow
 def test_overfit_then_greedy_reproduces_answers(tiny_mllama, shapes, tmp_path):
     """A handful of samples: the loss goes to ~0 and greedy decoding gives back the training answers."""
-    few = tmp_path / "few.jsonl"
-    lines = shapes["train"].read_text().splitlines()
-    chosen = [json.loads(line) for line in lines if "conversations" in line][:3]
-    for r in chosen:
-        r["conversations"] = r["conversations"][:2]
-    few.write_text("\n".join(json.dumps(r) for r in chosen) + "\n")
+    few = few_records(shapes, tmp_path / "few.jsonl")
     cfg = load_config(
         None,
         [("model_name", str(tiny_mllama)), ("dataset", str(few)), ("test_file", str(few)),

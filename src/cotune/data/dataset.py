@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
+from jinja2 import TemplateError
 
 from cotune.data.chat import IGNORE_INDEX, tokenize_conversation
 from cotune.data.images import load_image
-from cotune.data.records import Problem, Sample
+from cotune.data.sample import Problem, Sample
 from cotune.models.families import ModelFamily
 
 
@@ -76,7 +76,9 @@ def encode_samples(
     for s in samples:
         try:
             ids, labels = tokenize_conversation(processor, s.messages, family.image_token, per_image)
-        except Exception as e:  # a template error concerns this record only
+        except (ValueError, TemplateError) as e:
+            # the record's content: spans that cannot be located, or the template's raise_exception
+            # (Mllama's refuses a system message with images); any other error is a bug and stops the run
             problems.append(Problem(s.where, f"cannot render with the chat template: {e}"))
             continue
         stats.lengths.append(len(ids))
@@ -165,7 +167,3 @@ class SFTDataset(torch.utils.data.Dataset):
                 images = [self.augment(img, key.index, key.epoch, k) for k, img in enumerate(images)]
             item.update(self.family.image_inputs(self.processor, [images]))
         return item
-
-
-def label_token_counts(encoded: list[Encoded]) -> Counter:
-    return Counter(e.n_label_tokens for e in encoded)

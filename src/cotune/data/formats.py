@@ -1,4 +1,4 @@
-"""Every supported annotation format, read into ``records.Sample``; ``detect_format`` for ``auto``.
+"""Every supported annotation format, read into ``sample.Sample``; ``detect_format`` for ``auto``.
 
 Formats (``data.format``):
   * ``llava_cot_jsonl``: LLaVA-CoT-100k, one ``{"id", "image", "conversations"}`` object per line;
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cotune.data.records import (
+from cotune.data.sample import (
     IMAGE_PLACEHOLDER,
     ROLES,
     DataError,
@@ -31,12 +31,10 @@ from cotune.data.records import (
     Sample,
     conversation_to_messages,
     image_refs,
-    parse_llava_record,
     record_turn_list,
 )
 
 FORMATS = ("llava_cot_jsonl", "llava_json", "sharegpt", "hf", "cookbook")
-CANONICAL = ("id", "image", "images", "messages", "conversations", "system", "question", "answer")
 _PEEK_BYTES = 1 << 22
 
 
@@ -199,6 +197,28 @@ def _content_text(content: Any, k: int) -> str:
                 raise ValueError(f"message {k + 1}: content part {part!r:.60} is neither text nor image")
         return "\n".join(parts)
     raise ValueError(f"message {k + 1}: 'content' is {type(content).__name__}, not a string or a list")
+
+
+def parse_llava_record(obj: Any, where: str, image_root: Path, system_prompt: str = "") -> Sample:
+    """One LLaVA / LLaVA-CoT-100k record -> Sample. Raises ValueError with the reason."""
+    convs = record_turn_list(obj, "conversations")
+    turns = []
+    for k, turn in enumerate(convs):
+        if not isinstance(turn, dict):
+            raise ValueError(f"turn {k + 1} is not an object")
+        who, value = turn.get("from", turn.get("role")), turn.get("value", turn.get("content"))
+        if who not in ROLES:
+            raise ValueError(f"turn {k + 1}: unknown speaker {who!r} (expected human, gpt or system)")
+        if not isinstance(value, str):
+            raise ValueError(f"turn {k + 1}: 'value' is {type(value).__name__}, not a string")
+        if not value.strip():
+            raise ValueError(f"turn {k + 1}: 'value' is empty")
+        turns.append((ROLES[who], value))
+    image = obj.get("image")
+    refs = image_refs(image if image not in (None, "", []) else obj.get("images"), image_root)
+    messages = conversation_to_messages(turns, len(refs), system_prompt)
+    meta = {k: v for k, v in obj.items() if k not in ("conversations", "image", "images")}
+    return Sample(id=str(obj.get("id", where)), messages=messages, images=refs, where=where, meta=meta)
 
 
 def parse_messages_record(obj: Any, where: str, root: Path, system_prompt: str = "") -> Sample:

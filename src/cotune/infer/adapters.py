@@ -114,11 +114,6 @@ def adapter_names(model: torch.nn.Module) -> list[str]:
     return list(getattr(model, "peft_config", {}) or {})
 
 
-def active_adapter(model: torch.nn.Module) -> str:
-    """The name of the active adapter, or 'none' for a plain model."""
-    return getattr(model, "active_adapter", NONE) if adapter_names(model) else NONE
-
-
 @contextlib.contextmanager
 def use_adapter(model: torch.nn.Module, name: str | None):
     """Runs the block with adapter ``name`` active; ``"none"`` (or None) runs the base model.

@@ -12,6 +12,7 @@ import difflib
 import sys
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cotune.config import ConfigError, _coerce, parse_flags
@@ -206,6 +207,25 @@ def respond(model, processor, family, messages, images, adapter: str, cfg: UseCo
     return result.text
 
 
+def check_prompt_image(path: str) -> None:
+    """Refuses an ``--image`` (or chat's ``/image``) that generation could not read, in one line.
+
+    Checked before the model loads, so that a typo costs no loading time and no traceback.
+
+    Raises:
+        ConfigError: a URL, a missing file, or an image that does not decode.
+    """
+    from cotune.data.images import check_image
+
+    if "://" in path:
+        raise ConfigError(f"image '{path}' is a URL; cotune reads local files only (download it first)")
+    if not Path(path).is_file():
+        raise ConfigError(f"image file '{path}' not found")
+    reason = check_image(path)
+    if reason:
+        raise ConfigError(reason)
+
+
 def _opening(cfg: UseConfig, text: str, n_images: int) -> list[dict]:
     """The first user turn, after the system message if one is set."""
     from cotune.infer.generate import user_message
@@ -220,6 +240,8 @@ def run_generate(cfg: UseConfig, text: str, out=None) -> int:
     if not text:
         raise ConfigError('cotune generate needs a prompt: cotune generate --model_name BASE "PROMPT"')
     out = out or sys.stdout
+    for path in cfg.image:
+        check_prompt_image(path)
     specs, model, processor, family = _load(cfg)
     names = [s.name for s in specs] or ["none"]
     messages = _opening(cfg, text, len(cfg.image))
@@ -240,6 +262,8 @@ def run_chat(cfg: UseConfig, read=input, out=None) -> int:
     from cotune.infer.generate import user_message
 
     out = out or sys.stdout
+    for path in cfg.image:
+        check_prompt_image(path)
     specs, model, processor, family = _load(cfg)
     names = ["none", *adapter_names(model)]
     current = specs[0].name if specs else "none"
@@ -267,6 +291,11 @@ def run_chat(cfg: UseConfig, read=input, out=None) -> int:
             else:
                 out.write(f"no adapter '{arg.strip()}' (loaded: {', '.join(names)})\n")
         elif command == "/image":
+            try:
+                check_prompt_image(arg.strip())
+            except ConfigError as e:
+                out.write(f"error: {e}\n")
+                continue
             pending.append(arg.strip())
             out.write(f"{arg.strip()} will go with your next message\n")
         elif command == "/reset":

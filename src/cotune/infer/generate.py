@@ -26,7 +26,7 @@ from transformers import StoppingCriteria
 from cotune.data.batching import PaddingCollator, to_device
 from cotune.data.chat import prompt_ids
 from cotune.data.images import load_image
-from cotune.data.records import Sample, split_placeholders
+from cotune.data.sample import Sample, split_placeholders
 from cotune.infer.adapters import use_adapter
 from cotune.models.families import ModelFamily
 

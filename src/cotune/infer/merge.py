@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from cotune.files import atomic_dir
 from cotune.infer.adapters import check_adapter_dir
 from cotune.infer.generate import model_device_dtype, user_message
 from cotune.models.load import DTYPES, load_base_model, load_processor
@@ -161,8 +162,6 @@ def merge_adapter(
         MergeMismatch: the merged model does not reproduce the adapter (nothing is written).
     """
     from peft import PeftModel
-
-    from cotune.train.checkpoint import atomic_dir
 
     start = time.perf_counter()
     check_adapter_dir(adapter_dir)

@@ -7,7 +7,6 @@ become model inputs. Adding an architecture means adding one ``ModelFamily`` her
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,7 +59,6 @@ class ModelFamily:
         default=lambda items, seq_len, image_id: {}
     )
     tokens_per_image: Callable[[Any], int] = field(default=lambda processor: 1)
-    cross_attention: bool = False
     dummy_image_inputs: Callable[[dict, Any], dict] | None = None
     dummy_vision_pass: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
     collate_packed_images: Callable[[list[list[dict]], int, int], dict] | None = None
@@ -268,7 +266,6 @@ MLLAMA = ModelFamily(
     lora_targets=_mllama_lora_targets,
     image_inputs=mllama_image_inputs,
     collate_images=mllama_collate_images,
-    cross_attention=True,
     dummy_image_inputs=mllama_dummy_image_inputs,
     collate_packed_images=mllama_collate_packed_images,
 )
@@ -378,7 +375,3 @@ def layer_modules(model: torch.nn.Module, family: ModelFamily) -> list[torch.nn.
     """The blocks to wrap one by one (FSDP units, activation-checkpointing units), in module order."""
     names = set(family.layer_classes)
     return [m for m in model.modules() if type(m).__name__ in names]
-
-
-def lora_target_matches(regex: str, module_name: str) -> bool:
-    return re.fullmatch(regex, module_name) is not None

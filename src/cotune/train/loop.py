@@ -20,6 +20,7 @@ from cotune.config import TrainConfig, save_config
 from cotune.data.batching import count_tokens, to_device
 from cotune.data.build import DataBundle, build_data
 from cotune.data.cookbook import audit_batch
+from cotune.files import cleanup_partial
 from cotune.models.families import ModelFamily, layer_modules
 from cotune.models.load import (
     add_lora,
@@ -32,7 +33,7 @@ from cotune.models.load import (
 from cotune.runtime import tune_cpu_allocator
 from cotune.train import distributed as D
 from cotune.train import resume as R
-from cotune.train.checkpoint import cleanup_partial, save_adapter
+from cotune.train.checkpoint import save_adapter
 from cotune.train.loss import ChunkedLossModel
 from cotune.train.metrics import MetricsLog, Throughput, perplexity, plot_loss, read_metrics
 from cotune.train.step import (
@@ -41,6 +42,7 @@ from cotune.train.step import (
     build_scheduler,
     label_tokens,
     optimizer_step,
+    optimizer_steps_per_epoch,
     stand_in_batch,
     usable_batches,
     validation_loss,
@@ -141,7 +143,7 @@ def setup(cfg: TrainConfig, log=print) -> Run:
     data = build_data(cfg, processor, family, dist.rank, dist.world_size, log=quiet)
     for line in data.report:
         quiet(f"data: {line}")
-    steps_per_epoch = max(1, len(data.train) // cfg.gradient_accumulation_steps)
+    steps_per_epoch = optimizer_steps_per_epoch(len(data.train), cfg.gradient_accumulation_steps)
     total_steps = steps_per_epoch * cfg.num_epochs
     if cfg.max_train_step:
         total_steps = min(total_steps, cfg.max_train_step)

@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cotune.files import publish_dir
 from cotune.train import distributed as D
-from cotune.train.checkpoint import fault_point, publish_dir
+from cotune.train.checkpoint import fault_point
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"

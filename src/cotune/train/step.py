@@ -53,6 +53,15 @@ def accumulation_groups(loader: Iterable[dict], size: int) -> Iterator[list[dict
         yield group
 
 
+def optimizer_steps_per_epoch(batches: int, accumulation: int) -> int:
+    """Optimizer steps in an epoch of ``batches`` loader batches grouped by ``accumulation``.
+
+    The last, shorter group of ``accumulation_groups`` is a step too, so the schedule built on this
+    count ends on the epoch's last step rather than one step early (at learning rate 0).
+    """
+    return max(1, math.ceil(batches / accumulation))
+
+
 def stand_in_batch(token_id: int) -> dict:
     """A one-token batch with no label, run in place of a batch whose items all failed to load.
 
