@@ -78,3 +78,17 @@ def test_autocast_computes_logits_in_the_autocast_dtype():
     torch.testing.assert_close(loss_sum, expected, rtol=1e-5, atol=0)
     loss_sum.backward()
     assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("chunk_size", [7, 512])
+def test_per_token_losses_are_the_terms_the_training_loss_sums(chunk_size):
+    from cotune.train.loss import label_token_losses
+
+    h, w, labels = problem()
+    per_token = label_token_losses(h, w, labels, chunk_size)
+    loss_sum, _ = chunked_cross_entropy(h, w, labels, chunk_size)
+    assert per_token.shape == labels.shape and (per_token[labels == -100] == 0).all()
+    torch.testing.assert_close(per_token.sum(), loss_sum, rtol=1e-6, atol=0)
+    logits = F.linear(h[:, :-1].double(), w.double())
+    ref = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], reduction="none", ignore_index=-100)
+    torch.testing.assert_close(per_token[:, 1:].double(), ref, rtol=1e-5, atol=1e-5)

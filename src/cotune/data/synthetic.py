@@ -100,20 +100,24 @@ def random_scene(rng: random.Random, max_shapes: int = 4) -> Scene:
     return {"background": rng.choice(sorted(BACKGROUNDS)), "shapes": items}
 
 
-def draw_scene(scene: Scene, image_size: int, rng: random.Random | None = None) -> Image.Image:
+def draw_scene(
+    scene: Scene, image_size: int, rng: random.Random | None = None, radius: float = 0.12
+) -> Image.Image:
     """Renders a scene as an RGB image without anti-aliasing (every shape pixel has its exact colour).
 
     Args:
         scene: The output of :func:`random_scene`.
         image_size: Width and height in pixels.
         rng: If given, each shape is jittered by up to 2% of the image size.
+        radius: Shape radius as a fraction of the image size (over 0.13 only for one shape: neighbours
+            would touch).
 
     Returns:
         An ``image_size`` x ``image_size`` RGB image.
     """
     image = Image.new("RGB", (image_size, image_size), BACKGROUNDS[scene["background"]])
     draw = ImageDraw.Draw(image)
-    radius = 0.12 * image_size
+    radius = radius * image_size
     for item in scene["shapes"]:
         fx, fy = POSITIONS[item["position"]]
         if rng is not None:
@@ -233,6 +237,7 @@ def make_sample(
     max_shapes: int = 4,
     multiple_choice_rate: float = MULTIPLE_CHOICE_RATE,
     follow_up_rate: float = FOLLOW_UP_RATE,
+    radius: float = 0.12,
 ) -> tuple[Image.Image, dict]:
     """Draws one scene and builds its LLaVA-CoT record. Pure: all randomness comes from ``rng``.
 
@@ -249,7 +254,7 @@ def make_sample(
         groups accuracy by it) and ``meta`` (``task``, ``background``, ``shapes``).
     """
     scene = random_scene(rng, max_shapes)
-    image = draw_scene(scene, image_size, rng)
+    image = draw_scene(scene, image_size, rng, radius)
     task = rng.choice(tasks)
     question, text, answer = _turn(rng, scene, task, rng.random() < multiple_choice_rate)
     conversations = [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": text}]

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from cotune.data.batching import PaddingCollator, to_device
@@ -44,7 +43,7 @@ from cotune.eval.cot import (
 from cotune.infer.adapters import NONE, AdapterSpec, load_model_with_adapters, use_adapter
 from cotune.infer.generate import TokenMeter, generate, model_device_dtype
 from cotune.models.families import ModelFamily
-from cotune.train.loss import inner_model
+from cotune.train.loss import ChunkedLossModel
 from cotune.train.metrics import perplexity
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
@@ -55,28 +54,13 @@ MODEL_INPUT_KEYS += ("cross_attention_mask",)
 def label_token_losses(
     model: torch.nn.Module, inputs: dict, labels: torch.Tensor, chunk_size: int = 2048
 ) -> torch.Tensor:
-    """Per-token cross-entropy at every labelled position, as ``train.loss.ChunkedLossModel`` computes it.
+    """Per-token cross-entropy at every labelled position: the training loss (``train.loss``) unsummed.
 
     Returns:
         (batch, seq) fp32 losses; ``out[b, j]`` is the loss of predicting ``labels[b, j]`` from the
         positions before it, 0 where there is no label. Its sum is ChunkedLossModel's loss sum.
     """
-    core = inner_model(model)
-    hidden = core.model(**inputs, use_cache=False).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    h, y = hidden[:, :-1][keep], targets[keep]
-    weight = core.lm_head.weight
-    values = [
-        F.cross_entropy(
-            F.linear(h[s : s + chunk_size], weight).float(), y[s : s + chunk_size], reduction="none"
-        )
-        for s in range(0, h.shape[0], chunk_size)
-    ]
-    out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
-    if values:
-        out[:, 1:][keep] = torch.cat(values)
-    return out
+    return ChunkedLossModel(model, chunk_size)(labels, per_token=True, **inputs)[0]
 
 
 def first_turn(sample: Sample) -> tuple[list[dict], str]:

@@ -343,6 +343,7 @@ def build_tiny_mllama(
     cross_attention_layers: tuple[int, ...] = (1,),
     vocab_size: int = 128256,
     image_size: int = 32,
+    vision_width: int = 32,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Writes a tiny random Llama-3.2-Vision (Mllama) checkpoint and its processor to ``out_dir``.
@@ -364,7 +365,7 @@ def build_tiny_mllama(
     Returns:
         ``out_dir`` as a ``Path``.
     """
-    vision_width, intermediate_layers = 32, [0, 1]
+    intermediate_layers = [0, 1]
     vision = MllamaVisionConfig(
         hidden_size=vision_width,
         num_hidden_layers=2,

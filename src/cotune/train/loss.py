@@ -28,37 +28,54 @@ def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+def _chunk_token_losses(
+    hc: torch.Tensor, wc: torch.Tensor, yc: torch.Tensor, logits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of each row of ``hc @ wc.T`` against ``yc``, computed in the buffer ``logits``.
+
+    Returns the fp32 losses and the buffer, left holding ``exp(logits - max)`` and the row sums
+    for the gradient (``softmax = exp / sums``).
+    """
+    if hc.dtype == torch.float32:
+        torch.mm(hc, wc.t(), out=logits)
+    else:
+        logits.copy_(torch.mm(hc, wc.t()))
+    picked = logits.gather(1, yc[:, None])
+    top = logits.amax(dim=1, keepdim=True)
+    logits.sub_(top).exp_()  # in place: no second (chunk x vocab) tensor
+    sums = logits.sum(dim=1, keepdim=True)
+    return (top + sums.log() - picked).squeeze(1), sums
+
+
+def _frozen_head_chunks(
+    h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk_size: int, dtype: torch.dtype
+):
+    """Yields (start, per-row losses, exp buffer, row sums, weight in ``dtype``) chunk by chunk."""
+    with torch.autocast(h.device.type, enabled=False):
+        wc = w if w.dtype == dtype else w.to(dtype)
+        buf = torch.empty((min(chunk_size, h.shape[0]), w.shape[0]), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk_size):
+            hc, yc = h[start : start + chunk_size].to(dtype), y[start : start + chunk_size]
+            losses, sums = _chunk_token_losses(hc, wc, yc, buf[: hc.shape[0]])
+            yield start, losses, buf[: hc.shape[0]], sums, wc
+
+
 class _FrozenHeadCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``h @ w.T`` against ``y``, with d/dh computed in forward, chunk by chunk."""
 
     @staticmethod
     def forward(ctx, h, w, y, chunk_size: int, compute_dtype: torch.dtype, need_grad: bool):
-        with torch.autocast(h.device.type, enabled=False):
-            rows = h.shape[0]
-            wc = w if w.dtype == compute_dtype else w.to(compute_dtype)
-            fp32 = compute_dtype == torch.float32
-            total = torch.zeros((), dtype=torch.float32, device=h.device)
-            grad = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
-            buf = torch.empty((min(chunk_size, rows), w.shape[0]), dtype=torch.float32, device=h.device)
-            for start in range(0, rows, chunk_size):
-                hc, yc = h[start : start + chunk_size].to(compute_dtype), y[start : start + chunk_size]
-                logits = buf[: hc.shape[0]]
-                if fp32:
-                    torch.mm(hc, wc.t(), out=logits)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
+        for start, losses, exp, sums, wc in _frozen_head_chunks(h, w, y, chunk_size, compute_dtype):
+            total += losses.sum()
+            if need_grad:  # d/dh of the summed loss: softmax @ W - W[y] = (exp @ W) / sums - W[y]
+                g = grad[start : start + exp.shape[0]]
+                if compute_dtype == torch.float32:
+                    torch.mm(exp, wc, out=g)
                 else:
-                    logits.copy_(torch.mm(hc, wc.t()))
-                picked = logits.gather(1, yc[:, None])
-                top = logits.amax(dim=1, keepdim=True)
-                logits.sub_(top).exp_()  # in place: no second (chunk x vocab) tensor
-                sums = logits.sum(dim=1, keepdim=True)
-                total += (top + sums.log() - picked).sum()
-                if need_grad:  # d/dh of the summed loss: softmax @ W - W[y] = (exp @ W) / sums - W[y]
-                    g = grad[start : start + chunk_size]
-                    if fp32:
-                        torch.mm(logits, wc, out=g)
-                    else:
-                        g.copy_(torch.mm(logits.to(compute_dtype), wc))
-                    g.div_(sums).sub_(wc[yc].float())
+                    g.copy_(torch.mm(exp.to(compute_dtype), wc))
+                g.div_(sums).sub_(wc[y[start : start + exp.shape[0]]].float())
         if need_grad:
             ctx.save_for_backward(grad)
         ctx.h_dtype = h.dtype
@@ -119,6 +136,26 @@ def chunked_cross_entropy(
     return total, n
 
 
+@torch.no_grad()
+def label_token_losses(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 512
+) -> torch.Tensor:
+    """The per-token terms that ``chunked_cross_entropy`` sums, where they are (no gradient).
+
+    Returns:
+        (batch, seq) fp32; ``out[b, j]`` is the loss of predicting ``labels[b, j]`` from the
+        positions before it, 0 where there is no label. Its sum is ``chunked_cross_entropy``'s.
+    """
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    h, y = hidden[:, :-1][keep], targets[keep]
+    out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+    if h.shape[0]:
+        chunks = _frozen_head_chunks(h, weight, y, chunk_size, _compute_dtype(hidden, weight))
+        out[:, 1:][keep] = torch.cat([losses for _, losses, *_ in chunks])
+    return out
+
+
 def inner_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers ``...ForConditionalGeneration`` inside a PEFT wrapper (or the model itself)."""
     if hasattr(model, "get_base_model"):
@@ -139,7 +176,11 @@ class ChunkedLossModel(torch.nn.Module):
         self.chunk_size = chunk_size
         self.family = family
 
-    def forward(self, labels: torch.Tensor, **inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, labels: torch.Tensor, per_token: bool = False, **inputs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss_sum, n_label_tokens); with ``per_token``, the (batch, seq) losses instead of their sum
+        (``label_token_losses``: what eval groups by sample and by stage)."""
         core = inner_model(self.model)
         dummy = inputs.pop(DUMMY_PIXELS, None)
         anchor = None
@@ -148,6 +189,9 @@ class ChunkedLossModel(torch.nn.Module):
                 raise ValueError(f"'{DUMMY_PIXELS}' given, but no model family to run it was")
             anchor = self.family.dummy_vision_pass(core.model, dummy)
         out = core.model(**inputs, use_cache=False)
+        if per_token:
+            losses = label_token_losses(out.last_hidden_state, core.lm_head.weight, labels, self.chunk_size)
+            return losses, (labels[:, 1:] != IGNORE_INDEX).sum()
         total, n = chunked_cross_entropy(out.last_hidden_state, core.lm_head.weight, labels, self.chunk_size)
         if anchor is not None:
             total = total + 0.0 * anchor
