@@ -1,7 +1,7 @@
 """Search for the embedded default's recipe: tiny model shape x synthetic data mix x training recipe.
 
 Each variant builds its tiny Mllama and its synthetic dataset, trains an adapter with
-``configs/demo.yaml`` plus the variant's overrides (no validation, to save time), then answers the
+``cotune/demo/demo.yaml`` plus the variant's overrides (no validation, to save time), then answers the
 held-out questions with the true images and with images shuffled across samples, through the same
 ``evaluate_models`` that ``cotune eval --image_ablation`` and the demo use. One JSON line per variant.
 
@@ -38,10 +38,11 @@ def run_variant(variant: dict, work: Path, device: str) -> dict:
 
     from cotune.config import load_config
     from cotune.data.records import load_samples
-    from cotune.data.synthetic import write_synthetic_dataset
+    from cotune.demo.synthetic import write_synthetic_dataset
     from cotune.eval.evaluate import evaluate_models
     from cotune.models.load import load_base_model, load_processor
-    from cotune.models.tiny import build_tiny_mllama
+    from cotune.run_demo import DEMO_CONFIG
+    from cotune.demo.tiny import build_tiny_mllama
     from cotune.train.loop import finetune
 
     t0 = time.perf_counter()
@@ -60,7 +61,7 @@ def run_variant(variant: dict, work: Path, device: str) -> dict:
         ("run_validation", "False"), ("progress", "False"), ("keep_last_checkpoints", "0"),
     ]  # fmt: skip
     pairs += [(k, str(v)) for k, v in variant.get("train", {}).items()]
-    cfg = load_config(ROOT / "configs" / "demo.yaml", pairs)
+    cfg = load_config(DEMO_CONFIG, pairs)
     result = finetune(cfg, log=lambda *_: None)
     t_train = time.perf_counter() - t0
     processor = load_processor(model_dir)

@@ -13,14 +13,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_mllama(tmp_path_factory):
-    from cotune.models.tiny import build_tiny_mllama
+    from cotune.demo.tiny import build_tiny_mllama
 
     return build_tiny_mllama(tmp_path_factory.mktemp("models") / "tiny-mllama", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory):
-    from cotune.models.tiny import build_tiny_llava
+    from cotune.demo.tiny import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-llava", seed=0)
 
@@ -28,7 +28,7 @@ def tiny_llava(tmp_path_factory):
 @pytest.fixture(scope="session")
 def shapes(tmp_path_factory):
     """A small synthetic LLaVA-CoT dataset: {"train", "test", "images"} paths."""
-    from cotune.data.synthetic import write_synthetic_dataset
+    from cotune.demo.synthetic import write_synthetic_dataset
 
     return write_synthetic_dataset(tmp_path_factory.mktemp("data") / "shapes", n_train=24, n_test=8, seed=0)
 

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from cotune.cli import main
-from cotune.demo import TARGET_FORMAT_RATE, demo_verdict
+from cotune.run_demo import TARGET_FORMAT_RATE, demo_verdict
 
 
 def _figures(**changes):
@@ -78,8 +78,8 @@ def test_demo_without_validation_reports_instead_of_crashing(tiny_mllama, shapes
 
 
 def test_demo_rebuilds_a_tiny_model_from_an_older_builder(tmp_path):
-    from cotune.demo import prepare_demo
-    from cotune.models.tiny import BUILD_MARKER, is_current_build
+    from cotune.run_demo import prepare_demo
+    from cotune.demo.tiny import BUILD_MARKER, is_current_build
 
     old = tmp_path / "tiny"
     old.mkdir()
@@ -95,3 +95,24 @@ def test_demo_rebuilds_a_tiny_model_from_an_older_builder(tmp_path):
     assert json.loads((old / "config.json").read_text())["model_type"] == "mllama"
     assert logs == [f"building the tiny Mllama in {old}"]
     assert (data_dir / "train.jsonl").read_text() == ""
+
+
+@pytest.mark.slow
+def test_demo_recipe_ships_with_a_regular_install(tmp_path):
+    """`pip install .` (not editable) carries the demo's recipe: `cotune demo` needs no checkout."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    target = tmp_path / "site"
+    install = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+               "--target", str(target), str(root)]  # fmt: skip
+    subprocess.run(install, check=True, capture_output=True, timeout=300, cwd=tmp_path)
+    probe = "from cotune.run_demo import DEMO_CONFIG; from cotune.config import load_config; print(DEMO_CONFIG, load_config(DEMO_CONFIG).lr)"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith(str(target)) and "site" in out.stdout

@@ -10,7 +10,7 @@ from cotune.data.batching import PaddingCollator
 from cotune.data.chat import tokenize_conversation
 from cotune.data.dataset import SFTDataset, encode_samples
 from cotune.data.records import load_samples
-from cotune.eval.cot import (
+from cotune.data.cot import (
     STAGES,
     answer_kind,
     choice_letter,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cotune.eval.cot import STAGES, follows_format, parse_stages
+from cotune.data.cot import STAGES, follows_format, parse_stages
 from cotune.infer.generate import TokenMeter
 from cotune.infer.stage_search import (
     ModelJudge,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cotune.data.synthetic import COLOURS, POSITIONS, SHAPES, TASKS, make_sample, write_synthetic_dataset
+from cotune.demo.synthetic import COLOURS, POSITIONS, SHAPES, TASKS, make_sample, write_synthetic_dataset
 
 TAGS = ("SUMMARY", "CAPTION", "REASONING", "CONCLUSION")
 FOUR_STAGE = re.compile(

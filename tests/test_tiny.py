@@ -1,4 +1,4 @@
-"""Tests for cotune.models.tiny: Llama 3 id layout, chat template, and loading via the Auto classes."""
+"""Tests for cotune.demo.tiny: Llama 3 id layout, chat template, and loading via the Auto classes."""
 
 import hashlib
 import math
@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
-from cotune.models.tiny import build_tiny_llava, build_tiny_mllama, build_tiny_tokenizer
+from cotune.demo.tiny import build_tiny_llava, build_tiny_mllama, build_tiny_tokenizer
 
 SPECIAL_IDS = {
     "<|begin_of_text|>": 128000,
@@ -228,7 +228,7 @@ def _answer_logits(model, processor, image):
 
 
 def test_gates_are_open_as_in_a_trained_checkpoint(mllama_dir):
-    from cotune.models.tiny import MLLAMA_GATES
+    from cotune.demo.tiny import MLLAMA_GATES
 
     model = AutoModelForImageTextToText.from_pretrained(mllama_dir)
     gates = {n: p for n, p in model.named_parameters() if MLLAMA_GATES.fullmatch(n)}

@@ -14,8 +14,8 @@ import pytest
 
 from cotune.config import load_config
 from cotune.data.records import load_samples
-from cotune.data.synthetic import COLOURS, write_synthetic_dataset
-from cotune.demo import DEMO_CONFIG
+from cotune.demo.synthetic import COLOURS, write_synthetic_dataset
+from cotune.run_demo import DEMO_CONFIG
 from cotune.eval.ablation import derangement, with_blank_images, with_shuffled_images
 from cotune.train.loop import finetune
 

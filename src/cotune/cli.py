@@ -55,7 +55,7 @@ def cmd_train(argv: list[str]) -> int:
 
 def cmd_demo(argv: list[str]) -> int:
     positional, flags = _flags(argv)
-    from cotune.demo import run_demo
+    from cotune.run_demo import run_demo
 
     workdir = flags.pop("workdir", "demo_out")
     n_eval = int(flags.pop("n_eval", 100))
@@ -67,7 +67,7 @@ def cmd_tiny_model(argv: list[str]) -> int:
     positional, flags = _flags(argv)
     if len(positional) != 1:
         raise ConfigError("usage: cotune tiny-model DIR [--seed N] [--family mllama|llava]")
-    from cotune.models.tiny import build_tiny_llava, build_tiny_mllama
+    from cotune.demo.tiny import build_tiny_llava, build_tiny_mllama
 
     build = build_tiny_llava if flags.get("family", "mllama") == "llava" else build_tiny_mllama
     path = build(positional[0], seed=int(flags.get("seed", 0)))
@@ -79,7 +79,7 @@ def cmd_synth_data(argv: list[str]) -> int:
     positional, flags = _flags(argv)
     if len(positional) != 1:
         raise ConfigError("usage: cotune synth-data DIR [--n_train N] [--n_test N] [--seed N]")
-    from cotune.data.synthetic import write_synthetic_dataset
+    from cotune.demo.synthetic import write_synthetic_dataset
 
     paths = write_synthetic_dataset(
         positional[0],

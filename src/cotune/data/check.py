@@ -19,7 +19,7 @@ from typing import Any
 
 from cotune.data.augment import augment_conflicts
 from cotune.data.records import Problem, Sample, problem_order
-from cotune.eval.cot import STAGES, parse_stages
+from cotune.data.cot import STAGES, parse_stages
 
 TAG_HINT = ("<SUMMARY>", "<CONCLUSION>")
 

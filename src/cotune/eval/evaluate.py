@@ -30,7 +30,7 @@ from cotune.data.chat import IGNORE_INDEX
 from cotune.data.dataset import SFTDataset, encode_samples
 from cotune.data.records import Sample, load_samples, report_problems
 from cotune.eval.ablation import IMAGE_CONDITIONS, ablate_images
-from cotune.eval.cot import (
+from cotune.data.cot import (
     STAGES,
     answer_kind,
     follows_format,

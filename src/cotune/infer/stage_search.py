@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import torch
 
-from cotune.eval.cot import STAGES, follows_format
+from cotune.data.cot import STAGES, follows_format
 from cotune.infer.generate import (
     TokenMeter,
     count_images,

@@ -12,7 +12,7 @@ unreachable placeholders up to 127999, Llama 3's special tokens at 128000..12825
 at 128256.
 
 Example:
-    >>> from cotune.models.tiny import build_tiny_mllama
+    >>> from cotune.demo.tiny import build_tiny_mllama
     >>> path = build_tiny_mllama("/tmp/tiny-mllama", seed=0)
 """
 
@@ -45,7 +45,7 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
-from cotune.data.synthetic import sample_texts
+from cotune.demo.synthetic import sample_texts
 
 BOS_ID, PAD_ID, IMAGE_ID = 128000, 128004, 128256
 EOS_IDS = [128001, 128008, 128009]

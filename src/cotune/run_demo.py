@@ -10,15 +10,15 @@ from peft import PeftModel
 
 from cotune.config import load_config
 from cotune.data.records import load_samples
-from cotune.data.synthetic import write_synthetic_dataset
+from cotune.demo.synthetic import write_synthetic_dataset
 from cotune.eval.evaluate import evaluate_models
 from cotune.models.load import load_base_model, load_processor
-from cotune.models.tiny import build_tiny_mllama, is_current_build
+from cotune.demo.tiny import build_tiny_mllama, is_current_build
 from cotune.train.loop import finetune
 
 DEMO_TRAIN_SAMPLES = 400
 
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parent / "demo" / "demo.yaml"  # shipped in the package
 # What the embedded default must show: the validation loss at most this share of the base model's,
 # at least this share of greedy held-out answers in the four-stage format, at least this accuracy
 # on the tasks that need the picture most (with the true images), and an overall accuracy at least
@@ -131,7 +131,7 @@ def run_demo(
     Args:
         workdir: Where the tiny model, the data and the run go; a model written by this version of
             cotune and existing data are reused.
-        config: The recipe (``configs/demo.yaml``).
+        config: The recipe (``cotune/demo/demo.yaml``, inside the package).
         overrides: ``(key, value)`` pairs applied over the recipe, as on the command line.
         log: Where progress lines go.
         n_eval: Held-out prompts answered greedily, with true and with shuffled images.
