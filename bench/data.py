@@ -46,10 +46,10 @@ from cotune.data.batching import (  # noqa: E402
 )
 from cotune.data.dataset import SFTDataset, encode_samples  # noqa: E402
 from cotune.data.records import check_sample_images, load_samples  # noqa: E402
-from cotune.data.synthetic import write_synthetic_dataset  # noqa: E402
+from cotune.demo.synthetic import write_synthetic_dataset  # noqa: E402
+from cotune.demo.tiny import build_tiny_mllama  # noqa: E402
 from cotune.models.families import MLLAMA  # noqa: E402
 from cotune.models.load import add_lora, load_base_model, load_processor  # noqa: E402
-from cotune.models.tiny import build_tiny_mllama  # noqa: E402
 from cotune.train.loss import ChunkedLossModel  # noqa: E402
 
 

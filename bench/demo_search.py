@@ -39,10 +39,10 @@ def run_variant(variant: dict, work: Path, device: str) -> dict:
     from cotune.config import load_config
     from cotune.data.records import load_samples
     from cotune.demo.synthetic import write_synthetic_dataset
+    from cotune.demo.tiny import build_tiny_mllama
     from cotune.eval.evaluate import evaluate_models
     from cotune.models.load import load_base_model, load_processor
     from cotune.run_demo import DEMO_CONFIG
-    from cotune.demo.tiny import build_tiny_mllama
     from cotune.train.loop import finetune
 
     t0 = time.perf_counter()

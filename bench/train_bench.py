@@ -50,7 +50,7 @@ _STAGES = ("SUMMARY", "CAPTION", "REASONING", "CONCLUSION")
 
 def build_bench_model(out_dir: Path, hidden_size: int = 256, num_layers: int = 4, seed: int = 0) -> Path:
     """A random Mllama with Llama 3's vocabulary: ``num_layers`` text layers, layer 1 cross-attention."""
-    from cotune.models.tiny import build_tiny_mllama
+    from cotune.demo.tiny import build_tiny_mllama
 
     return build_tiny_mllama(
         out_dir,

@@ -78,8 +78,8 @@ def test_demo_without_validation_reports_instead_of_crashing(tiny_mllama, shapes
 
 
 def test_demo_rebuilds_a_tiny_model_from_an_older_builder(tmp_path):
-    from cotune.run_demo import prepare_demo
     from cotune.demo.tiny import BUILD_MARKER, is_current_build
+    from cotune.run_demo import prepare_demo
 
     old = tmp_path / "tiny"
     old.mkdir()

@@ -8,8 +8,6 @@ import torch
 from cotune.cli import main
 from cotune.data.batching import PaddingCollator
 from cotune.data.chat import tokenize_conversation
-from cotune.data.dataset import SFTDataset, encode_samples
-from cotune.data.records import load_samples
 from cotune.data.cot import (
     STAGES,
     answer_kind,
@@ -25,6 +23,8 @@ from cotune.data.cot import (
     stage_loss_totals,
     token_offsets,
 )
+from cotune.data.dataset import SFTDataset, encode_samples
+from cotune.data.records import load_samples
 from cotune.eval.evaluate import (
     MODEL_INPUT_KEYS,
     generation_metrics,

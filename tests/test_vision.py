@@ -15,8 +15,8 @@ import pytest
 from cotune.config import load_config
 from cotune.data.records import load_samples
 from cotune.demo.synthetic import COLOURS, write_synthetic_dataset
-from cotune.run_demo import DEMO_CONFIG
 from cotune.eval.ablation import derangement, with_blank_images, with_shuffled_images
+from cotune.run_demo import DEMO_CONFIG
 from cotune.train.loop import finetune
 
 COLOUR_ONLY = dict(tasks=("colour",), max_shapes=1, multiple_choice_rate=0.0, follow_up_rate=0.0)

@@ -11,9 +11,9 @@ from peft import PeftModel
 from cotune.config import load_config
 from cotune.data.records import load_samples
 from cotune.demo.synthetic import write_synthetic_dataset
+from cotune.demo.tiny import build_tiny_mllama, is_current_build
 from cotune.eval.evaluate import evaluate_models
 from cotune.models.load import load_base_model, load_processor
-from cotune.demo.tiny import build_tiny_mllama, is_current_build
 from cotune.train.loop import finetune
 
 DEMO_TRAIN_SAMPLES = 400

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from cotune.data.augment import augment_conflicts
-from cotune.data.records import Problem, Sample, problem_order
 from cotune.data.cot import STAGES, parse_stages
+from cotune.data.records import Problem, Sample, problem_order
 
 TAG_HINT = ("<SUMMARY>", "<CONCLUSION>")
 

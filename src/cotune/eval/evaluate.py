@@ -27,9 +27,6 @@ from tqdm import tqdm
 
 from cotune.data.batching import PaddingCollator, to_device
 from cotune.data.chat import IGNORE_INDEX
-from cotune.data.dataset import SFTDataset, encode_samples
-from cotune.data.records import Sample, load_samples, report_problems
-from cotune.eval.ablation import IMAGE_CONDITIONS, ablate_images
 from cotune.data.cot import (
     STAGES,
     answer_kind,
@@ -40,6 +37,9 @@ from cotune.data.cot import (
     score_answer,
     stage_loss_totals,
 )
+from cotune.data.dataset import SFTDataset, encode_samples
+from cotune.data.records import Sample, load_samples, report_problems
+from cotune.eval.ablation import IMAGE_CONDITIONS, ablate_images
 from cotune.infer.adapters import NONE, AdapterSpec, load_model_with_adapters, use_adapter
 from cotune.infer.generate import TokenMeter, generate, model_device_dtype
 from cotune.models.families import ModelFamily
