@@ -38,3 +38,69 @@ def test_records_and_formats_import_one_way():
     assert not any(
         m.startswith(("cotune.data.records", "cotune.data.formats")) for m in cotune_imports("data.sample")
     )
+
+
+# The layers of the README's picture, lowest first. A module may import from its own package and from
+# packages of lower layers, never from a higher one: verbs build on the core, the core on neutral helpers.
+# Among the verbs, a later one may use an earlier one (eval generates with infer and scores with the
+# training loss; the demo trains and evaluates), never the reverse.
+LAYERS = [
+    ("neutral helpers", ("cotune.files", "cotune.runtime")),
+    ("core: options", ("cotune.config",)),
+    ("core: embedded default", ("cotune.demo",)),
+    ("core: models", ("cotune.models",)),
+    ("core: data", ("cotune.data",)),
+    ("verb: train", ("cotune.train",)),
+    ("verb: infer", ("cotune.infer",)),
+    ("verb: eval", ("cotune.eval",)),
+    ("verb: demo", ("cotune.run_demo",)),
+    ("command line", ("cotune.cli", "cotune.__main__")),
+]
+
+
+def layer_of(module: str) -> int:
+    for index, (_, packages) in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in packages):
+            return index
+    raise AssertionError(f"{module} is in no layer of LAYERS: add it where it belongs")
+
+
+def package_of(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+def module_files() -> dict[str, Path]:
+    """Every module of the package and its file (a package's module is its ``__init__.py``)."""
+    out = {}
+    for path in sorted(SRC.rglob("*.py")):
+        parts = path.relative_to(SRC).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(("cotune", *parts))] = path
+    return out
+
+
+def imports_in(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("cotune"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("cotune")}
+    return found
+
+
+def test_every_import_flows_down_the_layers():
+    upward = []
+    for module, path in module_files().items():
+        if module == "cotune":
+            continue
+        own = layer_of(module)
+        for target in imports_in(path):
+            if target == "cotune" or package_of(target) == package_of(module):
+                continue
+            if layer_of(target) > own:
+                upward.append(f"{module} ({LAYERS[own][0]}) imports {target} ({LAYERS[layer_of(target)][0]})")
+    assert not upward, "imports that flow up:\n" + "\n".join(sorted(set(upward)))
