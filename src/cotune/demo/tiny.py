@@ -268,7 +268,7 @@ def build_tiny_tokenizer(num_merges: int = 4000) -> PreTrainedTokenizerFast:
 
 
 # Bumped whenever a change to the builders changes what they write (weights, tokenizer, processor).
-BUILDER_VERSION = 3
+BUILDER_VERSION = 4
 BUILD_MARKER = "cotune_tiny.json"
 
 
