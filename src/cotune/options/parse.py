@@ -220,16 +220,17 @@ class Catalog:
             return [(p, value) for p in leaves if p in own]
         if name in self.all_keys:
             raise ConfigError(f"option '{name}' is a section; give it a mapping of its fields")
-        raise self.unknown(verb, name)
+        raise self.unknown(verb, name, self.all_paths)  # a file may hold any verb's options
 
-    def close(self, verb: str, key: str) -> str:
-        """' Did you mean --a, --b?' naming ``verb``'s options closest to ``key``, or ''."""
-        names = list(self.options[verb]) + [_leaf(p) for p in self.options[verb]]
-        close = difflib.get_close_matches(key, list(dict.fromkeys(names)), n=3, cutoff=0.6)
+    def close(self, verb: str, key: str, paths: Any = None) -> str:
+        """' Did you mean --a, --b?' naming the options closest to ``key`` (``verb``'s, or ``paths``), or ''."""
+        paths = sorted(paths) if paths is not None else list(self.options[verb])
+        names = list(dict.fromkeys(paths + [_leaf(p) for p in paths]))
+        close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
         return f" Did you mean {', '.join('--' + c for c in close)}?" if close else ""
 
-    def unknown(self, verb: str, key: str) -> ConfigError:
-        hint = self.close(verb, key)
+    def unknown(self, verb: str, key: str, paths: Any = None) -> ConfigError:
+        hint = self.close(verb, key, paths)
         return ConfigError(f"unknown option '{key}'.{hint} ('cotune {verb} --help' lists every option.)")
 
     def short_name(self, verb: str, path: str) -> str:
