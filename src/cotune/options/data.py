@@ -73,6 +73,7 @@ class SplitOptions:
 
 
 def check_split(s: Any, prefix: str) -> None:
+    """Raises ConfigError unless the held-out fraction is in (0, 1)."""
     if not 0.0 < s.test_split_ratio < 1.0:
         raise ConfigError(f"option '{prefix}test_split_ratio' must be in (0, 1); got {s.test_split_ratio}")
 
@@ -103,6 +104,7 @@ class AugmentConfig:
 
 
 def check_augment(a: Any, prefix: str) -> None:
+    """Raises ConfigError for crop bounds, probabilities or a hue range out of their ranges."""
     if not 0.0 < a.crop_scale_min <= a.crop_scale_max <= 1.0:
         raise ConfigError(
             f"options '{prefix}crop_scale_min' and '{prefix}crop_scale_max' must satisfy "

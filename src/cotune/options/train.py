@@ -69,6 +69,7 @@ class TrainingOptions:
 
 
 def check_training(t: Any, prefix: str) -> None:
+    """Refuses use_peft False; the cookbook's dist_checkpoint_* folders set an unset output_dir."""
     if not t.use_peft:
         raise ConfigError(
             "cotune trains LoRA adapters only: use_peft must be True (full fine-tuning is not offered)"
