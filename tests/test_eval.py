@@ -171,3 +171,62 @@ def test_eval_command_compares_base_and_adapter(tiny_mllama, shapes, tmp_path):
     table = (out / "eval.md").read_text()
     assert "| metric | none | run |" in table and "loss: REASONING" in table
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 6
+
+
+def test_eval_reads_the_data_as_the_run_config_says_and_loads_tokenizer_name(
+    tiny_mllama, shapes, tmp_path, monkeypatch
+):
+    """A run's config.yaml sets eval's data options (what eval encodes has the run's system prompt and
+    length policy, not eval's own), and --tokenizer_name is the processor eval loads."""
+    import shutil
+
+    import yaml
+
+    import cotune.eval.evaluate as evaluate
+    import cotune.models.load as load
+
+    rows = [json.loads(line) for line in shapes["test"].read_text().splitlines()[:3]]
+    for row in rows:  # text only: Mllama's template refuses a system message together with an image
+        row.pop("image")
+        row["conversations"][0]["value"] = row["conversations"][0]["value"].replace("<image>\n", "")
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run = tmp_path / "config.yaml"  # as a training run writes it: training options too
+    data_options = {"system_prompt": "You count shapes.", "max_seq_len": 100, "overlength": "truncate"}
+    run.write_text(
+        yaml.safe_dump(
+            {"model_name": str(tiny_mllama), "lr": 0.01, "data": data_options, "lora_config": {"r": 4}}
+        )
+    )
+    processor_dir = shutil.copytree(tiny_mllama, tmp_path / "processor")
+    loaded, encoded = [], []
+    real_load, real_encode = load.load_processor, evaluate.encode_samples
+    monkeypatch.setattr(
+        load, "load_processor", lambda path, *a, **k: loaded.append(str(path)) or real_load(path, *a, **k)
+    )
+
+    def spy(samples, processor, family, max_seq_len, overlength="drop"):
+        out = real_encode(samples, processor, family, max_seq_len, overlength)
+        encoded.append((max_seq_len, overlength, out[0], processor))
+        return out
+
+    monkeypatch.setattr(evaluate, "encode_samples", spy)
+    out = tmp_path / "eval"
+    argv = [
+        "eval",
+        str(run),
+        "--adapter",
+        "none",
+        "--data",
+        str(data),
+        "--tokenizer_name",
+        str(processor_dir),
+    ]
+    assert main([*argv, "--max_new_tokens", "1", "--batch_size", "3", "--output_dir", str(out)]) == 0
+    assert loaded == [str(processor_dir)]
+    max_seq_len, overlength, items, processor = encoded[0]
+    assert (max_seq_len, overlength) == (100, "truncate") and len(items) == 3
+    assert all("You count shapes." in processor.tokenizer.decode(e.input_ids) for e in items)
+    assert [len(e.input_ids) for e in items] == [100] * 3  # all longer: truncated to the run's limit, kept
+    result = json.loads((out / "eval.json").read_text())
+    assert result["max_seq_len"] == 100 and result["models"]["none"]["label_tokens"] > 0

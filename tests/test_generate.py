@@ -5,8 +5,9 @@ import torch
 from peft import PeftModel
 
 from cotune.cli import main
+from cotune.config import parse_args
 from cotune.infer.adapters import NONE, attach_adapters, parse_adapter_specs, use_adapter
-from cotune.infer.commands import CHAT_HELP, parse_use_flags, run_chat
+from cotune.infer.commands import CHAT_HELP, run_chat
 from cotune.infer.generate import (
     TokenMeter,
     encode_prompt,
@@ -136,11 +137,11 @@ def test_chat_switches_adapter_between_turns(tiny_mllama, adapters, processor, p
     (greedy) for the conversation so far, so a switch that does nothing fails."""
     import io
 
-    _, cfg = parse_use_flags(
+    cfg = parse_args(
         "chat",
         ["--model_name", str(tiny_mllama), "--adapter", f"a={adapters['a']}", "--adapter", f"b={adapters['b']}",
          "--max_new_tokens", "6", "--image", str(prompt[1][0])],
-    )  # fmt: skip
+    ).options  # fmt: skip
     lines = iter(["How many shapes?", "/adapter b", "And now?", "/adapter zzz", "/quit"])
     out = io.StringIO()
     assert run_chat(cfg, read=lambda _: next(lines), out=out) == 0
@@ -192,7 +193,7 @@ def test_an_unusable_image_is_a_one_line_error(tiny_mllama, tmp_path, monkeypatc
 def test_chat_refuses_an_unusable_image_and_keeps_the_conversation(tiny_mllama, tmp_path):
     import io
 
-    _, cfg = parse_use_flags("chat", ["--model_name", str(tiny_mllama), "--max_new_tokens", "2"])
+    cfg = parse_args("chat", ["--model_name", str(tiny_mllama), "--max_new_tokens", "2"]).options
     missing, remote = str(tmp_path / "nope.png"), "https://example.com/a.png"
     lines = iter([f"/image {missing}", f"/image {remote}", "How many shapes?", "/quit"])
     out = io.StringIO()

@@ -46,7 +46,7 @@ def test_records_and_formats_import_one_way():
 # training loss; the demo trains and evaluates), never the reverse.
 LAYERS = [
     ("neutral helpers", ("cotune.files", "cotune.runtime")),
-    ("core: options", ("cotune.config",)),
+    ("core: options", ("cotune.options", "cotune.config")),
     ("core: embedded default", ("cotune.demo",)),
     ("core: models", ("cotune.models",)),
     ("core: data", ("cotune.data",)),

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import sys
 
-from cotune.config import ConfigError, load_config, options_help, parse_flags
+from cotune.config import VERBS as VERB_OPTIONS
+from cotune.config import ConfigError, Parsed, parse_args, verb_help
 
-USAGE = """usage: cotune VERB [ARGS]
+USAGE = """usage: cotune VERB [CONFIG.yaml] [ARGS] [--option value ...]
+
+Every verb takes its options from the defaults, then a YAML file (a run's config.yaml serves eval,
+generate, chat and merge too), then flags; 'cotune VERB --help' lists them.
 
 verbs:
-  train [CONFIG.yaml] [--option value ...]   LoRA fine-tune (cotune train --help lists options)
-  demo [--workdir DIR] [--n_eval N] [--key value ...]
-                                             tiny model + synthetic data + train + check, on CPU
+  train [--option value ...]                 LoRA fine-tune
+  demo [--workdir DIR] [--n_eval N]          tiny model + synthetic data + train + check, on CPU
   tiny-model DIR [--seed N] [--family mllama|llava]
                                              write a tiny random checkpoint in HF format
   synth-data DIR [--n_train N] [--n_test N] [--seed N]
@@ -24,25 +27,30 @@ verbs:
                                              base vs adapters: loss, format, accuracy, per stage
   merge --model_name BASE --adapter DIR --output DIR
                                              merge the adapter into a standard HF checkpoint
-  data check DATA [--model_name M] [--config C]
-                                             validate a dataset as training would (exit 1: bad records)
+  data check DATA [--model_name M]           validate a dataset as training would (exit 1: bad records)
   data preview DATA [--augment 8]            PNG grid of samples, their augmentations and text
 """
 
 
-def _flags(argv: list[str]) -> tuple[list[str], dict]:
-    positional, pairs = parse_flags(argv)
-    return positional, dict(pairs)
+def _options(verb: str, argv: list[str]) -> Parsed | None:
+    """The verb's options from its command line (None after printing ``--help``)."""
+    if "--help" in argv or "-h" in argv:
+        print(verb_help(verb))
+        return None
+    return parse_args(verb, argv)
+
+
+def _one_dir(verb: str, parsed: Parsed) -> str:
+    if len(parsed.words) != 1:
+        raise ConfigError(f"usage: {VERB_OPTIONS[verb].usage}")
+    return parsed.words[0]
 
 
 def cmd_train(argv: list[str]) -> int:
-    if "--help" in argv or "-h" in argv:
-        print("usage: cotune train [CONFIG.yaml] [--option value ...]\n\noptions:\n" + options_help())
+    parsed = _options("train", argv)
+    if parsed is None:
         return 0
-    positional, pairs = parse_flags(argv)
-    if len(positional) > 1:
-        raise ConfigError(f"expected at most one config file, got {positional}")
-    cfg = load_config(positional[0] if positional else None, pairs)
+    cfg = parsed.options
     from cotune.train import distributed
 
     if cfg.enable_fsdp and cfg.nproc_per_node > 1 and not distributed.under_torchrun():
@@ -54,87 +62,83 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_demo(argv: list[str]) -> int:
-    positional, flags = _flags(argv)
+    parsed = _options("demo", argv)
+    if parsed is None:
+        return 0
     from cotune.run_demo import run_demo
 
-    workdir = flags.pop("workdir", "demo_out")
-    n_eval = int(flags.pop("n_eval", 100))
-    figures = run_demo(workdir, overrides=list(flags.items()), n_eval=n_eval)
+    demo = parsed.options.demo
+    overrides = [(k, v) for k, v in parsed.given if not k.startswith("demo.")]  # training's, over the recipe
+    figures = run_demo(demo.workdir, overrides=overrides, n_eval=demo.n_eval)
     return 1 if figures["misses"] else 0
 
 
 def cmd_tiny_model(argv: list[str]) -> int:
-    positional, flags = _flags(argv)
-    if len(positional) != 1:
-        raise ConfigError("usage: cotune tiny-model DIR [--seed N] [--family mllama|llava]")
+    parsed = _options("tiny-model", argv)
+    if parsed is None:
+        return 0
     from cotune.demo.tiny import build_tiny_llava, build_tiny_mllama
 
-    build = build_tiny_llava if flags.get("family", "mllama") == "llava" else build_tiny_mllama
-    path = build(positional[0], seed=int(flags.get("seed", 0)))
-    print(f"tiny {flags.get('family', 'mllama')} checkpoint written to {path}")
+    family = parsed.options.tiny_model.family
+    build = build_tiny_llava if family == "llava" else build_tiny_mllama
+    path = build(_one_dir("tiny-model", parsed), seed=parsed.options.seed)
+    print(f"tiny {family} checkpoint written to {path}")
     return 0
 
 
 def cmd_synth_data(argv: list[str]) -> int:
-    positional, flags = _flags(argv)
-    if len(positional) != 1:
-        raise ConfigError("usage: cotune synth-data DIR [--n_train N] [--n_test N] [--seed N]")
+    parsed = _options("synth-data", argv)
+    if parsed is None:
+        return 0
     from cotune.demo.synthetic import write_synthetic_dataset
 
+    cfg = parsed.options
     paths = write_synthetic_dataset(
-        positional[0],
-        n_train=int(flags.get("n_train", 400)),
-        n_test=int(flags.get("n_test", 40)),
-        seed=int(flags.get("seed", 0)),
+        _one_dir("synth-data", parsed),
+        n_train=cfg.synth_data.n_train,
+        n_test=cfg.synth_data.n_test,
+        seed=cfg.seed,
     )
     print(f"train: {paths['train']}\ntest: {paths['test']}\nimages: {paths['images']}")
     return 0
 
 
-def _use_verb(verb: str, argv: list[str]):
-    """Options of generate/chat/eval/merge (None after printing --help)."""
-    from cotune.infer.commands import parse_use_flags, use_help
-
-    if "--help" in argv or "-h" in argv:
-        print(use_help(verb))
-        return None
-    return parse_use_flags(verb, argv)
-
-
 def cmd_generate(argv: list[str]) -> int:
-    parsed = _use_verb("generate", argv)
+    parsed = _options("generate", argv)
     if parsed is None:
         return 0
     from cotune.infer.commands import run_generate
 
-    return run_generate(parsed[1], " ".join(parsed[0]))
+    return run_generate(parsed.options, " ".join(parsed.words))
 
 
 def cmd_chat(argv: list[str]) -> int:
-    parsed = _use_verb("chat", argv)
+    parsed = _options("chat", argv)
     if parsed is None:
         return 0
     from cotune.infer.commands import run_chat
 
-    return run_chat(parsed[1])
+    if parsed.words:  # the words after the options are the first message, as --prompt is
+        parsed.options.prompt = " ".join(parsed.words)
+    return run_chat(parsed.options)
 
 
 def cmd_eval(argv: list[str]) -> int:
-    parsed = _use_verb("eval", argv)
+    parsed = _options("eval", argv)
     if parsed is None:
         return 0
-    from cotune.infer.commands import run_eval_command
+    from cotune.eval.evaluate import run_eval_command
 
-    return run_eval_command(parsed[1])
+    return run_eval_command(parsed.options)
 
 
 def cmd_merge(argv: list[str]) -> int:
-    parsed = _use_verb("merge", argv)
+    parsed = _options("merge", argv)
     if parsed is None:
         return 0
     from cotune.infer.commands import run_merge_command
 
-    return run_merge_command(parsed[1])
+    return run_merge_command(parsed.options)
 
 
 def cmd_data(argv: list[str]) -> int:

@@ -101,7 +101,8 @@ def check_data(
     """Validates a data file as training would, and measures it.
 
     Args:
-        cfg: a ``TrainConfig`` (its ``data`` section: format, columns, image root, max_seq_len ...).
+        cfg: ``cotune data``'s options or a ``TrainConfig`` (its ``data`` section: format, columns,
+            image root, max_seq_len ...).
         path: the data file or folder.
         processor, family: the model's processor and family; without them token lengths and
             label counts are not checked (and over-long samples are not found).
@@ -263,56 +264,48 @@ def preview_data(
 # ----------------------------------------------------------------------------- the command
 
 DATA_USAGE = """usage:
-  cotune data check DATA [--model_name M] [--config C.yaml] [--data.OPTION value ...]
+  cotune data check [CONFIG.yaml] DATA [--model_name M] [--data.OPTION value ...]
       validate every record and image as training would; with a model, token lengths and labels;
       exit code 1 when any record would be skipped
-  cotune data preview DATA [--augment 8] [--samples 4] [--out preview.png] [--config C.yaml]
+  cotune data preview [CONFIG.yaml] DATA [--augment 8] [--samples 4] [--out preview.png]
       a PNG grid: a few samples, their augmentations (data.augment.* settings) and rendered text
 """
 
 
-def _processor_and_family(model_name: str) -> tuple[Any, Any]:
+def _processor_and_family(model_name: str, tokenizer_name: str = "") -> tuple[Any, Any]:
     from transformers import AutoConfig
 
     from cotune.models.families import family_for
     from cotune.models.load import check_model_dir, load_processor
 
-    processor = load_processor(model_name)
+    processor = load_processor(tokenizer_name or model_name)
     return processor, family_for(AutoConfig.from_pretrained(str(check_model_dir(model_name))))
 
 
 def run_data_command(argv: list[str], log=print) -> int:
     """``cotune data check|preview ...``; returns the exit code."""
-    from cotune.config import ConfigError, TrainConfig, load_config, parse_flags
+    from cotune.config import ConfigError, options_help, parse_args
 
     if not argv or argv[0] in ("-h", "--help", "help") or "--help" in argv:
-        log(DATA_USAGE)
+        log(DATA_USAGE + "\noptions:\n" + options_help("data"))
         return 0
     sub, rest = argv[0], argv[1:]
     if sub not in ("check", "preview"):
         raise ConfigError(f"unknown 'data' subcommand '{sub}'\n{DATA_USAGE}")
-    positional, pairs = parse_flags(rest)
-    if len(positional) != 1:
-        raise ConfigError(f"expected one DATA file or folder, got {positional or 'none'}\n{DATA_USAGE}")
-    flags = dict(pairs)
-    own = {k: flags.pop(k) for k in ("config", "augment", "samples", "out") if k in flags}
-    cfg = load_config(own.get("config"), [*flags.items(), ("dataset", positional[0])])
-    model_name = (
-        cfg.model_name if ("model_name" in flags or cfg.model_name != TrainConfig().model_name) else ""
-    )
-    processor, family = _processor_and_family(model_name) if model_name else (None, None)
+    parsed = parse_args("data", rest)
+    if len(parsed.words) != 1:
+        raise ConfigError(f"expected one DATA file or folder, got {parsed.words or 'none'}\n{DATA_USAGE}")
+    cfg, path = parsed.options, parsed.words[0]
+    # tokens are checked only against a model named on purpose, not the default one
+    named = any(p == "model_name" for p, _ in parsed.given)
+    model_name = cfg.model_name if named else ""
+    processor, family = _processor_and_family(model_name, cfg.tokenizer_name) if named else (None, None)
     if sub == "preview":
-        out = preview_data(
-            cfg,
-            positional[0],
-            own.get("out", "data_preview.png"),
-            n_augment=int(own.get("augment", 8)),
-            n_samples=int(own.get("samples", 4)),
-            processor=processor,
-        )
+        p = cfg.preview
+        out = preview_data(cfg, path, p.out, n_augment=p.augment, n_samples=p.samples, processor=processor)
         log(f"preview written to {out}")
         return 0
-    report = check_data(cfg, positional[0], processor, family, log=lambda s: None)
+    report = check_data(cfg, path, processor, family, log=lambda s: None)
     report.model_name = model_name
     log(format_report(report))
     return report.exit_code

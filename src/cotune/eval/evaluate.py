@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from cotune.data.batching import PaddingCollator, to_device
+from cotune.data.build import load_data_file
 from cotune.data.chat import IGNORE_INDEX
 from cotune.data.cot import (
     STAGES,
@@ -38,7 +39,7 @@ from cotune.data.cot import (
     stage_loss_totals,
 )
 from cotune.data.dataset import SFTDataset, encode_samples
-from cotune.data.records import Sample, load_samples, report_problems
+from cotune.data.records import Sample, report_problems
 from cotune.eval.ablation import IMAGE_CONDITIONS, ablate_images
 from cotune.infer.adapters import NONE, AdapterSpec, load_model_with_adapters, use_adapter
 from cotune.infer.generate import TokenMeter, generate, model_device_dtype
@@ -184,15 +185,19 @@ def evaluate_condition(
     max_seq_len: int = 4096,
     log=print,
     desc: str = "",
+    overlength: str = "drop",
 ) -> dict[str, Any]:
     """Loss (in total and per stage) and greedy first-turn replies of one adapter on ``samples``.
+
+    Samples longer than ``max_seq_len`` are dropped from the loss or truncated (``overlength``), as
+    training does.
 
     Returns:
         The metrics of ``loss_by_stage`` and ``generation_metrics`` (with ``scores``), plus
         ``replies`` and the generation cost.
     """
     tokenizer = processor.tokenizer
-    encoded, problems, _ = encode_samples(samples, processor, family, max_seq_len, "drop")
+    encoded, problems, _ = encode_samples(samples, processor, family, max_seq_len, overlength)
     for p in problems:
         log(f"eval: left out of the loss: {p}")
     dataset = SFTDataset(encoded, processor, family)
@@ -243,6 +248,7 @@ def evaluate_models(
     log=print,
     image_conditions: tuple[str, ...] = ("true",),
     seed: int = 0,
+    overlength: str = "drop",
 ) -> dict[str, Any]:
     """Evaluates each adapter of ``names`` ('none': the base) on ``samples``; see the module docstring.
 
@@ -252,20 +258,22 @@ def evaluate_models(
             ``conclusion_loss_shuffled_images`` (and the ``_blank_images`` keys) and
             ``image_reliance`` (accuracy with true minus shuffled images).
         seed: Seed of the image shuffle.
+        overlength: ``data.overlength`` for samples over ``max_seq_len``.
     """
     golds = [gold_answer(s) for s in samples]
     ablated = {c: ablate_images(samples, c, seed) for c in image_conditions if c != "true"}
     results: dict[str, Any] = {"models": {}, "predictions": {}}
     for name in names:
         metrics = evaluate_condition(
-            model, processor, family, samples, name, batch_size, max_new_tokens, max_seq_len, log
-        )
+            model, processor, family, samples, name, batch_size, max_new_tokens, max_seq_len, log,
+            overlength=overlength,
+        )  # fmt: skip
         replies, scores = metrics.pop("replies"), metrics.pop("scores")
         metrics["conclusion_loss"] = metrics["stage_loss"]["CONCLUSION"]
         for condition, changed in ablated.items():
             other = evaluate_condition(
                 model, processor, family, changed, name, batch_size, max_new_tokens, max_seq_len,
-                log=lambda *_: None, desc=f", {condition} images",
+                log=lambda *_: None, desc=f", {condition} images", overlength=overlength,
             )  # fmt: skip
             metrics.update(_ablation_figures(IMAGE_CONDITIONS[condition], other))
         if "shuffled" in ablated and metrics["accuracy"] is not None:
@@ -369,51 +377,63 @@ def write_results(results: dict[str, Any], out_dir: str | Path) -> dict[str, Pat
     return paths
 
 
-def run_eval(
-    model_name: str,
-    specs: list[AdapterSpec],
-    data: str,
-    output_dir: str = "",
-    batch_size: int = 8,
-    max_new_tokens: int = 256,
-    max_seq_len: int = 4096,
-    limit: int = 0,
-    image_root: str = "",
-    dtype: str = "auto",
-    device: str = "auto",
-    log=print,
-    image_ablation: bool = False,
-) -> dict[str, Any]:
+def run_eval(cfg: Any, specs: list[AdapterSpec], log=print) -> dict[str, Any]:
     """What ``cotune eval`` runs: load once, evaluate the base ('none') and every adapter, write the files.
 
-    The base is evaluated too unless ``specs`` is only ``none`` (then it alone is). With
-    ``image_ablation``, every model is also evaluated with shuffled and with blank images.
+    Args:
+        cfg: ``cotune eval``'s options (``cotune.config``): the model (``model_name``,
+            ``tokenizer_name``, ``torch_dtype``, ``device``), ``data`` (the file ``test_file``,
+            read, rendered and length-limited exactly as training does: format, columns, image_root,
+            system_prompt, on_error, max_seq_len, overlength), ``generation.max_new_tokens`` and
+            ``eval`` (batch_size, limit, image_ablation, output_dir).
+        specs: the adapters. The base is evaluated too unless ``specs`` is only ``none`` (then it
+            alone is). With ``eval.image_ablation``, every model is also evaluated with shuffled and
+            with blank images.
+        log: where progress and the table go.
     """
+    d, e, max_new_tokens = cfg.data, cfg.eval, cfg.generation.max_new_tokens
     names = [s.name for s in specs]
     if NONE not in names:
         names = [NONE, *names]
-    model, processor, family = load_model_with_adapters(model_name, specs, dtype, device)
-    samples, problems = load_samples(data, image_root)
-    report_problems(problems, "skip", len(samples) + len(problems), log=log)
-    if limit:
-        samples = samples[:limit]
-    if not samples:
-        raise FileNotFoundError(f"{data}: no usable samples to evaluate")
-    conditions = tuple(IMAGE_CONDITIONS) if image_ablation else ("true",)
-    results = evaluate_models(
-        model, processor, family, samples, names, batch_size, max_new_tokens, max_seq_len, log, conditions
+    model, processor, family = load_model_with_adapters(
+        cfg.model_name, specs, cfg.torch_dtype, cfg.device, cfg.tokenizer_name
     )
+    samples, problems = load_data_file(cfg, d.test_file, log)
+    report_problems(problems, d.on_error, len(samples) + len(problems), log=log)
+    if e.limit:
+        samples = samples[: e.limit]
+    if not samples:
+        raise FileNotFoundError(f"{d.test_file}: no usable samples to evaluate")
+    conditions = tuple(IMAGE_CONDITIONS) if e.image_ablation else ("true",)
+    results = evaluate_models(
+        model, processor, family, samples, names, e.batch_size, max_new_tokens, d.max_seq_len, log,
+        conditions, overlength=d.overlength,
+    )  # fmt: skip
     results.update(
         image_conditions=list(conditions),
-        data=str(data),
+        data=str(d.test_file),
         n_samples=len(samples),
-        model_name=str(model_name),
+        model_name=str(cfg.model_name),
         adapters={s.name: s.path for s in specs if s.path},
         max_new_tokens=max_new_tokens,
+        max_seq_len=d.max_seq_len,
     )
     first = next((s.path for s in specs if s.path), None)
-    out_dir = output_dir or (str(Path(first).parent / "eval") if first else "eval")
+    out_dir = e.output_dir or (str(Path(first).parent / "eval") if first else "eval")
     paths = write_results(results, out_dir)
     log(markdown_table(results))
     log(f"eval: wrote {paths['json']}, {paths['md']} and {paths['predictions']}")
     return results
+
+
+def run_eval_command(cfg: Any) -> int:
+    """``cotune eval``: the base and each adapter on ``data.test_file``, read as training reads it."""
+    from cotune.config import ConfigError
+    from cotune.infer.commands import adapter_specs
+
+    if not cfg.data.test_file:
+        raise ConfigError(
+            "cotune eval needs --data TEST.jsonl (or data.test_file in CONFIG.yaml): a labelled file"
+        )
+    run_eval(cfg, adapter_specs(cfg))
+    return 0

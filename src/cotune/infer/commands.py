@@ -1,145 +1,20 @@
-"""The options and the bodies of ``cotune generate``, ``chat``, ``eval`` and ``merge``.
+"""The bodies of ``cotune generate``, ``chat`` and ``merge`` (``eval``'s is ``eval.evaluate.run_eval_command``).
 
-Flags are parsed by ``cotune.config.parse_flags`` like ``cotune train``'s; ``--adapter`` and
-``--image`` may be repeated (their values are collected in order). ``cotune VERB --help`` lists
-the options of a verb.
+Their options are ``cotune.config``'s sections, as every verb's: ``cfg`` is the verb's configuration
+(``CONFIG_CLASSES[verb]``) with the model, adapters, ``data`` (system prompt; for eval and merge
+how records are read), ``generation`` and the verb's own section. ``cotune VERB --help`` lists them.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import sys
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cotune.config import ConfigError, _coerce, parse_flags
-
-GEN, CHAT, EVAL, MERGE = "generate", "chat", "eval", "merge"
-USE = (GEN, CHAT)
-SEARCHES = ("none", "stage", "best-of-n")
+from cotune.config import VERBS, ConfigError
 
 
-def _opt(default: Any, help: str, verbs: tuple[str, ...]) -> Any:
-    meta = {"help": help, "verbs": verbs}
-    if isinstance(default, list):
-        return field(default_factory=list, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-@dataclass
-class UseConfig:
-    """Options of the commands that use a trained adapter."""
-
-    model_name: str = _opt("", "Base checkpoint directory (local).", (GEN, CHAT, EVAL, MERGE))
-    tokenizer_name: str = _opt(
-        "", "Processor directory if different from model_name.", (GEN, CHAT, EVAL, MERGE)
-    )
-    adapter: list = _opt(
-        [], "Adapter: DIR, NAME=DIR, or none (the base model). Repeat for several.", (GEN, CHAT, EVAL, MERGE)
-    )
-    image: list = _opt([], "Image file for the (first) prompt. Repeat for several.", USE)
-    prompt: str = _opt("", "The prompt (or give it as the positional argument).", (GEN,))
-    system_prompt: str = _opt("", "System message (Mllama refuses it together with images).", USE)
-    max_new_tokens: int = _opt(256, "Longest reply (per stage with --search stage).", (GEN, CHAT, EVAL))
-    do_sample: bool = _opt(False, "Sample instead of greedy decoding.", USE)
-    temperature: float = _opt(0.7, "Sampling temperature (sampling and searches).", USE)
-    top_p: float = _opt(0.9, "Nucleus sampling threshold (sampling and searches).", USE)
-    seed: int = _opt(-1, "Seed for sampling (-1: not seeded).", USE)
-    search: str = _opt(
-        "none", "none (greedy or --do_sample), stage (LLaVA-CoT stage-level beam search) or best-of-n.", USE
-    )
-    beam_size: int = _opt(4, "Candidates per stage (stage) or replies (best-of-n).", USE)
-    stream: bool = _opt(True, "Print tokens as they come (without --search).", USE)
-    verbose: bool = _opt(False, "With --search: print every candidate and the winners.", USE)
-    torch_dtype: str = _opt(
-        "auto", "Weights dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp32.", (GEN, CHAT, EVAL)
-    )
-    device: str = _opt("auto", "cuda, cpu or auto.", (GEN, CHAT, EVAL))
-    data: str = _opt(
-        "", "eval: the labelled test file. merge: parity-check on its first record.", (EVAL, MERGE)
-    )
-    image_root: str = _opt("", "Folder image paths are relative to (default: the data file's).", (EVAL,))
-    batch_size: int = _opt(8, "Prompts per generation batch and samples per loss batch.", (EVAL,))
-    limit: int = _opt(0, "Evaluate the first N samples only (0: all).", (EVAL,))
-    max_seq_len: int = _opt(4096, "Longer samples are left out of the loss.", (EVAL,))
-    image_ablation: bool = _opt(
-        False,
-        "Also evaluate with images shuffled across samples and with blank images: does the model "
-        "look at the image? (accuracy and CONCLUSION loss per condition, 'image reliance' row)",
-        (EVAL,),
-    )
-    output_dir: str = _opt(
-        "",
-        "eval: where eval.json/eval.md go (default RUN/eval). merge: the merged checkpoint.",
-        (EVAL, MERGE),
-    )
-    dtype: str = _opt("", "merge: dtype of the merge and the saved weights (default: the base's).", (MERGE,))
-    max_shard_size: str = _opt(
-        "2GB", "merge: largest safetensors shard (bounds memory while saving).", (MERGE,)
-    )
-    tolerance: float = _opt(0.0, "merge: max |merged - adapter| logits (0: by dtype).", (MERGE,))
-
-
-ALIASES = {"output": "output_dir", "beam": "beam_size", "n": "beam_size", "model": "model_name"}
-REPEATED = ("adapter", "image")
-BOOL_WORDS = ("true", "false", "1", "0", "yes", "no", "on", "off")
-
-
-def use_help(verb: str) -> str:
-    lines = [f"usage: {USAGE_LINES[verb]}\n\noptions:"]
-    for f in dataclasses.fields(UseConfig):
-        if verb in f.metadata["verbs"]:
-            default = f.default if f.default is not dataclasses.MISSING else []
-            lines.append(f"  --{f.name} (default: {default!r})\n      {f.metadata['help']}")
-    return "\n".join(lines)
-
-
-USAGE_LINES = {
-    GEN: 'cotune generate --model_name BASE [--adapter DIR|NAME=DIR|none ...] [--image a.png ...] "PROMPT"',
-    CHAT: "cotune chat --model_name BASE [--adapter NAME=DIR ...] [--image a.png]",
-    EVAL: "cotune eval --model_name BASE --adapter DIR [--adapter ...] --data test.jsonl",
-    MERGE: "cotune merge --model_name BASE --adapter DIR --output DIR [--dtype bf16]",
-}
-
-
-def parse_use_flags(verb: str, argv: list[str]) -> tuple[list[str], UseConfig]:
-    """Positional arguments and the options of ``verb``.
-
-    Raises:
-        ConfigError: an unknown option (with the closest ones), a bad value or a bad --search.
-    """
-    positional, pairs = parse_flags(argv)
-    cfg = UseConfig()
-    fields = {f.name: f for f in dataclasses.fields(UseConfig) if verb in f.metadata["verbs"]}
-    hints = typing.get_type_hints(UseConfig)
-    for key, value in pairs:
-        key = key.replace("-", "_")
-        key = ALIASES.get(key, key)
-        if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.6)
-            hint = f" Did you mean {', '.join('--' + c for c in close)}?" if close else ""
-            raise ConfigError(f"unknown option '--{key}' for cotune {verb}.{hint} (cotune {verb} --help)")
-        if key in REPEATED:
-            getattr(cfg, key).append(str(value))
-        elif hints[key] is bool and str(value).strip().lower() not in BOOL_WORDS:
-            # a bare "--verbose" followed by the prompt: the flag is True, the text is the prompt
-            setattr(cfg, key, True)
-            positional.append(str(value))
-        else:
-            setattr(cfg, key, _coerce(value, hints[key], key))
-    if cfg.search not in SEARCHES:
-        raise ConfigError(f"option 'search' must be one of {', '.join(SEARCHES)}; got '{cfg.search}'")
-    if verb in (GEN, CHAT, EVAL, MERGE) and not cfg.model_name:
-        raise ConfigError(f"cotune {verb} needs --model_name BASE (a local checkpoint directory)")
-    if cfg.beam_size < 1:
-        raise ConfigError(f"option 'beam_size' must be at least 1; got {cfg.beam_size}")
-    return positional, cfg
-
-
-def adapter_specs(cfg: UseConfig):
+def adapter_specs(cfg: Any):
     from cotune.infer.adapters import parse_adapter_specs
 
     try:
@@ -148,7 +23,7 @@ def adapter_specs(cfg: UseConfig):
         raise ConfigError(str(e)) from None
 
 
-def _load(cfg: UseConfig):
+def _load(cfg: Any):
     from cotune.infer.adapters import load_model_with_adapters
 
     specs = adapter_specs(cfg)
@@ -158,37 +33,37 @@ def _load(cfg: UseConfig):
     return specs, model, processor, family
 
 
-def respond(model, processor, family, messages, images, adapter: str, cfg: UseConfig, out=None) -> str:
+def respond(model, processor, family, messages, images, adapter: str, cfg: Any, out=None) -> str:
     """One reply with the chosen decoding or search, written to ``out`` (streamed when possible)."""
     from cotune.infer.adapters import use_adapter
     from cotune.infer.generate import TokenMeter, encode_prompt, stream_generate
     from cotune.infer.stage_search import best_of_n, stage_search
 
-    out = out or sys.stdout
+    out, g = out or sys.stdout, cfg.generation
     seed = cfg.seed if cfg.seed >= 0 else None
-    if cfg.search == "none":
+    if g.search == "none":
         meter = TokenMeter()
         kwargs = dict(
-            max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, temperature=cfg.temperature,
-            top_p=cfg.top_p, seed=seed, adapter=adapter, meter=meter,
+            max_new_tokens=g.max_new_tokens, do_sample=g.do_sample, temperature=g.temperature,
+            top_p=g.top_p, seed=seed, adapter=adapter, meter=meter,
         )  # fmt: skip
         pieces = []
         for piece in stream_generate(model, processor, family, messages, images, **kwargs):
             pieces.append(piece)
-            if cfg.stream:
+            if g.stream:
                 out.write(piece)
                 out.flush()
         text = "".join(pieces)
-        out.write(("" if cfg.stream else text) + "\n")
+        out.write(("" if g.stream else text) + "\n")
         print(f"[cost] {meter.describe()}", file=sys.stderr)
         return text
-    search = stage_search if cfg.search == "stage" else best_of_n
+    search = stage_search if g.search == "stage" else best_of_n
     with use_adapter(model, adapter):
         result = search(
-            model, processor, family, messages, images, cfg.beam_size, cfg.max_new_tokens,
-            cfg.temperature, cfg.top_p, seed,
+            model, processor, family, messages, images, g.beam_size, g.max_new_tokens,
+            g.temperature, g.top_p, seed,
         )  # fmt: skip
-    if cfg.verbose:
+    if g.verbose:
         for step in result.steps:
             for k, (cand, ok) in enumerate(zip(step["candidates"], step["valid"])):
                 mark = "*" if k == step["winner"] else " "
@@ -199,7 +74,7 @@ def respond(model, processor, family, messages, images, adapter: str, cfg: UseCo
     prompt_len = len(encode_prompt(processor, family, messages, images)["input_ids"])
     plain = prompt_len + result.reply_tokens + 1  # prompt once, then the reply and its end-of-turn
     print(
-        f"[cost] {cfg.search} search (N={cfg.beam_size}, {result.comparisons} judged comparisons): "
+        f"[cost] {g.search} search (N={g.beam_size}, {result.comparisons} judged comparisons): "
         f"{result.meter.describe()}; one plain generation of this reply: ~{plain:,} tokens "
         f"({result.meter.total / plain:.1f}x)",
         file=sys.stderr,
@@ -226,15 +101,16 @@ def check_prompt_image(path: str) -> None:
         raise ConfigError(reason)
 
 
-def _opening(cfg: UseConfig, text: str, n_images: int) -> list[dict]:
+def _opening(cfg: Any, text: str, n_images: int) -> list[dict]:
     """The first user turn, after the system message if one is set."""
     from cotune.infer.generate import user_message
 
-    system = [{"role": "system", "content": [{"type": "text", "text": cfg.system_prompt}]}]
-    return (system if cfg.system_prompt else []) + [user_message(text, n_images)]
+    system_prompt = cfg.data.system_prompt
+    system = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}]
+    return (system if system_prompt else []) + [user_message(text, n_images)]
 
 
-def run_generate(cfg: UseConfig, text: str, out=None) -> int:
+def run_generate(cfg: Any, text: str, out=None) -> int:
     """``cotune generate``: one prompt, answered by each ``--adapter`` in turn (one base load)."""
     text = text or cfg.prompt
     if not text:
@@ -256,7 +132,7 @@ CHAT_HELP = """commands: /adapter NAME (switch; 'none' is the base), /adapters, 
 next message), /reset (forget the conversation), /quit"""
 
 
-def run_chat(cfg: UseConfig, read=input, out=None) -> int:
+def run_chat(cfg: Any, read=input, out=None) -> int:
     """``cotune chat``: a multi-turn REPL; the adapter can change between turns (no reload)."""
     from cotune.infer.adapters import adapter_names
     from cotune.infer.generate import user_message
@@ -271,9 +147,10 @@ def run_chat(cfg: UseConfig, read=input, out=None) -> int:
     images: list[str] = []
     pending: list[str] = list(cfg.image)
     out.write(f"adapters: {', '.join(names)} (using {current})\n{CHAT_HELP}\n")
+    first = [cfg.prompt] if cfg.prompt else []  # --prompt: the first message, as if typed
     while True:
         try:
-            line = read(f"[{current}] > ").strip()
+            line = first.pop().strip() if first else read(f"[{current}] > ").strip()
         except EOFError:
             out.write("\n")
             return 0
@@ -318,31 +195,18 @@ def run_chat(cfg: UseConfig, read=input, out=None) -> int:
             images, pending = images + pending, []
 
 
-def run_eval_command(cfg: UseConfig) -> int:
-    from cotune.eval.evaluate import run_eval
-
-    if not cfg.data:
-        raise ConfigError("cotune eval needs --data TEST.jsonl (LLaVA-CoT JSONL with reference replies)")
-    run_eval(
-        cfg.model_name, adapter_specs(cfg), cfg.data, cfg.output_dir, cfg.batch_size, cfg.max_new_tokens,
-        cfg.max_seq_len, cfg.limit, cfg.image_root, cfg.torch_dtype, cfg.device,
-        image_ablation=cfg.image_ablation,
-    )  # fmt: skip
-    return 0
-
-
-def run_merge_command(cfg: UseConfig) -> int:
+def run_merge_command(cfg: Any) -> int:
+    """``cotune merge``: the adapter folded into the base, checked on ``data.test_file``'s first record."""
     from cotune.infer.merge import MergeMismatch, merge_adapter
 
     dirs = [s for s in adapter_specs(cfg) if s.path]
-    if len(dirs) != 1 or not cfg.output_dir:
-        raise ConfigError(f"usage: {USAGE_LINES[MERGE]} (exactly one adapter directory)")
-    if cfg.dtype and cfg.dtype not in ("bf16", "bfloat16", "fp32", "float32", "fp16", "float16"):
-        raise ConfigError(f"option 'dtype' must be bf16, fp32 or fp16; got '{cfg.dtype}'")
+    if len(dirs) != 1 or not cfg.merge.output_dir:
+        raise ConfigError(f"usage: {VERBS['merge'].usage} (exactly one adapter directory)")
+    dtype = "" if cfg.torch_dtype == "auto" else cfg.torch_dtype  # merge's auto: the checkpoint's own
     try:
         merge_adapter(
-            cfg.model_name, dirs[0].path, cfg.output_dir, cfg.dtype, cfg.max_shard_size, cfg.data,
-            cfg.tolerance, cfg.tokenizer_name,
+            cfg.model_name, dirs[0].path, cfg.merge.output_dir, dtype, cfg.merge.max_shard_size,
+            cfg.data.test_file, cfg.merge.tolerance, cfg.tokenizer_name, data_options=cfg.data,
         )  # fmt: skip
     except MergeMismatch as e:
         print(f"cotune merge: error: {e}", file=sys.stderr)

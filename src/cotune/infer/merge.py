@@ -95,25 +95,44 @@ def checkpoint_dtype(model_dir: str | Path) -> str:
     return name if name in DTYPES else "fp32"
 
 
-def parity_sample(processor: Any, family: Any, data: str = "") -> dict:
+# Records tried, in order, for the parity sample.
+PARITY_TRIES = 8
+
+
+def parity_sample(processor: Any, family: Any, data: str = "", data_options: Any = None) -> dict:
     """The sample the parity check runs on: the first record of ``data`` (prompt and reference
-    reply), else a generated 64x64 image with a short question."""
+    reply), else a generated 64x64 image with a short question.
+
+    ``data_options`` (the ``data`` section of ``cotune.config``) reads and renders the file as
+    training does (format, columns, image root, system prompt, on_error, max_seq_len, overlength);
+    without it, the file is read with the defaults and no length limit.
+    """
     from PIL import Image
 
     from cotune.infer.generate import encode_prompt
 
     if data:
         from cotune.data.dataset import encode_samples
-        from cotune.data.records import load_samples
+        from cotune.data.images import load_image
+        from cotune.data.records import load_samples, report_problems
 
-        samples, _ = load_samples(data)
-        if samples:
-            encoded, _, _ = encode_samples(samples[:1], processor, family, max_seq_len=100_000)
+        d = data_options
+        if d is None:
+            samples, _ = load_samples(data)
+            max_seq_len, overlength = 100_000, "drop"
+        else:
+            samples, problems = load_samples(
+                data, d.image_root, d.system_prompt, fmt=d.format, columns=d.columns,
+                workers=d.image_workers, image_check=d.image_check,
+            )  # fmt: skip
+            report_problems(problems, d.on_error, len(samples) + len(problems), log=lambda _: None)
+            max_seq_len, overlength = d.max_seq_len, d.overlength
+        # the first record that renders within the limit (a few are tried, not the whole file)
+        encoded, _, _ = encode_samples(samples[:PARITY_TRIES], processor, family, max_seq_len, overlength)
+        if encoded:
             item = {"input_ids": torch.tensor(encoded[0].input_ids)}
-            if samples[0].images:
-                from cotune.data.images import load_image
-
-                images = [load_image(ref) for ref in samples[0].images]
+            if encoded[0].images:
+                images = [load_image(ref) for ref in encoded[0].images]
                 item.update(family.image_inputs(processor, [images]))
             return item
     pixels = bytes((x * 4 + y * 2) % 256 for y in range(64) for x in range(64) for _ in range(3))
@@ -145,6 +164,7 @@ def merge_adapter(
     tolerance: float = 0.0,
     tokenizer_name: str = "",
     log=print,
+    data_options: Any = None,
 ) -> MergeReport:
     """Merges ``adapter_dir`` into ``model_name`` and saves the result to ``output_dir``.
 
@@ -157,6 +177,8 @@ def merge_adapter(
         data: a data file whose first record is the parity sample (default: a generated image).
         tolerance: maximum allowed |merged - adapter| logits (0: by dtype, see ``TOLERANCES``).
         tokenizer_name: processor directory if different from ``model_name``.
+        log: where the report goes.
+        data_options: the ``data`` section that reads ``data`` (see ``parity_sample``).
 
     Raises:
         MergeMismatch: the merged model does not reproduce the adapter (nothing is written).
@@ -173,7 +195,7 @@ def merge_adapter(
     model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
     model.eval()
-    item = parity_sample(processor, family, data)
+    item = parity_sample(processor, family, data, data_options)
     expected = _logits(model, processor, family, item)
     with model.disable_adapter():
         base_logits = _logits(model, processor, family, item)

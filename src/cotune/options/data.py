@@ -1,0 +1,117 @@
+"""The sections under ``data``: how records are read and rendered, the held-out file, the
+train/validation split and image augmentation.
+
+They share the key ``data`` so that a run's ``config.yaml`` has one ``data`` mapping, but are
+separate sections because verbs take different parts: eval reads and renders records exactly as
+training does (``DataOptions``, ``SystemPromptOptions``, ``TestFileOptions``) but neither splits
+nor augments; generate and chat take only the system prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cotune.options.fields import ConfigError, opt
+
+
+@dataclass
+class DataOptions:
+    """How records are read, rendered and filtered."""
+
+    format: str = opt(
+        "auto",
+        "Record format: auto (detect and say), llava_cot_jsonl, llava_json, sharegpt, hf, cookbook.",
+        choices=("auto", "llava_cot_jsonl", "llava_json", "sharegpt", "hf", "cookbook"),
+    )
+    image_root: str = opt("", "Folder image paths are relative to (default: the data file's folder).")
+    on_error: str = opt(
+        "skip",
+        "Bad records: 'skip' (report them and use the rest) or 'raise' (stop before any work).",
+        choices=("skip", "raise"),
+    )
+    max_seq_len: int = opt(2048, "Longest rendered sample in tokens.", positive=True)
+    overlength: str = opt(
+        "drop", "Samples longer than max_seq_len: 'drop' or 'truncate'.", choices=("drop", "truncate")
+    )
+    columns: dict = opt({}, "Column mapping for Hugging Face datasets (e.g. {image: img, messages: chat}).")
+    image_workers: int = opt(4, "Threads checking every image once as a data file is read.")
+    image_check: str = opt(
+        "decode",
+        "When a data file is read: 'decode' every image, or read only each 'header' (fast on large "
+        "sets; an image whose data is cut short is then skipped when training reaches it).",
+        choices=("decode", "header"),
+    )
+
+
+@dataclass
+class SystemPromptOptions:
+    """The system message of every conversation."""
+
+    system_prompt: str = opt(
+        "", "Optional system prompt prepended to every conversation (Mllama refuses it with images)."
+    )
+
+
+@dataclass
+class TestFileOptions:
+    """The labelled held-out file."""
+
+    test_file: str = opt(
+        "",
+        "Held-out labelled file: training validates on it (empty: a seeded split of the training "
+        "data), eval scores it, merge checks parity on its first record. --data FILE is short for it.",
+    )
+
+
+@dataclass
+class SplitOptions:
+    """The validation split when there is no test file."""
+
+    test_split_ratio: float = opt(0.1, "Fraction held out for validation when no test file is given.")
+    split_seed: int = opt(42, "Seed of the train/test split.")
+
+
+def check_split(s: Any, prefix: str) -> None:
+    """Raises ConfigError unless the held-out fraction is in (0, 1)."""
+    if not 0.0 < s.test_split_ratio < 1.0:
+        raise ConfigError(f"option '{prefix}test_split_ratio' must be in (0, 1); got {s.test_split_ratio}")
+
+
+@dataclass
+class AugmentConfig:
+    """Visual augmentation of training images (albumentations); validation images are never augmented.
+
+    Each image's transform is drawn from (seed, epoch, sample index, image index), so a resumed run
+    sees the same augmentations as an uninterrupted one.
+    """
+
+    enabled: bool = opt(False, "Augment training images.")
+    crop_scale_min: float = opt(0.8, "Random resized crop: smallest kept area fraction (1.0: no crop).")
+    crop_scale_max: float = opt(1.0, "Random resized crop: largest kept area fraction.")
+    rotate: float = opt(5.0, "Random rotation within +-this many degrees (0: none).")
+    brightness: float = opt(0.2, "Colour jitter: brightness range (0: none).")
+    contrast: float = opt(0.2, "Colour jitter: contrast range (0: none).")
+    saturation: float = opt(0.2, "Colour jitter: saturation range (0: none).")
+    hue: float = opt(
+        0.02, "Colour jitter: hue range, a fraction of the colour circle, at most 0.5 (0: none)."
+    )
+    blur: float = opt(0.1, "Probability of a Gaussian blur.")
+    noise: float = opt(0.1, "Probability of Gaussian noise.")
+    hflip: float = opt(
+        0.0, "Probability of a horizontal flip (off: flips break text and left/right questions)."
+    )
+
+
+def check_augment(a: Any, prefix: str) -> None:
+    """Raises ConfigError for crop bounds, probabilities or a hue range out of their ranges."""
+    if not 0.0 < a.crop_scale_min <= a.crop_scale_max <= 1.0:
+        raise ConfigError(
+            f"options '{prefix}crop_scale_min' and '{prefix}crop_scale_max' must satisfy "
+            f"0 < min <= max <= 1; got {a.crop_scale_min} and {a.crop_scale_max}"
+        )
+    for name in ("blur", "noise", "hflip"):
+        if not 0.0 <= getattr(a, name) <= 1.0:
+            raise ConfigError(f"option '{prefix}{name}' is a probability in [0, 1]; got {getattr(a, name)}")
+    if not 0.0 <= a.hue <= 0.5:
+        raise ConfigError(f"option '{prefix}hue' must be in [0, 0.5]; got {a.hue}")

@@ -1,0 +1,120 @@
+"""The sections of a fine-tuning run: llama-cookbook's ``train_config`` (flat), LoRA, FSDP and the
+cookbook's ``custom_dataset``. Names and defaults follow the cookbook."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cotune.options.fields import ConfigError, opt
+
+
+@dataclass
+class TrainingOptions:
+    """A fine-tuning run. Field names follow llama-cookbook's ``train_config``."""
+
+    output_dir: str = opt("runs/default", "Where the adapter, metrics, plots and checkpoints go.")
+    dataset: str = opt("custom_dataset", "A data file (JSONL/JSON/dataset dir) or 'custom_dataset'.")
+    run_validation: bool = opt(True, "Validate every epoch (and every eval_every_steps).")
+    batch_size_training: int = opt(4, "Samples per step per process.", positive=True)
+    val_batch_size: int = opt(0, "Validation batch size (0: same as batch_size_training).")
+    batching_strategy: str = opt(
+        "padding", "padding (length-grouped) or packing.", choices=("padding", "packing")
+    )
+    context_length: int = opt(4096, "Row length when batching_strategy is packing.")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", positive=True)
+    gradient_clipping: bool = opt(False, "Clip the gradient norm.")
+    gradient_clipping_threshold: float = opt(1.0, "Maximum gradient norm when clipping.")
+    num_epochs: int = opt(3, "Passes over the training data.", positive=True)
+    max_train_step: int = opt(0, "Stop after this many optimizer steps (0: no limit).")
+    max_eval_step: int = opt(0, "Validate on at most this many batches (0: all).")
+    eval_every_steps: int = opt(0, "Also validate every N optimizer steps (0: only at epoch end).")
+    num_workers_dataloader: int = opt(0, "DataLoader worker processes.")
+    lr: float = opt(1e-4, "Peak learning rate.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    scheduler: str = opt(
+        "step",
+        "Learning-rate schedule: step (cookbook StepLR), constant, linear, cosine.",
+        choices=("step", "constant", "linear", "cosine"),
+    )
+    gamma: float = opt(0.85, "StepLR decay per epoch (scheduler: step).")
+    warmup_steps: int = opt(0, "Linear warm-up steps (constant, linear, cosine).")
+    mixed_precision: bool = opt(True, "Use bf16 autocast where the device supports it (LoRA weights fp32).")
+    use_fp16: bool = opt(False, "Use fp16 autocast instead of bf16 (GPU).")
+    pure_bf16: bool = opt(False, "Load the frozen base in bf16 (LoRA weights stay fp32).")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    use_fast_kernels: bool = opt(True, "Use PyTorch SDPA attention.")
+    use_peft: bool = opt(True, "Train a PEFT adapter (cotune always does; False is an error).")
+    peft_method: str = opt("lora", "PEFT method: lora.", choices=("lora",))
+    from_peft_checkpoint: str = opt("", "Start from an existing adapter directory.")
+    enable_fsdp: bool = opt(False, "Shard with FSDP2 across the processes of torchrun.")
+    nproc_per_node: int = opt(0, "With enable_fsdp and not under torchrun: launch this many processes.")
+    low_cpu_fsdp: bool = opt(
+        False,
+        "Several processes: only the first reads the checkpoint; the others build the model on the "
+        "meta device and receive their shards (host memory: one copy of the base, not one per process).",
+    )
+    save_model: bool = opt(True, "Save the adapter at the end (and the best one when validating).")
+    save_metrics: bool = opt(True, "Write metrics.jsonl and the loss plot.")
+    save_every_steps: int = opt(
+        0, "Write a resumable checkpoint every N optimizer steps (0: epoch end only)."
+    )
+    keep_last_checkpoints: int = opt(2, "Resumable checkpoints to keep (0: write none).")
+    resume: str = opt("", "Resume from 'auto' (last checkpoint in output_dir) or a checkpoint path.")
+    dist_checkpoint_root_folder: str = opt("", "Cookbook: with dist_checkpoint_folder, sets output_dir.")
+    dist_checkpoint_folder: str = opt("", "Cookbook: with dist_checkpoint_root_folder, sets output_dir.")
+    log_every_steps: int = opt(1, "Write a metrics line every N optimizer steps.")
+    progress: bool = opt(True, "Show a progress bar.")
+
+
+def check_training(t: Any, prefix: str) -> None:
+    """Refuses use_peft False; the cookbook's dist_checkpoint_* folders set an unset output_dir."""
+    if not t.use_peft:
+        raise ConfigError(
+            "cotune trains LoRA adapters only: use_peft must be True (full fine-tuning is not offered)"
+        )
+    if t.dist_checkpoint_root_folder and t.dist_checkpoint_folder and t.output_dir == "runs/default":
+        t.output_dir = str(Path(t.dist_checkpoint_root_folder) / t.dist_checkpoint_folder)
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapter settings, passed to ``peft.LoraConfig``."""
+
+    r: int = opt(8, "LoRA rank.", positive=True)
+    lora_alpha: int = opt(32, "LoRA scaling numerator (scale = lora_alpha / r).")
+    lora_dropout: float = opt(0.05, "Dropout on the LoRA input.")
+    target_modules: Any = opt(
+        "language",
+        "A preset of the model family ('language', 'language+cross_attention', 'all') "
+        "or a list of module names such as [q_proj, v_proj].",
+    )
+    bias: str = opt("none", "Which biases to train: none, all, lora_only.")
+    task_type: str = opt("CAUSAL_LM", "PEFT task type (kept for cookbook compatibility).")
+
+
+@dataclass
+class CustomDatasetConfig:
+    """llama-cookbook's ``custom_dataset`` section: a Python file defining ``get_custom_dataset``."""
+
+    dataset: str = opt("custom_dataset", "Kept for cookbook compatibility.")
+    file: str = opt("", "path/to/file.py or path/to/file.py:function_name.")
+    train_split: str = opt("train", "Split name passed to get_custom_dataset for training.")
+    test_split: str = opt("test", "Split name passed to get_custom_dataset for validation.")
+    data_path: str = opt("", "Passed through to the dataset file as dataset_config.data_path.")
+
+
+@dataclass
+class FsdpConfig:
+    """Sharding settings used when ``enable_fsdp`` is on."""
+
+    sharding_strategy: str = opt(
+        "full_shard",
+        "full_shard, shard_grad_op or hybrid_shard.",
+        choices=("full_shard", "shard_grad_op", "hybrid_shard"),
+    )
+    mixed_precision: bool = opt(True, "bf16 parameters and compute, fp32 gradient reduction (GPU).")
+    cpu_offload: bool = opt(False, "Offload sharded parameters to CPU.")
+    fsdp_activation_checkpointing: bool = opt(True, "Checkpoint activations per wrapped layer.")
+    replicate_degree: int = opt(0, "hybrid_shard: number of replicas (default: number of nodes).")

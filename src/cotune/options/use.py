@@ -1,0 +1,101 @@
+"""The sections of the verbs that use a model or build one: generate, chat, eval, merge, demo, data
+preview, tiny-model and synth-data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cotune.options.fields import opt
+
+
+@dataclass
+class PromptOptions:
+    """What generate and chat are asked."""
+
+    prompt: str = opt("", "The prompt (or the words after the options; chat: the first message).")
+    image: list = opt([], "Image file for the (first) prompt. Repeat for several.", repeat=True)
+
+
+@dataclass
+class GenerationOptions:
+    """How long a reply may be."""
+
+    max_new_tokens: int = opt(256, "Longest reply (per stage with --search stage).", positive=True)
+
+
+@dataclass
+class DecodingOptions:
+    """How generate and chat pick a reply's tokens."""
+
+    do_sample: bool = opt(False, "Sample instead of greedy decoding.")
+    temperature: float = opt(0.7, "Sampling temperature (sampling and searches).")
+    top_p: float = opt(0.9, "Nucleus sampling threshold (sampling and searches).")
+    search: str = opt(
+        "none",
+        "none (greedy or --do_sample), stage (LLaVA-CoT stage-level beam search) or best-of-n.",
+        choices=("none", "stage", "best-of-n"),
+    )
+    beam_size: int = opt(4, "Candidates per stage (stage) or replies (best-of-n).", positive=True)
+    stream: bool = opt(True, "Print tokens as they come (without --search).")
+    verbose: bool = opt(False, "With --search: print every candidate and the winners.")
+
+
+@dataclass
+class EvalOptions:
+    """cotune eval's own options."""
+
+    batch_size: int = opt(8, "Prompts per generation batch and samples per loss batch.", positive=True)
+    limit: int = opt(0, "Evaluate the first N samples only (0: all).")
+    image_ablation: bool = opt(
+        False,
+        "Also evaluate with images shuffled across samples and with blank images: does the model "
+        "look at the image? (accuracy and CONCLUSION loss per condition, 'image reliance' row)",
+    )
+    output_dir: str = opt(
+        "", "Where eval.json, eval.md and predictions.jsonl go (default: RUN/eval next to RUN/adapter)."
+    )
+
+
+@dataclass
+class MergeOptions:
+    """cotune merge's own options."""
+
+    output_dir: str = opt("", "Where the merged checkpoint goes (required; --output is short for it).")
+    max_shard_size: str = opt("2GB", "Largest safetensors shard (bounds memory while saving).")
+    tolerance: float = opt(0.0, "Largest |merged - adapter| logit difference allowed (0: by dtype).")
+
+
+@dataclass
+class DemoOptions:
+    """cotune demo's own options."""
+
+    workdir: str = opt("demo_out", "Where the tiny model, the data and the run go (reused when there).")
+    n_eval: int = opt(
+        100, "Held-out prompts answered greedily, with true and with shuffled images.", positive=True
+    )
+
+
+@dataclass
+class PreviewOptions:
+    """cotune data preview's own options."""
+
+    augment: int = opt(8, "Augmentations shown per sample (the data.augment settings, enabled).")
+    samples: int = opt(4, "Samples shown.", positive=True)
+    out: str = opt("data_preview.png", "The PNG written.")
+
+
+@dataclass
+class TinyModelOptions:
+    """cotune tiny-model's own options."""
+
+    family: str = opt(
+        "mllama", "Architecture of the tiny checkpoint: mllama or llava.", choices=("mllama", "llava")
+    )
+
+
+@dataclass
+class SynthDataOptions:
+    """cotune synth-data's own options."""
+
+    n_train: int = opt(400, "Training records.", positive=True)
+    n_test: int = opt(40, "Held-out records.", positive=True)
