@@ -148,14 +148,10 @@ def draw_scene(
 READING_ORDER = ("top", "left", "center", "right", "bottom")
 
 
-def _caption_part(item: dict) -> str:
-    return f"{_WHERE[item['position']]}, {_a(item['colour'])} {item['shape']}"
-
-
 def _caption(scene: Scene) -> str:
     items = sorted(scene["shapes"], key=lambda i: READING_ORDER.index(i["position"]))
     noun = "shape" if len(items) == 1 else "shapes"
-    parts = [_caption_part(i) for i in items]
+    parts = [f"{_WHERE[i['position']]}, {_a(i['colour'])} {i['shape']}" for i in items]
     return f"The image shows {_NUMBER_WORDS[len(items)]} {noun} on {_a(scene['background'])} background: {'; '.join(parts)}."
 
 
@@ -164,31 +160,29 @@ def _free_form(rng: random.Random, scene: Scene, task: str) -> tuple[str, str, s
     items = scene["shapes"]
     item = rng.choice(items)
     shape, colour, where = item["shape"], item["colour"], _WHERE[item["position"]]
-    # The reasoning quotes the caption's words for the shape in question, then derives the answer from
-    # them: the picture is read once, in the caption, and the answer follows from what was read.
-    quote = f"The caption says: {_caption_part(item)}."
-    listed = _join([f"{_a(i['colour'])} {i['shape']}" for i in items])
+    listed = _join([f"the {i['colour']} {i['shape']}" for i in items])
+    present = f"The shapes in the image are {listed}." if len(items) > 1 else f"The only shape is {listed}."
     if task == "count":
         answer, pool = str(len(items)), ["1", "2", "3", "4"]
         total = f"there are {answer} shapes" if len(items) > 1 else "there is 1 shape"
-        reasoning = f"The caption lists {listed}. So {total} in total."
+        reasoning = f"Going through the image one object at a time, I see {listed}. So {total} in total."
     elif task == "colour":
         answer, pool = colour, sorted(COLOURS)
-        reasoning = f"{quote} So the {shape} is {colour}."
+        reasoning = f"There is exactly one {shape} in the image, located {where}. Its fill is {colour}, so the {shape} is {colour}."
     elif task == "shape":
         answer, pool = shape, list(SHAPES)
-        reasoning = f"{quote} So the {colour} object is {_a(shape)}, with {_OUTLINE[shape]}."
+        reasoning = f"The only {colour} object in the image sits {where}. Its outline has {_OUTLINE[shape]}, which makes it a {shape}."
     elif task == "position":
         answer, pool = item["position"], sorted(POSITIONS)
-        reasoning = f"{quote} So the {colour} {shape} is {where}: its position is {answer}."
+        reasoning = f"The {colour} {shape} is drawn {where} of the image, apart from any other shape. Its position is therefore {answer}."
     else:  # exists: ask about a present or an absent shape with equal odds, when one is absent
         absent = [s for s in SHAPES if s not in {i["shape"] for i in items}]
         if absent and rng.random() < 0.5:
             shape, answer = rng.choice(absent), "no"
-            reasoning = f"The caption lists {listed}. None of them is {_a(shape)}, so the answer is no."
+            reasoning = f"{present} None of them is a {shape}, so the answer is no."
         else:
             answer = "yes"
-            reasoning = f"{quote} That is {_a(shape)}, so the answer is yes."
+            reasoning = f"{present} The {colour} {shape} {where} is a {shape}, so the answer is yes."
         pool = ["yes", "no"]
     question = rng.choice(_QUESTIONS[task]).format(shape=shape, colour=colour)
     summary = _SUMMARIES[task].format(shape=shape, colour=colour)
