@@ -1,8 +1,8 @@
 """What is specific to each model architecture, in one place; the rest of cotune asks this module.
 
 A family knows its transformers model class, the decoder/encoder layer classes (wrapped one by one
-by FSDP and activation checkpointing), its LoRA target presets, its image token and how images
-become model inputs. Adding an architecture means adding one ``ModelFamily`` here.
+by FSDP and activation checkpointing), the inputs its forward takes, its LoRA target presets, its
+image token and how images become model inputs. Adding an architecture means adding one ``ModelFamily`` here.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ class ModelFamily:
         name: short name shown to users.
         model_types: ``config.model_type`` values of this family.
         layer_classes: class names of the repeated blocks (text decoder and vision encoder layers).
+        input_keys: the keys of a collated batch that the model's forward takes (``labels``
+            included: the loss takes them); ``model_inputs`` picks them out of a batch.
         image_token: the placeholder token that marks an image in the rendered text.
         lora_targets: builds the PEFT ``target_modules`` regex for a preset from the model config.
         image_inputs: turns per-sample image lists into model inputs (see ``mllama_image_inputs``).
@@ -52,6 +54,7 @@ class ModelFamily:
     name: str
     model_types: tuple[str, ...]
     layer_classes: tuple[str, ...]
+    input_keys: tuple[str, ...]
     image_token: str
     lora_targets: Callable[[Any, str], str]
     image_inputs: Callable[..., dict]
@@ -62,6 +65,21 @@ class ModelFamily:
     dummy_image_inputs: Callable[[dict, Any], dict] | None = None
     dummy_vision_pass: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
     collate_packed_images: Callable[[list[list[dict]], int, int], dict] | None = None
+
+    def model_inputs(self, batch: dict, dummy_images_for: Any = None) -> dict:
+        """The entries of a collated ``batch`` that the forward takes (``input_keys``).
+
+        Args:
+            batch: a collated batch.
+            dummy_images_for: the model's config when every process must run the vision layers
+                (several processes: FSDP's collectives pair up across ranks); a batch without
+                images then gets the family's ``dummy_image_inputs``. None: the batch as it is.
+        """
+        inputs = {k: v for k, v in batch.items() if k in self.input_keys}
+        wants_dummy = dummy_images_for is not None and self.dummy_image_inputs is not None
+        if wants_dummy and "pixel_values" not in inputs:
+            inputs.update(self.dummy_image_inputs(inputs, dummy_images_for))
+        return inputs
 
     def image_token_id(self, tokenizer) -> int:
         return tokenizer.convert_tokens_to_ids(self.image_token)
@@ -262,6 +280,16 @@ MLLAMA = ModelFamily(
         "MllamaCrossAttentionDecoderLayer",
         "MllamaVisionEncoderLayer",
     ),
+    input_keys=(
+        "input_ids",
+        "attention_mask",
+        "labels",
+        "position_ids",  # packed rows: positions restart per sample, which confines attention to it
+        "pixel_values",
+        "aspect_ratio_ids",
+        "aspect_ratio_mask",
+        "cross_attention_mask",
+    ),
     image_token="<|image|>",
     lora_targets=_mllama_lora_targets,
     image_inputs=mllama_image_inputs,
@@ -341,6 +369,7 @@ LLAVA = ModelFamily(
     name="llava",
     model_types=("llava",),
     layer_classes=("LlamaDecoderLayer", "CLIPEncoderLayer"),
+    input_keys=("input_ids", "attention_mask", "labels", "position_ids", "pixel_values"),
     image_token="<image>",
     lora_targets=_llava_lora_targets,
     image_inputs=llava_image_inputs,

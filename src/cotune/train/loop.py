@@ -48,17 +48,6 @@ from cotune.train.step import (
     validation_loss,
 )
 
-MODEL_INPUT_KEYS = (
-    "input_ids",
-    "attention_mask",
-    "labels",
-    "pixel_values",
-    "aspect_ratio_ids",
-    "aspect_ratio_mask",
-    "cross_attention_mask",
-    "position_ids",  # packed rows: positions restart per sample, which confines attention to it
-)
-
 
 @dataclass
 class Run:
@@ -208,11 +197,13 @@ def setup(cfg: TrainConfig, log=print) -> Run:
 
 
 def _model_inputs(batch: dict, run: Run) -> dict:
-    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
-    dummy = run.family.dummy_image_inputs
-    if run.dist.enabled and dummy is not None and "pixel_values" not in inputs:
-        # every rank must run the vision layers' FSDP collectives, even with text-only samples
-        inputs.update(dummy(inputs, run.model.get_base_model().config))
+    """The batch's inputs for the forward (the family's keys), on the device.
+
+    Several processes: every rank must run the vision layers' FSDP collectives, so a batch without
+    images gets the family's dummy image inputs.
+    """
+    config = run.model.get_base_model().config if run.dist.enabled else None
+    inputs = run.family.model_inputs(batch, dummy_images_for=config)
     return to_device(inputs, run.dist.device, float_dtype=run.base_dtype)
 
 
