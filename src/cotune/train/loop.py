@@ -24,7 +24,6 @@ from cotune.files import cleanup_partial
 from cotune.models.families import ModelFamily, layer_modules
 from cotune.models.load import (
     add_lora,
-    enable_activation_checkpointing,
     load_base_model,
     load_processor,
     resolve_dtype,
@@ -121,8 +120,9 @@ def setup(cfg: TrainConfig, log=print) -> Run:
     )
     torch.manual_seed(cfg.seed)  # LoRA init does not depend on how much randomness loading used
     peft_model = add_lora(model, family, cfg.lora_config, from_checkpoint=cfg.from_peft_checkpoint)
-    if cfg.gradient_checkpointing and not sharded:  # under FSDP: per wrapped layer, below
-        enable_activation_checkpointing(peft_model)
+    layers = layer_modules(peft_model, family)  # text decoder and vision encoder layers
+    if cfg.gradient_checkpointing and not sharded:  # under FSDP: wrap_fsdp checkpoints the same layers
+        D.checkpoint_activations(layers)
     peft_model.train()
     trainable, total = trainable_parameters(peft_model)
     quiet(
@@ -144,7 +144,6 @@ def setup(cfg: TrainConfig, log=print) -> Run:
 
     loss_model = ChunkedLossModel(peft_model, family=family)
     if sharded:  # after add_lora (LoRA weights fp32, the same on every rank), before the optimizer
-        layers = layer_modules(peft_model, family)
         quiet(
             D.shard_for_training(
                 loss_model, layers, cfg.fsdp_config, dist, cfg.gradient_checkpointing, from_rank0
