@@ -223,7 +223,7 @@ def checkpoint_activations(layers: list[torch.nn.Module]) -> None:
     Args:
         layers: the repeated blocks, from ``layer_modules(model, family)``: text decoder layers and
             vision encoder layers alike (transformers' ``gradient_checkpointing_enable`` covers only
-            the layers its model classes mark, which leaves out Mllama's vision encoder layers).
+            the layers its model classes mark, and some families' vision encoder layers are not marked).
 
     The composable (hook-based) form keeps parameter names unchanged, so PEFT keys and checkpoint
     keys are the same with and without it, and FSDP2 knows to skip its own hooks while recomputing.
