@@ -203,12 +203,14 @@ def mllama_collate_images(items: list[dict], seq_len: int, image_token_id: int) 
 
 
 def mllama_dummy_image_inputs(batch: dict, config: Any) -> dict:
-    """One blank single-tile image per sample that no text position attends to.
+    """One empty image slot per sample that no text position attends to: the slot the collator gives
+    a sample without images in a batch with images (blank pixels, aspect-ratio id 0, first tile on).
 
-    The vision tower and the cross-attention layers run on it, but an all-zero
-    ``cross_attention_mask`` masks every text row out of cross-attention (Mllama multiplies those
-    rows by zero), so the loss is exactly that of the text-only batch and the gradients of the
-    vision and cross-attention weights are zero.
+    The vision tower and the cross-attention layers run on it. An all-zero ``cross_attention_mask``
+    masks the feed-forward branch of cross-attention out for every text row, but transformers still
+    lets such rows average over the image slots in the gated attention branch (#39379), so the loss
+    is not that of the text-only batch run alone (which skips cross-attention): it is that of the
+    same samples in a one-process batch that has images, which is what several processes must match.
 
     Args:
         batch: a collated batch without ``pixel_values`` (``input_ids`` gives batch and length).
@@ -221,7 +223,7 @@ def mllama_dummy_image_inputs(batch: dict, config: Any) -> dict:
     ratio_mask[:, :, 0] = 1
     return {
         "pixel_values": torch.zeros(batch_size, 1, tiles, vision.num_channels, size, size),
-        "aspect_ratio_ids": torch.ones(batch_size, 1, dtype=torch.long),  # 1: the 1x1 tile layout
+        "aspect_ratio_ids": torch.zeros(batch_size, 1, dtype=torch.long),  # 0: an empty slot
         "aspect_ratio_mask": ratio_mask,
         "cross_attention_mask": torch.zeros(batch_size, seq_len, 1, tiles, dtype=torch.long),
     }
