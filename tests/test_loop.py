@@ -1,4 +1,4 @@
-"""Pieces of the training recipe: schedules, gradient checkpointing parity, adapter saving."""
+"""Pieces of the training recipe: schedules, activation checkpointing parity, adapter saving."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from cotune.config import LoraConfig, load_config
 from cotune.data.batching import PaddingCollator
 from cotune.data.dataset import SFTDataset, encode_samples
 from cotune.data.records import load_samples
-from cotune.models.families import MLLAMA
-from cotune.models.load import add_lora, enable_activation_checkpointing, load_base_model
-from cotune.train.loop import build_scheduler, finetune
+from cotune.models.families import MLLAMA, layer_modules
+from cotune.models.load import add_lora, load_base_model
+from cotune.train.distributed import checkpoint_activations
+from cotune.train.loop import build_scheduler, finetune, setup
 from cotune.train.loss import ChunkedLossModel
 from helpers import random_lora
 
@@ -49,17 +50,18 @@ def batch(processor, shapes):
     return PaddingCollator(tok.pad_token_id, MLLAMA, MLLAMA.image_token_id(tok))([ds[0], ds[1]])
 
 
-def count_forwards(model, where: str = "language_model") -> dict[str, int]:
-    """Counts how often the body of each decoder layer under ``where`` runs (filled as they run).
+def count_forwards(model) -> dict[str, int]:
+    """Counts how often the body of each layer of the family's layer classes runs (text decoder and
+    vision encoder layers; filled as they run).
 
-    What is counted is the start of the layer's first sub-module, its input norm: transformers
-    checkpoints the layer's class-level forward, so a recomputation in backward would not pass
-    through a wrapper set on the instance; and the recomputation stops as soon as it has rebuilt
+    What is counted is the start of the layer's first sub-module, its input norm: a recomputation
+    in backward need not pass through a wrapper set on the instance (transformers' mechanism
+    checkpoints the class-level forward); and the recomputation stops as soon as it has rebuilt
     the tensors backward needs, so a hook at the end of the body could be skipped.
     """
     counts = {}
     for name, layer in model.named_modules():
-        if where in name and type(layer).__name__ in MLLAMA.layer_classes:
+        if type(layer).__name__ in MLLAMA.layer_classes:
             counts[name] = 0
             layer.input_layernorm.register_forward_pre_hook(
                 lambda *_, _name=name: counts.update({_name: counts[_name] + 1})
@@ -70,7 +72,7 @@ def count_forwards(model, where: str = "language_model") -> dict[str, int]:
 def loss_and_grads(tiny_mllama, batch, checkpointing: bool):
     peft = random_lora(tiny_mllama, seed=0, std=0.05, targets="all")
     if checkpointing:
-        enable_activation_checkpointing(peft)  # what setup() does without FSDP
+        checkpoint_activations(layer_modules(peft, MLLAMA))  # what setup() does without FSDP
     peft.train()
     forwards = count_forwards(peft)
     loss_sum, n = ChunkedLossModel(peft)(**batch)
@@ -82,13 +84,38 @@ def loss_and_grads(tiny_mllama, batch, checkpointing: bool):
 def test_gradient_checkpointing_recomputes_and_gives_same_loss_and_gradients(tiny_mllama, batch):
     ref_loss, ref_grads, ref_forwards = loss_and_grads(tiny_mllama, batch, checkpointing=False)
     loss, grads, forwards = loss_and_grads(tiny_mllama, batch, checkpointing=True)
-    # checkpointing is on: every decoder layer runs its forward again in backward (recomputation)
-    assert len(ref_forwards) == 4 and set(ref_forwards.values()) == {1}, ref_forwards
-    assert forwards == {name: 2 for name in ref_forwards}, forwards
+    text = [name for name in ref_forwards if "language_model" in name]
+    vision = [name for name in ref_forwards if "vision_model" in name]
+    assert len(text) == 4 and vision and len(text) + len(vision) == len(ref_forwards), ref_forwards
+    assert set(ref_forwards.values()) == {1}, ref_forwards
+    # checkpointing is on: every text decoder layer and every vision encoder layer (local and
+    # global) runs its forward again in backward (recomputation)
+    assert {name: forwards[name] for name in text} == {name: 2 for name in text}, forwards
+    assert {name: forwards[name] for name in vision} == {name: 2 for name in vision}, forwards
     torch.testing.assert_close(loss, ref_loss)
     assert any(("vision_model" in k) for k in grads), "the 'all' preset must reach the vision tower"
     for k in ref_grads:
         torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-7)
+
+
+def test_setup_checkpoints_text_and_vision_layers_in_one_process(tiny_mllama, shapes, tmp_path):
+    """``gradient_checkpointing`` without FSDP: setup itself recomputes every layer, vision included."""
+    data = _first_records(shapes, 2, tmp_path / "two.jsonl")
+    cfg = load_config(
+        None,
+        [("model_name", str(tiny_mllama)), ("dataset", data), ("test_file", data),
+         ("data.image_root", str(shapes["images"].parent)), ("output_dir", str(tmp_path / "run")),
+         ("batch_size_training", "2"), ("gradient_checkpointing", "True"),
+         ("lora_config.target_modules", "all"), ("progress", "False"), ("data.max_seq_len", "512")],
+    )  # fmt: skip
+    run = setup(cfg, log=lambda s: None)
+    forwards = count_forwards(run.model)
+    batch = next(iter(run.data.train))
+    assert "pixel_values" in batch
+    loss_sum, n = run.loss_model(**run.family.model_inputs(batch))
+    (loss_sum / n).backward()
+    assert any("vision_model" in name for name in forwards)
+    assert forwards == {name: 2 for name in forwards}, forwards
 
 
 def test_lora_presets_select_the_right_layers(tiny_mllama):

@@ -1,8 +1,8 @@
 """What is specific to each model architecture, in one place; the rest of cotune asks this module.
 
 A family knows its transformers model class, the decoder/encoder layer classes (wrapped one by one
-by FSDP and activation checkpointing), its LoRA target presets, its image token and how images
-become model inputs. Adding an architecture means adding one ``ModelFamily`` here.
+by FSDP and activation checkpointing), the inputs its forward takes, its LoRA target presets, its
+image token and how images become model inputs. Adding an architecture means adding one ``ModelFamily`` here.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ class ModelFamily:
         name: short name shown to users.
         model_types: ``config.model_type`` values of this family.
         layer_classes: class names of the repeated blocks (text decoder and vision encoder layers).
+        input_keys: the keys of a collated batch that the model's forward takes (``labels``
+            included: the loss takes them); ``model_inputs`` picks them out of a batch.
         image_token: the placeholder token that marks an image in the rendered text.
         lora_targets: builds the PEFT ``target_modules`` regex for a preset from the model config.
         image_inputs: turns per-sample image lists into model inputs (see ``mllama_image_inputs``).
@@ -52,6 +54,7 @@ class ModelFamily:
     name: str
     model_types: tuple[str, ...]
     layer_classes: tuple[str, ...]
+    input_keys: tuple[str, ...]
     image_token: str
     lora_targets: Callable[[Any, str], str]
     image_inputs: Callable[..., dict]
@@ -62,6 +65,21 @@ class ModelFamily:
     dummy_image_inputs: Callable[[dict, Any], dict] | None = None
     dummy_vision_pass: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
     collate_packed_images: Callable[[list[list[dict]], int, int], dict] | None = None
+
+    def model_inputs(self, batch: dict, dummy_images_for: Any = None) -> dict:
+        """The entries of a collated ``batch`` that the forward takes (``input_keys``).
+
+        Args:
+            batch: a collated batch.
+            dummy_images_for: the model's config when every process must run the vision layers
+                (several processes: FSDP's collectives pair up across ranks); a batch without
+                images then gets the family's ``dummy_image_inputs``. None: the batch as it is.
+        """
+        inputs = {k: v for k, v in batch.items() if k in self.input_keys}
+        wants_dummy = dummy_images_for is not None and self.dummy_image_inputs is not None
+        if wants_dummy and "pixel_values" not in inputs:
+            inputs.update(self.dummy_image_inputs(inputs, dummy_images_for))
+        return inputs
 
     def image_token_id(self, tokenizer) -> int:
         return tokenizer.convert_tokens_to_ids(self.image_token)
@@ -185,12 +203,14 @@ def mllama_collate_images(items: list[dict], seq_len: int, image_token_id: int) 
 
 
 def mllama_dummy_image_inputs(batch: dict, config: Any) -> dict:
-    """One blank single-tile image per sample that no text position attends to.
+    """One empty image slot per sample that no text position attends to: the slot the collator gives
+    a sample without images in a batch with images (blank pixels, aspect-ratio id 0, first tile on).
 
-    The vision tower and the cross-attention layers run on it, but an all-zero
-    ``cross_attention_mask`` masks every text row out of cross-attention (Mllama multiplies those
-    rows by zero), so the loss is exactly that of the text-only batch and the gradients of the
-    vision and cross-attention weights are zero.
+    The vision tower and the cross-attention layers run on it. An all-zero ``cross_attention_mask``
+    masks the feed-forward branch of cross-attention out for every text row, but transformers still
+    lets such rows average over the image slots in the gated attention branch (#39379), so the loss
+    is not that of the text-only batch run alone (which skips cross-attention): it is that of the
+    same samples in a one-process batch that has images, which is what several processes must match.
 
     Args:
         batch: a collated batch without ``pixel_values`` (``input_ids`` gives batch and length).
@@ -203,7 +223,7 @@ def mllama_dummy_image_inputs(batch: dict, config: Any) -> dict:
     ratio_mask[:, :, 0] = 1
     return {
         "pixel_values": torch.zeros(batch_size, 1, tiles, vision.num_channels, size, size),
-        "aspect_ratio_ids": torch.ones(batch_size, 1, dtype=torch.long),  # 1: the 1x1 tile layout
+        "aspect_ratio_ids": torch.zeros(batch_size, 1, dtype=torch.long),  # 0: an empty slot
         "aspect_ratio_mask": ratio_mask,
         "cross_attention_mask": torch.zeros(batch_size, seq_len, 1, tiles, dtype=torch.long),
     }
@@ -261,6 +281,16 @@ MLLAMA = ModelFamily(
         "MllamaSelfAttentionDecoderLayer",
         "MllamaCrossAttentionDecoderLayer",
         "MllamaVisionEncoderLayer",
+    ),
+    input_keys=(
+        "input_ids",
+        "attention_mask",
+        "labels",
+        "position_ids",  # packed rows: positions restart per sample, which confines attention to it
+        "pixel_values",
+        "aspect_ratio_ids",
+        "aspect_ratio_mask",
+        "cross_attention_mask",
     ),
     image_token="<|image|>",
     lora_targets=_mllama_lora_targets,
@@ -341,6 +371,7 @@ LLAVA = ModelFamily(
     name="llava",
     model_types=("llava",),
     layer_classes=("LlamaDecoderLayer", "CLIPEncoderLayer"),
+    input_keys=("input_ids", "attention_mask", "labels", "position_ids", "pixel_values"),
     image_token="<image>",
     lora_targets=_llava_lora_targets,
     image_inputs=llava_image_inputs,

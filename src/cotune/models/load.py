@@ -138,15 +138,6 @@ def add_lora(
     return peft_model
 
 
-def enable_activation_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute each decoder/encoder layer's activations in backward (non-reentrant)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x name
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

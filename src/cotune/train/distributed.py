@@ -152,9 +152,9 @@ def wrap_fsdp(
         CPUOffloadPolicy(pin_memory=info.device.type == "cuda") if fsdp_cfg.cpu_offload else OffloadPolicy()
     )
     reshard = fsdp_cfg.sharding_strategy != "shard_grad_op"
+    if fsdp_cfg.fsdp_activation_checkpointing:
+        checkpoint_activations(layers)  # the same layers, before they are sharded
     for layer in layers:
-        if fsdp_cfg.fsdp_activation_checkpointing:
-            apply_activation_checkpointing(layer)
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload)
     fully_shard(root, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload)
     return root
@@ -217,17 +217,22 @@ def load_from_rank0(root: torch.nn.Module, full_state: dict | None, info: DistIn
         dist.broadcast(buffer, src=0)
 
 
-def apply_activation_checkpointing(layer: torch.nn.Module) -> None:
-    """Recomputes ``layer``'s activations in backward.
+def checkpoint_activations(layers: list[torch.nn.Module]) -> None:
+    """Recomputes each of ``layers``' activations in backward: the one mechanism for one process and FSDP.
+
+    Args:
+        layers: the repeated blocks, from ``layer_modules(model, family)``: text decoder layers and
+            vision encoder layers alike (transformers' ``gradient_checkpointing_enable`` covers only
+            the layers its model classes mark, and some families' vision encoder layers are not marked).
 
     The composable (hook-based) form keeps parameter names unchanged, so PEFT keys and checkpoint
     keys are the same with and without it, and FSDP2 knows to skip its own hooks while recomputing.
-    Unlike transformers' ``gradient_checkpointing_enable`` it also covers the Mllama vision encoder
-    layers.
+    It needs no process group. Under FSDP it is applied before ``fully_shard`` (``wrap_fsdp``).
     """
     from torch.distributed._composable import checkpoint
 
-    checkpoint(layer)
+    for layer in layers:
+        checkpoint(layer)
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

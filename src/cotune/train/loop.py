@@ -1,5 +1,11 @@
 """The LoRA fine-tuning recipe: ``setup()`` builds everything, ``train()`` is the loop, top to bottom.
 
+``setup`` returns a ``Run``: what the loop reads (configuration, model, data, optimizer, ...).
+``train`` keeps what it changes in a ``LoopState`` (step, epoch, position in the epoch, best
+validation loss, the losses so far) and calls named steps, each a function of the run and the
+state: ``train_step`` (one optimizer step over an accumulation group), ``log_step``, ``validate``
+and ``checkpoint``. No step keeps state of its own.
+
 Loss convention: every optimizer step minimises the mean cross-entropy over all label tokens of
 the step (all micro-batches, all ranks). Each micro-batch's summed loss is divided by that global
 token count before backward, so gradient accumulation and data parallelism give the same update
@@ -8,10 +14,13 @@ as one large batch.
 
 from __future__ import annotations
 
+import functools
+import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -22,17 +31,9 @@ from cotune.data.build import DataBundle, build_data
 from cotune.data.cookbook import audit_batch
 from cotune.files import cleanup_partial
 from cotune.models.families import ModelFamily, layer_modules
-from cotune.models.load import (
-    add_lora,
-    enable_activation_checkpointing,
-    load_base_model,
-    load_processor,
-    resolve_dtype,
-    trainable_parameters,
-)
+from cotune.models.load import add_lora, load_base_model, load_processor, resolve_dtype, trainable_parameters
 from cotune.runtime import tune_cpu_allocator
-from cotune.train import distributed as D
-from cotune.train import resume as R
+from cotune.train import distributed, resume
 from cotune.train.checkpoint import save_adapter
 from cotune.train.loss import ChunkedLossModel
 from cotune.train.metrics import MetricsLog, Throughput, perplexity, plot_loss, read_metrics
@@ -48,24 +49,14 @@ from cotune.train.step import (
     validation_loss,
 )
 
-MODEL_INPUT_KEYS = (
-    "input_ids",
-    "attention_mask",
-    "labels",
-    "pixel_values",
-    "aspect_ratio_ids",
-    "aspect_ratio_mask",
-    "cross_attention_mask",
-    "position_ids",  # packed rows: positions restart per sample, which confines attention to it
-)
-
 
 @dataclass
 class Run:
-    """Everything ``setup`` builds for ``train``."""
+    """Everything ``setup`` builds for ``train``. The loop sets none of its fields: what it changes is
+    in ``LoopState`` (and in the model, optimizer, scheduler and scaler themselves)."""
 
     cfg: TrainConfig
-    dist: D.DistInfo
+    dist: distributed.DistInfo
     processor: Any
     family: ModelFamily
     model: torch.nn.Module  # the PEFT model (what is saved)
@@ -76,12 +67,60 @@ class Run:
     out: Path
     metrics: MetricsLog
     base_dtype: torch.dtype
-    steps_per_epoch: int
-    log: Any = print  # the first process's lines; silent on the others
-    warn: Any = print  # every process's warnings (records skipped there), prefixed with the rank
+    steps_per_epoch: int  # optimizer steps in an epoch
+    total_steps: int  # optimizer steps of the whole run (``max_train_step`` taken into account)
+    scaler: torch.amp.GradScaler | None = None  # fp16 on a GPU
+    stand_in: dict | None = None  # several processes: runs in place of a batch whose items all failed
+    log: Callable[[str], None] = print  # the first process's lines; silent on the others
+    warn: Callable[[str], None] = print  # every process's warnings (records skipped there), with the rank
     sharded: bool = False  # FSDP2: parameters are DTensors, the adapter is gathered to save it
-    resumed: R.TrainerState | None = None  # the checkpoint this run continues, if any
+    resumed: resume.TrainerState | None = None  # the checkpoint this run continues, if any
     resumed_from: Path | None = None
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per loader batch over all processes (the data's global batch; checkpoints record it)."""
+        return self.cfg.batch_size_training * self.dist.world_size
+
+    @property
+    def validates(self) -> bool:
+        """Validation is on and there is a validation set."""
+        return bool(self.cfg.run_validation and self.data.val is not None)
+
+
+@dataclass
+class LoopState:
+    """What ``train`` changes as it runs.
+
+    Attributes:
+        step: optimizer steps done.
+        epoch: the epoch being run.
+        batches_done: loader batches of ``epoch`` consumed (the same count on every rank), those a
+            resumed run skipped included.
+        best_eval_loss: lowest validation loss after a step (decides ``best_adapter``).
+        train_losses: each optimizer step's mean loss (a resumed run's earlier ones first).
+        eval_losses: each validation's loss (likewise).
+        best_adapter_dir: where ``best_adapter`` was written (first process), once it was.
+        audited: the first batch of a cookbook dataset file was checked (or needs no check).
+    """
+
+    step: int = 0
+    epoch: int = 0
+    batches_done: int = 0
+    best_eval_loss: float = math.inf
+    train_losses: list[float] = field(default_factory=list)
+    eval_losses: list[float] = field(default_factory=list)
+    best_adapter_dir: Path | None = None
+    audited: bool = False
+
+
+class StepStats(NamedTuple):
+    """What one optimizer step measured."""
+
+    loss: float  # mean over the step's label tokens, all ranks
+    lr: float  # the learning rate the update used
+    grad_norm: float | None  # before clipping; None without clipping
+    tokens: int  # real tokens of the step, all ranks
 
 
 @dataclass
@@ -97,29 +136,82 @@ class TrainResult:
     seconds: float = 0.0
 
 
+# ----------------------------------------------------------------------------- setup
+
+
 def setup(cfg: TrainConfig, log=print) -> Run:
-    """Builds processor, model + LoRA, data, optimizer and schedule from ``cfg``."""
-    dist = D.init_distributed(fsdp=cfg.enable_fsdp)
+    """Builds processor, model + LoRA, data, optimizer and schedule from ``cfg``.
+
+    Args:
+        cfg: the run's configuration.
+        log: where lines go: the first process's, and every process's warnings (with the rank).
+    """
+    dist = distributed.init_distributed(fsdp=cfg.enable_fsdp)
     # several processes always shard: without it their gradients would never be combined
     sharded = cfg.enable_fsdp or dist.enabled
     if dist.device.type == "cpu":
         tune_cpu_allocator()
-    quiet = (lambda *a, **k: None) if not dist.is_main else log
-    R.seed_everything(cfg.seed)
-    out = Path(cfg.output_dir)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        cleanup_partial(out)
-        cleanup_partial(out / R.CHECKPOINTS)
-    resume_from = R.checkpoint_to_resume(out, cfg.resume, dist.is_main)
+    main_log = log if dist.is_main else _silent
+    resume.seed_everything(cfg.seed)
+    out = _prepare_output_dir(cfg, dist)
+    resume_from = resume.checkpoint_to_resume(out, cfg.resume, dist.is_main)
 
     processor = load_processor(cfg.tokenizer_name or cfg.model_name)
-    dtype_name = "bf16" if cfg.pure_bf16 else cfg.torch_dtype
-    base_dtype = resolve_dtype(dtype_name, dist.device)
+    model, family, base_dtype, from_rank0 = build_model(cfg, dist, sharded, main_log)
+    data, steps_per_epoch, total_steps = build_training_data(cfg, processor, family, dist, main_log)
+    loss_model = ChunkedLossModel(model, family=family)
+    if sharded:  # after add_lora (LoRA weights fp32, the same on every rank), before the optimizer
+        shard_model(cfg, dist, loss_model, model, family, from_rank0, main_log)
+    optimizer, scheduler, scaler = build_optimizer(cfg, dist, model, steps_per_epoch, total_steps)
+    resumed = None
+    if resume_from is not None:  # the weights, optimizer, schedule and scaler where the checkpoint was
+        resumed = resume.load_checkpoint(resume_from, loss_model, optimizer, scheduler, scaler)
+        main_log(f"resuming from {resume_from}: step {resumed.step}, epoch {resumed.epoch}")
+    elif cfg.resume == "auto":
+        main_log(f"resume: no checkpoint in {out / resume.CHECKPOINTS} yet; starting from the beginning")
+    if dist.is_main:
+        _record_start(cfg, out, resumed, main_log)
+    metrics_file = out / "metrics.jsonl" if (dist.is_main and cfg.save_metrics) else None
+    return Run(
+        cfg=cfg,
+        dist=dist,
+        processor=processor,
+        family=family,
+        model=model,
+        loss_model=loss_model,
+        data=data,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        out=out,
+        metrics=MetricsLog(metrics_file, resume=resumed is not None),
+        base_dtype=base_dtype,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        scaler=scaler,
+        # several processes: a batch whose items all failed to load is replaced, never skipped alone
+        stand_in=stand_in_batch(processor.tokenizer.bos_token_id) if dist.enabled else None,
+        log=main_log,
+        warn=log if dist.is_main else functools.partial(_warn_with_rank, log, dist.rank),
+        sharded=sharded,
+        resumed=resumed,
+        resumed_from=resume_from,
+    )
+
+
+def build_model(
+    cfg: TrainConfig, dist: distributed.DistInfo, sharded: bool, log: Callable[[str], None]
+) -> tuple[torch.nn.Module, ModelFamily, torch.dtype, bool]:
+    """The base model with LoRA, in training mode; one process: activations checkpointed if asked.
+
+    Returns:
+        The PEFT model, its family, the base weights' dtype, and whether only the first process
+        read the weights (``low_cpu_fsdp``: the others' models are on the meta device until sharded).
+    """
+    base_dtype = resolve_dtype("bf16" if cfg.pure_bf16 else cfg.torch_dtype, dist.device)
     # low_cpu_fsdp: one copy of the base in host memory, not one per process
     from_rank0 = sharded and dist.enabled and cfg.low_cpu_fsdp
     if from_rank0 and cfg.fsdp_config.cpu_offload:  # offloaded shards are not allocated on the device
-        quiet(
+        log(
             "warning: low_cpu_fsdp is not combined with fsdp_config.cpu_offload: every process reads the checkpoint"
         )
         from_rank0 = False
@@ -132,255 +224,338 @@ def setup(cfg: TrainConfig, log=print) -> Run:
     )
     torch.manual_seed(cfg.seed)  # LoRA init does not depend on how much randomness loading used
     peft_model = add_lora(model, family, cfg.lora_config, from_checkpoint=cfg.from_peft_checkpoint)
-    if cfg.gradient_checkpointing and not sharded:  # under FSDP: per wrapped layer, below
-        enable_activation_checkpointing(peft_model)
+    if cfg.gradient_checkpointing and not sharded:  # under FSDP: wrap_fsdp checkpoints the same layers
+        distributed.checkpoint_activations(layer_modules(peft_model, family))  # text and vision layers
     peft_model.train()
     trainable, total = trainable_parameters(peft_model)
-    quiet(
+    log(
         f"model: {cfg.model_name} ({family.name}, {base_dtype}); LoRA trains {trainable:,} of {total:,} parameters"
     )
+    return peft_model, family, base_dtype, from_rank0
 
-    data = build_data(cfg, processor, family, dist.rank, dist.world_size, log=quiet)
+
+def build_training_data(
+    cfg: TrainConfig,
+    processor: Any,
+    family: ModelFamily,
+    dist: distributed.DistInfo,
+    log: Callable[[str], None],
+) -> tuple[DataBundle, int, int]:
+    """The data (its report logged) and the optimizer steps it makes.
+
+    Returns:
+        The data, the optimizer steps of an epoch, and those of the run (``max_train_step`` included).
+    """
+    data = build_data(cfg, processor, family, dist.rank, dist.world_size, log=log)
     for line in data.report:
-        quiet(f"data: {line}")
+        log(f"data: {line}")
     steps_per_epoch = optimizer_steps_per_epoch(len(data.train), cfg.gradient_accumulation_steps)
     total_steps = steps_per_epoch * cfg.num_epochs
     if cfg.max_train_step:
         total_steps = min(total_steps, cfg.max_train_step)
-    global_batch = cfg.batch_size_training * cfg.gradient_accumulation_steps * dist.world_size
-    quiet(
+    samples_per_step = cfg.batch_size_training * cfg.gradient_accumulation_steps * dist.world_size
+    log(
         f"batch: {cfg.batch_size_training} per process x {cfg.gradient_accumulation_steps} accumulation x "
-        f"{dist.world_size} processes = {global_batch} samples per step; {total_steps} steps"
+        f"{dist.world_size} processes = {samples_per_step} samples per step; {total_steps} steps"
     )
+    return data, steps_per_epoch, total_steps
 
-    loss_model = ChunkedLossModel(peft_model, family=family)
-    if sharded:  # after add_lora (LoRA weights fp32, the same on every rank), before the optimizer
-        layers = layer_modules(peft_model, family)
-        quiet(
-            D.shard_for_training(
-                loss_model, layers, cfg.fsdp_config, dist, cfg.gradient_checkpointing, from_rank0
-            )
+
+def shard_model(
+    cfg: TrainConfig,
+    dist: distributed.DistInfo,
+    loss_model: torch.nn.Module,
+    model: torch.nn.Module,
+    family: ModelFamily,
+    from_rank0: bool,
+    log: Callable[[str], None],
+) -> None:
+    """FSDP2: each of the family's layers of ``model`` one unit, ``loss_model`` the root."""
+    layers = layer_modules(model, family)
+    log(
+        distributed.shard_for_training(
+            loss_model, layers, cfg.fsdp_config, dist, cfg.gradient_checkpointing, from_rank0
         )
-        if dist.enabled:
-            torch.manual_seed(cfg.seed + dist.rank)  # dropout masks differ between ranks
-        if dist.enabled and family.dummy_image_inputs is None:
-            quiet(
-                f"warning: {family.name}: a batch with images on some processes and none on others would hang"
-            )
-    params = [p for p in peft_model.parameters() if p.requires_grad]
+    )
+    if dist.enabled:
+        torch.manual_seed(cfg.seed + dist.rank)  # dropout masks differ between ranks
+    if dist.enabled and family.dummy_image_inputs is None:
+        log(f"warning: {family.name}: a batch with images on some processes and none on others would hang")
+
+
+def build_optimizer(
+    cfg: TrainConfig,
+    dist: distributed.DistInfo,
+    model: torch.nn.Module,
+    steps_per_epoch: int,
+    total_steps: int,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, torch.amp.GradScaler | None]:
+    """AdamW over the trainable (LoRA) parameters, its schedule, and fp16's GradScaler on a GPU."""
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch, total_steps)
-    resumed = None
-    if resume_from is not None:
-        resumed = R.load_checkpoint(resume_from, loss_model, optimizer, scheduler)
-        quiet(f"resuming from {resume_from}: step {resumed.step}, epoch {resumed.epoch}")
-    elif cfg.resume == "auto":
-        quiet(f"resume: no checkpoint in {out / R.CHECKPOINTS} yet; starting from the beginning")
+    scaler = torch.amp.GradScaler("cuda") if (cfg.use_fp16 and dist.device.type == "cuda") else None
+    return optimizer, scheduler, scaler
+
+
+def _prepare_output_dir(cfg: TrainConfig, dist: distributed.DistInfo) -> Path:
+    """The run directory, created, without what a crash left half-written (first process)."""
+    out = Path(cfg.output_dir)
     if dist.is_main:
-        save_config(cfg, out / "config.yaml")
-        if resumed is not None and cfg.save_metrics:
-            R.truncate_metrics(out / "metrics.jsonl", resumed.metrics_bytes)
-        for newer in R.drop_newer_checkpoints(out, resumed.step) if resumed is not None else []:
-            quiet(f"removed {newer}: it continued the run from a later point than the one resumed")
-    metrics = MetricsLog(
-        out / "metrics.jsonl" if (dist.is_main and cfg.save_metrics) else None, resume=resumed is not None
-    )
-    return Run(
-        cfg=cfg,
-        dist=dist,
-        processor=processor,
-        family=family,
-        model=peft_model,
-        loss_model=loss_model,
-        data=data,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        out=out,
-        metrics=metrics,
-        base_dtype=base_dtype,
-        steps_per_epoch=steps_per_epoch,
-        log=quiet,
-        warn=log if dist.is_main else (lambda msg: log(f"[rank {dist.rank}] {msg}")),
-        sharded=sharded,
-        resumed=resumed,
-        resumed_from=resume_from,
-    )
+        out.mkdir(parents=True, exist_ok=True)
+        cleanup_partial(out)
+        cleanup_partial(out / resume.CHECKPOINTS)
+    return out
 
 
-def _model_inputs(batch: dict, run: Run) -> dict:
-    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
-    dummy = run.family.dummy_image_inputs
-    if run.dist.enabled and dummy is not None and "pixel_values" not in inputs:
-        # every rank must run the vision layers' FSDP collectives, even with text-only samples
-        inputs.update(dummy(inputs, run.model.get_base_model().config))
-    return to_device(inputs, run.dist.device, float_dtype=run.base_dtype)
+def _record_start(
+    cfg: TrainConfig, out: Path, resumed: resume.TrainerState | None, log: Callable[[str], None]
+) -> None:
+    """config.yaml; a resumed run also cuts metrics.jsonl back and drops checkpoints after its own."""
+    save_config(cfg, out / "config.yaml")
+    if resumed is None:
+        return
+    if cfg.save_metrics:
+        resume.truncate_metrics(out / "metrics.jsonl", resumed.metrics_bytes)
+    for newer in resume.drop_newer_checkpoints(out, resumed.step):
+        log(f"removed {newer}: it continued the run from a later point than the one resumed")
 
 
-def _save(run: Run, where: Path, with_processor: bool = True) -> Path | None:
-    """Writes the adapter (PEFT format) on rank 0; under FSDP every rank takes part in gathering it."""
-    state = D.gather_trainable_state(run.model) if run.sharded else None
-    if not run.dist.is_main:
-        return None
-    extra = (lambda tmp: run.processor.save_pretrained(str(tmp))) if with_processor else None
-    return save_adapter(run.model, where, state_dict=state, extra=extra)
+def _silent(*args, **kwargs) -> None:
+    """The log of the processes other than the first."""
+
+
+def _warn_with_rank(log: Callable[[str], None], rank: int, message: str) -> None:
+    log(f"[rank {rank}] {message}")
+
+
+# ----------------------------------------------------------------------------- the loop
 
 
 def train(run: Run) -> TrainResult:
     """Runs the epochs; validates, logs and saves as configured. Returns what it produced."""
-    cfg, dist, model = run.cfg, run.dist, run.loss_model
+    cfg = run.cfg
     start = time.perf_counter()
-    result = TrainResult(output_dir=run.out, adapter_dir=None, best_adapter_dir=None, steps=0)
-    best = float("inf")
-    total_steps = run.steps_per_epoch * cfg.num_epochs
-    if cfg.max_train_step:
-        total_steps = min(total_steps, cfg.max_train_step)
-
-    def validate(step: int, epoch: int) -> None:
-        nonlocal best
-        loss = validation_loss(
-            model, run.data.val, lambda b: _model_inputs(b, run), cfg, dist.device, stand_in, run.warn
-        )
-        result.eval_losses.append(loss)
-        run.metrics.write(step=step, epoch=epoch, eval_loss=loss, eval_perplexity=perplexity(loss))
-        run.log(f"validation at step {step}: loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
-        if cfg.save_model and step > 0 and loss < best:
-            result.best_adapter_dir = _save(run, run.out / "best_adapter")
-        best = min(best, loss) if step > 0 else best
-
-    # several processes: a batch whose items all failed to load is replaced, never skipped alone
-    stand_in = stand_in_batch(run.processor.tokenizer.bos_token_id) if dist.enabled else None
-    scaler = torch.amp.GradScaler("cuda") if (cfg.use_fp16 and dist.device.type == "cuda") else None
-    global_batch = cfg.batch_size_training * dist.world_size  # samples per loader batch, all ranks
-    step, start_epoch, skip, resumed = 0, 0, 0, run.resumed
-    if resumed is not None:  # continue where the checkpoint was written (setup loaded the weights)
-        step, best = resumed.step, resumed.best_eval_loss
-        start_epoch, skip, warning = R.resume_position(resumed, global_batch)
-        if warning:
-            run.log(f"warning: {warning}")
-        if scaler is not None and resumed.scaler:
-            scaler.load_state_dict(resumed.scaler)
-        if run.metrics.path is not None:
-            rows = read_metrics(run.metrics.path)
-            result.train_losses = [r["loss"] for r in rows if "loss" in r]
-            result.eval_losses = [r["eval_loss"] for r in rows if "eval_loss" in r]
-    elif cfg.run_validation and run.data.val is not None:
-        validate(0, 0)  # the base model's loss: the reference the adapter must beat
-
-    def checkpoint(epoch: int, batches_done: int, epoch_complete: bool) -> None:
-        """A resumable checkpoint, with the adapter inside it (collective: every rank calls it)."""
-        if cfg.keep_last_checkpoints <= 0:
-            return
-        size = run.metrics.path.stat().st_size if run.metrics.path and run.metrics.path.exists() else None
-        state = R.TrainerState(
-            step=step,
-            epoch=epoch,
-            batches_done=batches_done,
-            epoch_complete=epoch_complete,
-            best_eval_loss=best,
-            metrics_bytes=size,
-            world_size=dist.world_size,
-            global_batch=global_batch,
-            scheduler=run.scheduler.state_dict(),
-            scaler=scaler.state_dict() if scaler else None,
-        )
-        where = R.save_checkpoint(
-            model,
-            run.optimizer,
-            state,
-            run.out,
-            cfg.keep_last_checkpoints,
-            dist.rank,
-            write_adapter=lambda d: _save(run, d, with_processor=False),
-        )
-        run.log(f"checkpoint: {where} (step {step})")
-
+    state = initial_state(run)
+    if run.resumed is None and run.validates:
+        validate(run, state)  # the base model's loss: the reference the adapter must beat
     meter = Throughput()
     bar = tqdm(
-        total=total_steps,
-        initial=step,
+        total=run.total_steps,
+        initial=state.step,
         desc="training",
-        disable=not (dist.is_main and cfg.progress),
+        disable=not (run.dist.is_main and cfg.progress),
         dynamic_ncols=True,
     )
-    audited, done = not run.data.cookbook, bool(cfg.max_train_step and step >= cfg.max_train_step)
-    epoch_batches = len(run.data.train)
-    for epoch in range(start_epoch, cfg.num_epochs):
-        if done:
+    for epoch in range(state.epoch, cfg.num_epochs):
+        if max_steps_reached(cfg, state.step):
             break
-        if hasattr(run.data.train_sampler, "set_epoch"):
-            run.data.train_sampler.set_epoch(epoch)
-        resuming = resumed is not None and epoch == start_epoch  # the epoch the checkpoint stopped in
-        checkpoint_dir = run.resumed_from if resuming else None
-        batches = R.epoch_batches(
-            run.data.train, skip, checkpoint_dir, resumed, dist.rank, cfg.seed + dist.rank
-        )
-        batches_done, skip = skip, 0
+        batches = begin_epoch(run, state, epoch)
         for group in accumulation_groups(batches, cfg.gradient_accumulation_steps):
-            batches_done += len(group)
-            group = usable_batches(group, stand_in, run.warn)
-            real = [b for b in group if not b.get("stand_in")]
-            if not audited and real:
-                for w in audit_batch(
-                    real[0], run.processor.tokenizer, run.family.image_token_id(run.processor.tokenizer)
-                ):
-                    run.log(f"warning: dataset file: {w}")
-                audited = True
-            # the step's loss is the mean over every label token of the step, on every rank
-            counts = torch.tensor([float(sum(label_tokens(b) for b in group))], device=dist.device)
-            n_step = float(D.all_reduce_sum(counts)[0])
-            if n_step == 0:
+            state.batches_done += len(group)
+            group = usable_batches(group, run.stand_in, run.warn)
+            audit_once(run, state, group)
+            stats = train_step(run, state, group)
+            if stats is None:  # no rank has a label token in this group: no step
                 continue
-            step_loss = torch.zeros((), dtype=torch.float64, device=dist.device)
-            for batch in group:
-                inputs = _model_inputs(batch, run)
-                meter.add(count_tokens(batch) * dist.world_size)
-                with autocast(cfg, dist.device):
-                    loss_sum, _ = model(**inputs)
-                loss = loss_sum * dist.world_size / n_step  # data-parallel gradients are averaged over ranks
-                (scaler.scale(loss) if scaler else loss).backward()
-                step_loss += loss_sum.detach().double()
-            clip = cfg.gradient_clipping_threshold if cfg.gradient_clipping else None
-            lr, grad_norm = optimizer_step(run.model, run.optimizer, run.scheduler, scaler, clip)
-            step += 1
-            mean_loss = float(D.all_reduce_sum(step_loss)) / n_step
-            result.train_losses.append(mean_loss)
-            if step % cfg.log_every_steps == 0:
-                tps = meter.rate()
-                record = dict(step=step, epoch=epoch, loss=mean_loss, lr=lr, tokens_per_s=round(tps, 1))
-                if grad_norm is not None:
-                    record["grad_norm"] = grad_norm
-                run.metrics.write(**record)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
-            bar.update(1)
-            if (
-                cfg.run_validation
-                and run.data.val is not None
-                and cfg.eval_every_steps
-                and step % cfg.eval_every_steps == 0
-            ):
-                validate(step, epoch)
-            done = bool(cfg.max_train_step and step >= cfg.max_train_step)
-            if done:
+            log_step(run, state, stats, meter, bar)
+            if run.validates and on_eval_step(cfg, state.step):
+                validate(run, state)
+            if max_steps_reached(cfg, state.step):
                 break
-            if cfg.save_every_steps and step % cfg.save_every_steps == 0 and batches_done < epoch_batches:
-                checkpoint(epoch, batches_done, epoch_complete=False)
-        if (
-            cfg.run_validation
-            and run.data.val is not None
-            and not (cfg.eval_every_steps and step % cfg.eval_every_steps == 0)
-        ):
-            validate(step, epoch)
+            if cfg.save_every_steps and state.step % cfg.save_every_steps == 0:
+                if state.batches_done < len(run.data.train):  # the epoch's end writes one anyway
+                    checkpoint(run, state, epoch_complete=False)
+        if run.validates and not on_eval_step(cfg, state.step):
+            validate(run, state)  # at the epoch's end, unless its last step just did
         # after the epoch's validation, so that a resumed run neither repeats nor skips it
-        checkpoint(epoch, batches_done, epoch_complete=batches_done >= epoch_batches)
+        checkpoint(run, state, epoch_complete=state.batches_done >= len(run.data.train))
     bar.close()
-    result.steps = step
-    if cfg.save_model:
-        result.adapter_dir = _save(run, run.out / "adapter")
-    if dist.is_main and cfg.save_metrics:
+    return finish(run, state, start)
+
+
+def initial_state(run: Run) -> LoopState:
+    """A fresh run's state, or where the resumed checkpoint stood (``setup`` loaded its weights)."""
+    state = LoopState(audited=not run.data.cookbook)
+    saved = run.resumed
+    if saved is None:
+        return state
+    state.step, state.best_eval_loss = saved.step, saved.best_eval_loss
+    state.epoch, state.batches_done, warning = resume.resume_position(saved, run.global_batch)
+    if warning:
+        run.log(f"warning: {warning}")
+    if run.metrics.path is not None:  # the losses so far, from the metrics cut back to the checkpoint
+        rows = read_metrics(run.metrics.path)
+        state.train_losses = [r["loss"] for r in rows if "loss" in r]
+        state.eval_losses = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    return state
+
+
+def begin_epoch(run: Run, state: LoopState, epoch: int) -> Iterator[dict]:
+    """Moves ``state`` to ``epoch`` and returns the epoch's loader batches from where it stands.
+
+    The epoch the run starts in (``state.epoch``) continues after the ``state.batches_done`` batches a
+    resumed run already trained on, with the checkpoint's RNG states restored; later ones start at 0.
+    """
+    starting = epoch == state.epoch
+    if not starting:
+        state.epoch, state.batches_done = epoch, 0
+    if hasattr(run.data.train_sampler, "set_epoch"):
+        run.data.train_sampler.set_epoch(epoch)
+    checkpoint_dir = run.resumed_from if starting else None
+    rank, seed = run.dist.rank, run.cfg.seed + run.dist.rank
+    return resume.epoch_batches(run.data.train, state.batches_done, checkpoint_dir, run.resumed, rank, seed)
+
+
+def audit_once(run: Run, state: LoopState, group: list[dict]) -> None:
+    """Checks the first real batch of a cookbook dataset file (labels, image tokens), once."""
+    real = [b for b in group if not b.get("stand_in")]
+    if state.audited or not real:
+        return
+    tokenizer = run.processor.tokenizer
+    for warning in audit_batch(real[0], tokenizer, run.family.image_token_id(tokenizer)):
+        run.log(f"warning: dataset file: {warning}")
+    state.audited = True
+
+
+def train_step(run: Run, state: LoopState, group: list[dict]) -> StepStats | None:
+    """One optimizer step over an accumulation group: forward and backward of each batch, the update.
+
+    Returns what the step measured, or None (and no step) when the group has no label token on
+    any rank.
+    """
+    cfg, dist = run.cfg, run.dist
+    # the step's loss is the mean over every label token of the step, on every rank
+    counts = torch.tensor([float(sum(label_tokens(b) for b in group))], device=dist.device)
+    n_step = float(distributed.all_reduce_sum(counts)[0])
+    if n_step == 0:
+        return None
+    step_loss = torch.zeros((), dtype=torch.float64, device=dist.device)
+    for batch in group:
+        with autocast(cfg, dist.device):
+            loss_sum, _ = run.loss_model(**model_inputs(run, batch))
+        loss = loss_sum * dist.world_size / n_step  # data-parallel gradients are averaged over ranks
+        (run.scaler.scale(loss) if run.scaler else loss).backward()
+        step_loss += loss_sum.detach().double()
+    clip = cfg.gradient_clipping_threshold if cfg.gradient_clipping else None
+    lr, grad_norm = optimizer_step(run.model, run.optimizer, run.scheduler, run.scaler, clip)
+    state.step += 1
+    mean_loss = float(distributed.all_reduce_sum(step_loss)) / n_step
+    state.train_losses.append(mean_loss)
+    tokens = sum(count_tokens(b) for b in group) * dist.world_size
+    return StepStats(loss=mean_loss, lr=lr, grad_norm=grad_norm, tokens=tokens)
+
+
+def log_step(run: Run, state: LoopState, stats: StepStats, meter: Throughput, bar: tqdm) -> None:
+    """A metrics.jsonl line every ``log_every_steps`` steps; the progress bar moves on every step."""
+    meter.add(stats.tokens)
+    if state.step % run.cfg.log_every_steps == 0:
+        tps = meter.rate()
+        record = dict(
+            step=state.step, epoch=state.epoch, loss=stats.loss, lr=stats.lr, tokens_per_s=round(tps, 1)
+        )
+        if stats.grad_norm is not None:
+            record["grad_norm"] = stats.grad_norm
+        run.metrics.write(**record)
+        bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}", tok_s=f"{tps:.0f}")
+    bar.update(1)
+
+
+def validate(run: Run, state: LoopState) -> None:
+    """The validation loss at ``state.step``, logged and recorded; a new lowest one after a step is
+    saved as ``best_adapter`` (the loss at step 0 is the base model's: a reference, never the best)."""
+    inputs = functools.partial(model_inputs, run)
+    loss = validation_loss(
+        run.loss_model, run.data.val, inputs, run.cfg, run.dist.device, run.stand_in, run.warn
+    )
+    state.eval_losses.append(loss)
+    run.metrics.write(step=state.step, epoch=state.epoch, eval_loss=loss, eval_perplexity=perplexity(loss))
+    run.log(f"validation at step {state.step}: loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
+    if state.step > 0 and loss < state.best_eval_loss:
+        if run.cfg.save_model:
+            state.best_adapter_dir = export_adapter(run, run.out / "best_adapter")
+        state.best_eval_loss = loss
+
+
+def checkpoint(run: Run, state: LoopState, epoch_complete: bool) -> None:
+    """A resumable checkpoint of the run at ``state``, the adapter inside it (collective: every rank
+    calls it). ``epoch_complete``: the resumed run continues with the next epoch."""
+    if run.cfg.keep_last_checkpoints <= 0:
+        return
+    metrics = run.metrics.path
+    saved = resume.TrainerState(
+        step=state.step,
+        epoch=state.epoch,
+        batches_done=state.batches_done,
+        epoch_complete=epoch_complete,
+        best_eval_loss=state.best_eval_loss,
+        metrics_bytes=metrics.stat().st_size if metrics and metrics.exists() else None,
+        world_size=run.dist.world_size,
+        global_batch=run.global_batch,
+        scheduler=run.scheduler.state_dict(),
+        scaler=run.scaler.state_dict() if run.scaler else None,
+    )
+    where = resume.save_checkpoint(
+        run.loss_model,
+        run.optimizer,
+        saved,
+        run.out,
+        run.cfg.keep_last_checkpoints,
+        run.dist.rank,
+        write_adapter=functools.partial(export_adapter, run, with_processor=False),
+    )
+    run.log(f"checkpoint: {where} (step {state.step})")
+
+
+def finish(run: Run, state: LoopState, start: float) -> TrainResult:
+    """Saves the final adapter and the loss plot; what the run produced (``start``: its start time)."""
+    adapter_dir = export_adapter(run, run.out / "adapter") if run.cfg.save_model else None
+    if run.dist.is_main and run.cfg.save_metrics:
         plot_loss(run.out / "metrics.jsonl", run.out / "loss.png")
-    result.seconds = time.perf_counter() - start
-    D.barrier()
+    result = TrainResult(
+        output_dir=run.out,
+        adapter_dir=adapter_dir,
+        best_adapter_dir=state.best_adapter_dir,
+        steps=state.step,
+        eval_losses=state.eval_losses,
+        train_losses=state.train_losses,
+        seconds=time.perf_counter() - start,
+    )
+    distributed.barrier()
     return result
+
+
+def on_eval_step(cfg: TrainConfig, step: int) -> bool:
+    """``step`` is one that validates (every ``eval_every_steps``)."""
+    return bool(cfg.eval_every_steps and step % cfg.eval_every_steps == 0)
+
+
+def max_steps_reached(cfg: TrainConfig, step: int) -> bool:
+    return bool(cfg.max_train_step and step >= cfg.max_train_step)
+
+
+def model_inputs(run: Run, batch: dict) -> dict:
+    """The batch's inputs for the forward (the family's keys), on the device.
+
+    Several processes: every rank must run the vision layers' FSDP collectives, so a batch without
+    images gets the family's dummy image inputs.
+    """
+    config = run.model.get_base_model().config if run.dist.enabled else None
+    inputs = run.family.model_inputs(batch, dummy_images_for=config)
+    return to_device(inputs, run.dist.device, float_dtype=run.base_dtype)
+
+
+def export_adapter(run: Run, where: Path, with_processor: bool = True) -> Path | None:
+    """Writes the adapter (PEFT format) on rank 0; under FSDP every rank takes part in gathering it."""
+    state = distributed.gather_trainable_state(run.model) if run.sharded else None
+    if not run.dist.is_main:
+        return None
+    extra = functools.partial(_save_processor, run.processor) if with_processor else None
+    return save_adapter(run.model, where, state_dict=state, extra=extra)
+
+
+def _save_processor(processor: Any, directory: Path) -> None:
+    processor.save_pretrained(str(directory))
 
 
 def finetune(cfg: TrainConfig, log=print) -> TrainResult:
@@ -389,7 +564,7 @@ def finetune(cfg: TrainConfig, log=print) -> TrainResult:
     try:
         result = train(run)
     finally:
-        D.cleanup()
+        distributed.cleanup()
     if run.dist.is_main:
         log(f"adapter: {result.adapter_dir}")
         if result.best_adapter_dir:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from cotune.files import publish_dir
-from cotune.train import distributed as D
+from cotune.train import distributed
 from cotune.train.checkpoint import fault_point
 
 CHECKPOINTS = "checkpoints"
@@ -119,7 +119,7 @@ def checkpoint_to_resume(output_dir: str | Path, resume: str, is_main: bool) -> 
     Raises:
         FileNotFoundError: on every rank, before any loads, when ``resume`` names no complete checkpoint.
     """
-    found = D.broadcast_object(find_checkpoint(output_dir, resume, safe=True) if is_main else None)
+    found = distributed.broadcast_object(find_checkpoint(output_dir, resume, safe=True) if is_main else None)
     if isinstance(found, str):  # rank 0 cannot use --resume PATH: every rank stops, before loading
         raise FileNotFoundError(found)
     return found
@@ -234,21 +234,25 @@ def save_checkpoint(
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    D.barrier()
+    distributed.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
     with _single_process_ok():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not D.initialized())
+        dcp.save(
+            {"model": model_sd, "optim": optim_sd},
+            checkpoint_id=str(tmp),
+            no_dist=not distributed.initialized(),
+        )
     (tmp / "rng").mkdir(exist_ok=True)
     (tmp / "rng" / f"rank_{rank:05d}.json").write_text(json.dumps(rng_state()))
     if write_adapter is not None:
         write_adapter(tmp / "adapter")
     fault_point(f"checkpoint-write:{state.step}")
-    D.barrier()  # every rank's files are in tmp before it is published
+    distributed.barrier()  # every rank's files are in tmp before it is published
     if rank == 0:
         (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=1))
         publish_dir(tmp, final)
         prune_checkpoints(output_dir, keep_last)
-    D.barrier()
+    distributed.barrier()
     return final
 
 
@@ -271,7 +275,11 @@ def load_checkpoint(
     # get_state_dict gives the template (right shapes and shardings) that DCP fills in place
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
     with _single_process_ok():
-        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path), no_dist=not D.initialized())
+        dcp.load(
+            {"model": model_sd, "optim": optim_sd},
+            checkpoint_id=str(path),
+            no_dist=not distributed.initialized(),
+        )
     # not strict: the frozen weights are (rightly) absent; dcp.load has already failed if any
     # trainable weight or optimizer entry was missing from the checkpoint
     set_state_dict(

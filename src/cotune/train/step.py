@@ -11,7 +11,7 @@ import torch
 
 from cotune.config import TrainConfig
 from cotune.data.chat import IGNORE_INDEX
-from cotune.train import distributed as D
+from cotune.train import distributed
 
 
 def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int, total_steps: int):
@@ -123,7 +123,7 @@ def optimizer_step(
     grad_norm = None
     if max_grad_norm is not None:
         params = [p for p in model.parameters() if p.requires_grad]
-        grad_norm = D.clip_grad_norm(params, max_grad_norm)
+        grad_norm = distributed.clip_grad_norm(params, max_grad_norm)
     if scaler:
         scaler.step(optimizer)
         scaler.update()
@@ -166,5 +166,5 @@ def validation_loss(
                     loss_sum, n = loss_model(**model_inputs(usable))
                 totals += torch.stack([loss_sum.double(), n.double()])
     loss_model.train()
-    D.all_reduce_sum(totals)
+    distributed.all_reduce_sum(totals)
     return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
