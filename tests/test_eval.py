@@ -26,7 +26,6 @@ from cotune.data.cot import (
 from cotune.data.dataset import SFTDataset, encode_samples
 from cotune.data.records import load_samples
 from cotune.eval.evaluate import (
-    MODEL_INPUT_KEYS,
     generation_metrics,
     gold_answer,
     label_token_losses,
@@ -132,7 +131,7 @@ def test_eval_loss_is_the_training_loss_and_stages_add_up(tiny_mllama, processor
         processor.tokenizer.pad_token_id, family, family.image_token_id(processor.tokenizer)
     )
     batch = collate([dataset[i] for i in range(4)])
-    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+    inputs = {k: v for k, v in family.model_inputs(batch).items() if k != "labels"}
     with torch.no_grad():
         ref_sum, ref_n = ChunkedLossModel(model)(labels=batch["labels"], **inputs)
     per_token = label_token_losses(model, inputs, batch["labels"], chunk_size=7)

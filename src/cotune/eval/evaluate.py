@@ -47,9 +47,6 @@ from cotune.models.families import ModelFamily
 from cotune.train.loss import ChunkedLossModel
 from cotune.train.metrics import perplexity
 
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
-MODEL_INPUT_KEYS += ("cross_attention_mask",)
-
 
 @torch.no_grad()
 def label_token_losses(
@@ -102,9 +99,8 @@ def loss_by_stage(
         batch = collate(items)
         if batch.get("empty"):
             continue
-        inputs = to_device(
-            {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}, device, float_dtype=dtype
-        )
+        inputs = {k: v for k, v in family.model_inputs(batch).items() if k != "labels"}
+        inputs = to_device(inputs, device, float_dtype=dtype)
         labels = batch["labels"].to(device)
         losses = label_token_losses(model, inputs, labels).cpu()
         has_label = batch["labels"] != IGNORE_INDEX

@@ -109,12 +109,13 @@ def encode_prompt(
     return item
 
 
-def left_pad(batch: dict) -> dict:
-    """Turns a right-padded batch into a left-padded one (generation appends on the right)."""
+def left_pad(batch: dict, family: ModelFamily) -> dict:
+    """Turns a right-padded batch into a left-padded one (generation appends on the right): the
+    family's ``token_keys`` move with the tokens."""
     lengths = batch["attention_mask"].sum(dim=1)
     seq_len = batch["input_ids"].shape[1]
     out = dict(batch)
-    for key in ("input_ids", "attention_mask", "cross_attention_mask"):
+    for key in family.token_keys:
         if key in batch:
             rows = [
                 torch.roll(batch[key][b], shifts=int(seq_len - lengths[b]), dims=0)
@@ -136,13 +137,7 @@ def prompt_batch(model: torch.nn.Module, processor: Any, family: ModelFamily, it
     tokenizer = processor.tokenizer
     collate = PaddingCollator(tokenizer.pad_token_id, family, family.image_token_id(tokenizer))
     device, dtype = model_device_dtype(model)
-    return to_device(left_pad(collate(items)), device, float_dtype=dtype)
-
-
-def end_of_turn_ids(tokenizer: Any) -> list[int]:
-    """Tokens that end a reply: ``<|eot_id|>`` and the tokenizer's EOS."""
-    ids = (tokenizer.convert_tokens_to_ids("<|eot_id|>"), tokenizer.eos_token_id)
-    return [t for t in dict.fromkeys(ids) if t is not None and t != tokenizer.unk_token_id]
+    return to_device(left_pad(collate(items), family), device, float_dtype=dtype)
 
 
 @contextlib.contextmanager
@@ -207,7 +202,7 @@ def generate_ids(
     """
     tokenizer = processor.tokenizer
     batch = prompt_batch(model, processor, family, items)
-    eos = end_of_turn_ids(tokenizer)
+    eos = family.end_of_turn_ids(tokenizer)
     kwargs: dict[str, Any] = dict(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,

@@ -33,7 +33,6 @@ from cotune.infer.generate import (
     TokenMeter,
     count_images,
     encode_prompt,
-    end_of_turn_ids,
     generate_ids,
     prompt_batch,
     seeded,
@@ -305,7 +304,7 @@ def stage_search(
         model, processor, family, messages, images, meter, max_new_tokens, temperature, top_p
     )
     tokenizer = processor.tokenizer
-    eos = set(end_of_turn_ids(tokenizer))
+    eos = set(family.end_of_turn_ids(tokenizer))
     prefix: list[int] = []
     result = SearchResult(text="", meter=meter)
     with seeded(seed):

@@ -49,6 +49,10 @@ class ModelFamily:
             (``llava_dummy_vision_pass``). None when the dummy inputs go to the forward itself.
         collate_packed_images: like ``collate_images`` for packed rows (lists of items that share a
             row, in order); each sample's text must reach only its own images. None: no packing.
+        token_keys: the batch entries laid out along the text (one row per token), which left
+            padding for generation moves with the tokens.
+        end_of_turn_tokens: the tokens that end an assistant turn in the chat template (besides
+            the tokenizer's EOS): generation stops at them.
     """
 
     name: str
@@ -65,6 +69,8 @@ class ModelFamily:
     dummy_image_inputs: Callable[[dict, Any], dict] | None = None
     dummy_vision_pass: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
     collate_packed_images: Callable[[list[list[dict]], int, int], dict] | None = None
+    token_keys: tuple[str, ...] = ("input_ids", "attention_mask")
+    end_of_turn_tokens: tuple[str, ...] = ("<|eot_id|>",)  # Llama 3's chat format
 
     def model_inputs(self, batch: dict, dummy_images_for: Any = None) -> dict:
         """The entries of a collated ``batch`` that the forward takes (``input_keys``).
@@ -80,6 +86,11 @@ class ModelFamily:
         if wants_dummy and "pixel_values" not in inputs:
             inputs.update(self.dummy_image_inputs(inputs, dummy_images_for))
         return inputs
+
+    def end_of_turn_ids(self, tokenizer: Any) -> list[int]:
+        """Ids that end a reply: the family's end-of-turn tokens and the tokenizer's EOS."""
+        ids = [tokenizer.convert_tokens_to_ids(t) for t in self.end_of_turn_tokens] + [tokenizer.eos_token_id]
+        return [t for t in dict.fromkeys(ids) if t is not None and t != tokenizer.unk_token_id]
 
     def image_token_id(self, tokenizer) -> int:
         return tokenizer.convert_tokens_to_ids(self.image_token)
@@ -298,6 +309,7 @@ MLLAMA = ModelFamily(
     collate_images=mllama_collate_images,
     dummy_image_inputs=mllama_dummy_image_inputs,
     collate_packed_images=mllama_collate_packed_images,
+    token_keys=("input_ids", "attention_mask", "cross_attention_mask"),
 )
 
 
