@@ -229,3 +229,29 @@ def test_eval_reads_the_data_as_the_run_config_says_and_loads_tokenizer_name(
     assert [len(e.input_ids) for e in items] == [100] * 3  # all longer: truncated to the run's limit, kept
     result = json.loads((out / "eval.json").read_text())
     assert result["max_seq_len"] == 100 and result["models"]["none"]["label_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_eval_of_a_run_reproduces_its_last_validation_loss(tiny_mllama, shapes, tmp_path):
+    """`cotune eval RUN/config.yaml --adapter RUN/adapter` reads the run's data settings and computes
+    the training loss: on the run's validation file it gives the run's last validation loss."""
+    run = tmp_path / "run"
+    argv = [
+        "train", "--model_name", str(tiny_mllama), "--dataset", str(shapes["train"]),
+        "--test_file", str(shapes["test"]), "--output_dir", str(run), "--max_train_step", "3",
+        "--batch_size_training", "2", "--val_batch_size", "3", "--lr", "1e-2", "--progress", "False",
+        "--data.max_seq_len", "1024",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "eval_loss" in r][-1]
+    assert last["step"] == 3  # validated after the last step, with the adapter that was saved
+    out = tmp_path / "eval"
+    rc = main(
+        ["eval", str(run / "config.yaml"), "--adapter", f"run={run / 'adapter'}", "--output_dir", str(out),
+         "--max_new_tokens", "2", "--batch_size", "5"]
+    )  # fmt: skip
+    assert rc == 0
+    figures = json.loads((out / "eval.json").read_text())["models"]
+    assert figures["run"]["loss"] == pytest.approx(last["eval_loss"], rel=1e-5, abs=0)
+    assert figures["none"]["loss"] == pytest.approx(rows[0]["eval_loss"], rel=1e-5, abs=0)
