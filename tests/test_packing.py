@@ -257,7 +257,7 @@ def test_packed_loss_equals_unpacked_with_images_routed_per_sample(lora_model, p
         swapped["aspect_ratio_mask"] = batch["aspect_ratio_mask"][:, [2, 0, 1]]
         with torch.no_grad():
             wrong, _ = ChunkedLossModel(lora_model)(**swapped)
-    assert not torch.allclose(wrong, got_sum, rtol=1e-4)
+    assert not torch.allclose(wrong, got_sum, rtol=1e-5, atol=0)  # moves by more than the parity tolerance
 
 
 def test_llava_packed_loss_equals_unpacked_loss(tiny_llava, shapes):
