@@ -11,13 +11,15 @@ For every model (the base is ``none``; the adapters are loaded once into one PEF
   gold answer (the record's ``answer`` field, else the CONCLUSION of the reference reply; scored by
   ``cot.score_answer``: letter, number or normalised exact match).
 
+* with ``--image_ablation``: the same answers and the CONCLUSION loss with each sample's images
+  taken from another sample and with blank images (``eval/ablation.py``), and the image reliance.
+
 Writes ``eval.json`` (everything), ``eval.md`` (a table, one column per model) and
-``predictions.jsonl`` (every reply) to the output folder.
+``predictions.jsonl`` (every reply) to the output folder (``eval/report.py``).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ from cotune.data.cot import (
 from cotune.data.dataset import SFTDataset, encode_samples
 from cotune.data.records import Sample, report_problems
 from cotune.eval.ablation import IMAGE_CONDITIONS, ablate_images
+from cotune.eval.report import fmt, markdown_table, write_results
 from cotune.infer.adapters import NONE, AdapterSpec, load_model_with_adapters, use_adapter
 from cotune.infer.generate import TokenMeter, generate, model_device_dtype
 from cotune.models.families import ModelFamily
@@ -282,95 +285,14 @@ def evaluate_models(
         acc = metrics["accuracy"]
         line = (
             f"eval [{name}]: loss {metrics['loss']:.4f} (ppl {metrics['perplexity']:.2f}), "
-            f"format {metrics['format_rate']:.0%}, accuracy {_fmt(acc, 'pct')}"
+            f"format {metrics['format_rate']:.0%}, accuracy {fmt(acc, 'pct')}"
         )
         for condition in ablated:
             line += (
-                f", with {condition} images {_fmt(metrics['accuracy' + IMAGE_CONDITIONS[condition]], 'pct')}"
+                f", with {condition} images {fmt(metrics['accuracy' + IMAGE_CONDITIONS[condition]], 'pct')}"
             )
         log(line)
     return results
-
-
-def _fmt(value: Any, kind: str = "float") -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return "-"
-    if kind == "pct":
-        return f"{value:.1%}"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def markdown_table(results: dict[str, Any]) -> str:
-    """One row per metric, one column per model."""
-    models = results["models"]
-    names = list(models)
-    rows: list[tuple[str, list[str]]] = [
-        ("loss", [_fmt(models[n]["loss"]) for n in names]),
-        ("perplexity", [_fmt(models[n]["perplexity"]) for n in names]),
-    ]
-    rows += [(f"loss: {s}", [_fmt(models[n]["stage_loss"][s]) for n in names]) for s in (*STAGES, "other")]
-    rows.append(("four-stage format", [_fmt(models[n]["format_rate"], "pct") for n in names]))
-    rows += [(f"has {s}", [_fmt(models[n]["stage_rate"][s], "pct") for n in names]) for s in STAGES]
-    rows.append(("answer accuracy", [_fmt(models[n]["accuracy"], "pct") for n in names]))
-    for condition, suffix in IMAGE_CONDITIONS.items():
-        if suffix and any(f"accuracy{suffix}" in models[n] for n in names):
-            rows.append(
-                (
-                    f"accuracy, {condition} images",
-                    [_fmt(models[n].get(f"accuracy{suffix}"), "pct") for n in names],
-                )
-            )
-    if any("image_reliance" in models[n] for n in names):
-        rows.append(
-            (
-                "image reliance (true - shuffled)",
-                [_fmt(models[n].get("image_reliance"), "pct") for n in names],
-            )
-        )
-        for condition, suffix in IMAGE_CONDITIONS.items():
-            key = f"conclusion_loss{suffix}"
-            if any(key in models[n] for n in names):
-                rows.append(
-                    (f"CONCLUSION loss, {condition} images", [_fmt(models[n].get(key)) for n in names])
-                )
-    rows.append(("exact match", [_fmt(models[n]["exact_match"], "pct") for n in names]))
-    kinds = sorted({k for n in names for k in models[n]["accuracy_by_kind"]})
-    for kind in kinds:
-        cells = []
-        for n in names:
-            c = models[n]["accuracy_by_kind"].get(kind)
-            cells.append(f"{c['correct']}/{c['n']}" if c else "-")
-        rows.append((f"accuracy: {kind}", cells))
-    tasks = sorted({t for n in names for t in models[n].get("accuracy_by_task", {})})
-    for task in tasks:
-        cells = []
-        for n in names:
-            c = models[n]["accuracy_by_task"].get(task)
-            shuffled = models[n].get("accuracy_by_task_shuffled_images", {}).get(task)
-            cell = f"{c['correct']}/{c['n']}" if c else "-"
-            cells.append(
-                cell + (f" ({shuffled['correct']}/{shuffled['n']} shuffled)" if c and shuffled else "")
-            )
-        rows.append((f"task: {task}", cells))
-    rows.append(("tokens per reply", [f"{models[n]['generated_tokens_per_reply']:.1f}" for n in names]))
-    header = "| metric | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names) + "\n"
-    return header + "".join(f"| {label} | " + " | ".join(cells) + " |\n" for label, cells in rows)
-
-
-def write_results(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """eval.json (metrics + settings), eval.md (the table) and predictions.jsonl."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "eval.json", "md": out / "eval.md", "predictions": out / "predictions.jsonl"}
-    summary = {k: v for k, v in results.items() if k != "predictions"}
-    paths["json"].write_text(json.dumps(summary, indent=2) + "\n")
-    title = f"# cotune eval: {results.get('data', '')}\n\n{results.get('n_samples', '?')} samples.\n\n"
-    paths["md"].write_text(title + markdown_table(results))
-    with open(paths["predictions"], "w", encoding="utf-8") as f:
-        for name, rows in results["predictions"].items():
-            for row in rows:
-                f.write(json.dumps({"model": name, **row}, ensure_ascii=False) + "\n")
-    return paths
 
 
 def run_eval(cfg: Any, specs: list[AdapterSpec], log=print) -> dict[str, Any]:

@@ -1,0 +1,92 @@
+"""What ``cotune eval`` writes: ``eval.md`` (one row per metric, one column per model), ``eval.json``
+and ``predictions.jsonl``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from cotune.data.cot import STAGES
+from cotune.eval.ablation import IMAGE_CONDITIONS
+
+
+def fmt(value: Any, kind: str = "float") -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    if kind == "pct":
+        return f"{value:.1%}"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """One row per metric, one column per model."""
+    models = results["models"]
+    names = list(models)
+    rows: list[tuple[str, list[str]]] = [
+        ("loss", [fmt(models[n]["loss"]) for n in names]),
+        ("perplexity", [fmt(models[n]["perplexity"]) for n in names]),
+    ]
+    rows += [(f"loss: {s}", [fmt(models[n]["stage_loss"][s]) for n in names]) for s in (*STAGES, "other")]
+    rows.append(("four-stage format", [fmt(models[n]["format_rate"], "pct") for n in names]))
+    rows += [(f"has {s}", [fmt(models[n]["stage_rate"][s], "pct") for n in names]) for s in STAGES]
+    rows.append(("answer accuracy", [fmt(models[n]["accuracy"], "pct") for n in names]))
+    for condition, suffix in IMAGE_CONDITIONS.items():
+        if suffix and any(f"accuracy{suffix}" in models[n] for n in names):
+            rows.append(
+                (
+                    f"accuracy, {condition} images",
+                    [fmt(models[n].get(f"accuracy{suffix}"), "pct") for n in names],
+                )
+            )
+    if any("image_reliance" in models[n] for n in names):
+        rows.append(
+            (
+                "image reliance (true - shuffled)",
+                [fmt(models[n].get("image_reliance"), "pct") for n in names],
+            )
+        )
+        for condition, suffix in IMAGE_CONDITIONS.items():
+            key = f"conclusion_loss{suffix}"
+            if any(key in models[n] for n in names):
+                rows.append(
+                    (f"CONCLUSION loss, {condition} images", [fmt(models[n].get(key)) for n in names])
+                )
+    rows.append(("exact match", [fmt(models[n]["exact_match"], "pct") for n in names]))
+    kinds = sorted({k for n in names for k in models[n]["accuracy_by_kind"]})
+    for kind in kinds:
+        cells = []
+        for n in names:
+            c = models[n]["accuracy_by_kind"].get(kind)
+            cells.append(f"{c['correct']}/{c['n']}" if c else "-")
+        rows.append((f"accuracy: {kind}", cells))
+    tasks = sorted({t for n in names for t in models[n].get("accuracy_by_task", {})})
+    for task in tasks:
+        cells = []
+        for n in names:
+            c = models[n]["accuracy_by_task"].get(task)
+            shuffled = models[n].get("accuracy_by_task_shuffled_images", {}).get(task)
+            cell = f"{c['correct']}/{c['n']}" if c else "-"
+            cells.append(
+                cell + (f" ({shuffled['correct']}/{shuffled['n']} shuffled)" if c and shuffled else "")
+            )
+        rows.append((f"task: {task}", cells))
+    rows.append(("tokens per reply", [f"{models[n]['generated_tokens_per_reply']:.1f}" for n in names]))
+    header = "| metric | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names) + "\n"
+    return header + "".join(f"| {label} | " + " | ".join(cells) + " |\n" for label, cells in rows)
+
+
+def write_results(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """eval.json (metrics + settings), eval.md (the table) and predictions.jsonl."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "eval.json", "md": out / "eval.md", "predictions": out / "predictions.jsonl"}
+    summary = {k: v for k, v in results.items() if k != "predictions"}
+    paths["json"].write_text(json.dumps(summary, indent=2) + "\n")
+    title = f"# cotune eval: {results.get('data', '')}\n\n{results.get('n_samples', '?')} samples.\n\n"
+    paths["md"].write_text(title + markdown_table(results))
+    with open(paths["predictions"], "w", encoding="utf-8") as f:
+        for name, rows in results["predictions"].items():
+            for row in rows:
+                f.write(json.dumps({"model": name, **row}, ensure_ascii=False) + "\n")
+    return paths
