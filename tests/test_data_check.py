@@ -141,3 +141,33 @@ def test_preview_grid_shows_augmented_images(tmp_path, shapes):
     assert grid.shape[1] == pad + 4 * (thumb + pad)
     assert tiles[0].std() > 0  # the original is drawn
     assert all(np.abs(t - tiles[0]).mean() > 1 for t in tiles[1:])  # and each augmentation differs
+
+
+def test_augmentation_that_changes_the_answer_is_flagged(tmp_path, shapes, capsys):
+    """Hue jitter under colour questions and flips under left/right ones contradict the labels: the
+    checker warns (naming the setting, how many samples, the first, and the fix); safe settings pass."""
+    data = str(shapes["train"])
+    assert main(["data", "check", data, "--data.augment.enabled", "True", "--data.augment.hue", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"data\.augment\.hue 0\.1 changes colours in the picture, and \d+ of 24 samples", out)
+    assert "train.jsonl:" in out and "set it to at most 0.02" in out
+    assert main(["data", "check", data, "--data.augment.enabled", "True", "--data.augment.hflip", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "data.augment.hflip 0.5 changes left and right" in out and "set it to 0" in out
+    # the defaults (hue 0.02, no flip), and any setting with augmentation off, are not flagged
+    assert main(["data", "check", data, "--data.augment.enabled", "True"]) == 0
+    assert main(["data", "check", data, "--data.augment.hue", "0.3", "--data.augment.hflip", "1.0"]) == 0
+    assert "changes" not in capsys.readouterr().out
+
+
+def test_training_start_warns_about_such_augmentation(tiny_mllama, shapes, tmp_path):
+    logs = []
+    overrides = [
+        ("model_name", str(tiny_mllama)), ("dataset", str(shapes["train"])), ("data.test_file", str(shapes["test"])),
+        ("output_dir", str(tmp_path / "run")), ("max_train_step", "1"), ("run_validation", "False"),
+        ("data.augment.enabled", "True"), ("data.augment.hflip", "0.5"), ("progress", "False"),
+    ]  # fmt: skip
+    finetune(load_config(None, overrides), log=logs.append)
+    assert any(
+        line.startswith("data: warning: data.augment.hflip 0.5 changes left and right") for line in logs
+    )
