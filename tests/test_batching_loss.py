@@ -26,13 +26,25 @@ def collate(processor, items):
 
 
 def test_collator_matches_hf_processor(processor, shapes):
+
+    batch, ref = _ours_and_processors(processor, dataset(processor, shapes, n=3))
+    _assert_same_model_inputs(batch, ref)
+    # padding is right-side and out of the loss
+    assert (batch["labels"][~batch["attention_mask"].bool()] == -100).all()
+
+
+def _ours_and_processors(processor, ds: SFTDataset) -> tuple[dict, dict]:
+    """cotune's padded batch of ``ds`` and the HF processor's batch of the same texts and images."""
     from cotune.data.images import load_image
 
-    ds = dataset(processor, shapes, n=3)
-    batch = collate(processor, [ds[i] for i in range(3)])
+    batch = collate(processor, [ds[i] for i in range(len(ds))])
     texts = [processor.tokenizer.decode(e.input_ids) for e in ds.encoded]
-    images = [[load_image(e.images[0])] for e in ds.encoded]
+    images = [[load_image(p) for p in e.images] for e in ds.encoded]
     ref = processor(text=texts, images=images, padding=True, add_special_tokens=False, return_tensors="pt")
+    return batch, ref
+
+
+def _assert_same_model_inputs(batch: dict, ref: dict) -> None:
     assert torch.equal(batch["input_ids"], ref["input_ids"])
     assert torch.equal(batch["attention_mask"], ref["attention_mask"])
     torch.testing.assert_close(batch["pixel_values"], ref["pixel_values"])
@@ -41,8 +53,6 @@ def test_collator_matches_hf_processor(processor, shapes):
     real = batch["attention_mask"].bool()
     assert batch["cross_attention_mask"].shape == ref["cross_attention_mask"].shape
     assert torch.equal(batch["cross_attention_mask"][real], ref["cross_attention_mask"][real])
-    # padding is right-side and out of the loss
-    assert (batch["labels"][~real] == -100).all()
 
 
 def test_collator_matches_hf_processor_for_several_and_differently_sized_images(processor, tmp_path):
@@ -50,7 +60,6 @@ def test_collator_matches_hf_processor_for_several_and_differently_sized_images(
     cross-attention mask token by token are the HF processor's."""
     from cotune.data.chat import tokenize_conversation
     from cotune.data.dataset import Encoded
-    from cotune.data.images import load_image
 
     sizes = [[(96, 32)], [(20, 70), (48, 48)], [(30, 100)]]
     encoded = []
@@ -64,19 +73,9 @@ def test_collator_matches_hf_processor_for_several_and_differently_sized_images(
         messages = conversation_to_messages([("user", question), ("assistant", "The colour.")], len(group))
         ids, labels = tokenize_conversation(processor, messages)
         encoded.append(Encoded(ids, labels, paths, f"s{k}", f"s{k}:1"))
-    ds = SFTDataset(encoded, processor, MLLAMA)
-    batch = collate(processor, [ds[i] for i in range(len(sizes))])
-    texts = [processor.tokenizer.decode(e.input_ids) for e in encoded]
-    images = [[load_image(p) for p in e.images] for e in encoded]
-    ref = processor(text=texts, images=images, padding=True, add_special_tokens=False, return_tensors="pt")
+    batch, ref = _ours_and_processors(processor, SFTDataset(encoded, processor, MLLAMA))
     assert len(set(ref["aspect_ratio_ids"][ref["aspect_ratio_ids"] > 0].tolist())) >= 3  # really different
-    assert torch.equal(batch["input_ids"], ref["input_ids"])
-    torch.testing.assert_close(batch["pixel_values"], ref["pixel_values"])
-    assert torch.equal(batch["aspect_ratio_ids"], ref["aspect_ratio_ids"])
-    assert torch.equal(batch["aspect_ratio_mask"], ref["aspect_ratio_mask"])
-    real = batch["attention_mask"].bool()
-    assert batch["cross_attention_mask"].shape == ref["cross_attention_mask"].shape
-    assert torch.equal(batch["cross_attention_mask"][real], ref["cross_attention_mask"][real])
+    _assert_same_model_inputs(batch, ref)
 
 
 def test_mixed_text_only_and_image_batch(processor, shapes):

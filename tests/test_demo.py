@@ -35,12 +35,18 @@ def test_verdict_names_each_missed_target():
     assert len(prior) == 1 and "less than 30 points above the 45% with shuffled images" in prior[0]
 
 
-@pytest.mark.slow
-def test_demo_command_reports_figures_and_fails_when_short_of_targets(tiny_mllama, shapes, tmp_path, capsys):
+def _workdir_with(model_dir, shapes, tmp_path):
+    """A demo folder holding the session's tiny model and data: the demo reuses what it finds in place."""
     workdir = tmp_path / "demo"
     workdir.mkdir()
-    (workdir / "tiny").symlink_to(tiny_mllama)  # the demo reuses a model and data it finds in place
+    (workdir / "tiny").symlink_to(model_dir)
     (workdir / "data").symlink_to(shapes["train"].parent)
+    return workdir
+
+
+@pytest.mark.slow
+def test_demo_command_reports_figures_and_fails_when_short_of_targets(tiny_mllama, shapes, tmp_path, capsys):
+    workdir = _workdir_with(tiny_mllama, shapes, tmp_path)
     rc = main(
         ["demo", "--workdir", str(workdir), "--n_eval", "2", "--max_train_step", "4",
          "--eval_every_steps", "2", "--progress", "False"]
@@ -61,10 +67,7 @@ def test_demo_command_reports_figures_and_fails_when_short_of_targets(tiny_mllam
 
 @pytest.mark.slow
 def test_demo_without_validation_reports_instead_of_crashing(tiny_mllama, shapes, tmp_path, capsys):
-    workdir = tmp_path / "demo"
-    workdir.mkdir()
-    (workdir / "tiny").symlink_to(tiny_mllama)
-    (workdir / "data").symlink_to(shapes["train"].parent)
+    workdir = _workdir_with(tiny_mllama, shapes, tmp_path)
     rc = main(
         ["demo", "--workdir", str(workdir), "--n_eval", "2", "--max_train_step", "2",
          "--run_validation", "False", "--progress", "False"]
