@@ -61,6 +61,7 @@ from cotune.options.parse import (
     read_yaml,
     set_value,
 )
+from cotune.options.plan import PlanOptions
 from cotune.options.quant import QuantizationConfig, QuantizationOptions
 from cotune.options.train import CustomDatasetConfig, FsdpConfig, LoraConfig, TrainingOptions, check_training
 from cotune.options.use import (
@@ -101,6 +102,7 @@ SECTIONS = {
         Section("augmentation", "data.augment", AugmentConfig, check_augment),
         Section("fsdp", "fsdp_config", FsdpConfig),
         Section("quantization", "", QuantizationOptions),
+        Section("plan", "", PlanOptions),
         Section("quantization_config", "quantization_config", QuantizationConfig),
         Section("generation", "generation", GenerationOptions),
         Section("decoding", "generation", DecodingOptions),
@@ -166,6 +168,7 @@ VERBS = {
         ("model", "dtype", "adapters", *_READ, "merge"),
         "cotune merge [CONFIG.yaml] --model_name BASE --adapter DIR --output DIR [--torch_dtype bf16]",
     ),
+    "plan": Verb((*_TRAIN, "plan"), "cotune plan [CONFIG.yaml] [--option value ...] [--gpu_memory 16GB]"),
     "tiny-model": Verb(
         ("seed", "tiny-model"), "cotune tiny-model [CONFIG.yaml] DIR [--family mllama|llava]", "DIR"
     ),
