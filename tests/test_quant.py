@@ -141,3 +141,49 @@ def test_qlora_trains_and_its_adapter_loads_with_plain_peft_on_both_bases(tiny_m
     effect = (full_logits - base_logits).abs().max()
     assert effect > 0.1, "the adapter changes the logits"
     assert (four_logits - full_logits).abs().max() < effect  # same adapter, the base's quantization apart
+
+
+@pytest.fixture(scope="module")
+def random_adapter(tiny_mllama, tmp_path_factory):
+    from helpers import make_adapter
+
+    return make_adapter(tiny_mllama, tmp_path_factory.mktemp("qmerge") / "adapter", seed=5, std=0.1)
+
+
+def test_merge_into_the_dequantized_4bit_base_passes_the_fp32_guard(tiny_mllama, random_adapter, tmp_path):
+    import json
+
+    from transformers import AutoModelForImageTextToText
+
+    from cotune.infer.merge import merge_adapter
+
+    out = tmp_path / "merged"
+    report = merge_adapter(str(tiny_mllama), random_adapter, str(out), dtype="fp32", quantization="4bit",
+                           quantization_config=QuantizationConfig(), log=lambda s: None)  # fmt: skip
+    assert report.max_abs_diff <= report.tolerance < 1e-2 < report.adapter_effect
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    merged = AutoModelForImageTextToText.from_pretrained(str(out))  # a plain checkpoint
+    assert layer_types(merged, "model.language_model") == {"Linear"}
+
+
+def test_the_guard_catches_a_wrong_qlora_merge(tiny_mllama, random_adapter, tmp_path, monkeypatch):
+    from cotune.infer.merge import MergeMismatch, merge_adapter
+    from test_merge import corrupt_one_merged_linear
+
+    corrupt_one_merged_linear(monkeypatch, fraction=0.05)
+    with pytest.raises(MergeMismatch):
+        merge_adapter(str(tiny_mllama), random_adapter, str(tmp_path / "m"), dtype="fp32", quantization="4bit",
+                      quantization_config=QuantizationConfig(), log=lambda s: None)  # fmt: skip
+    assert not (tmp_path / "m").exists()
+
+
+def test_generate_and_eval_take_a_4bit_base(tiny_mllama, random_adapter, shapes, tmp_path, capsys):
+    from cotune.cli import main
+
+    argv = ["generate", "--model_name", str(tiny_mllama), "--adapter", random_adapter, "--quantization", "4bit",
+            "--max_new_tokens", "4", "--device", "cpu", "Hello"]  # fmt: skip
+    assert main(argv) == 0
+    from cotune.config import load_options
+
+    cfg = load_options("eval", overrides=[("quantization", "4bit"), ("quant_type", "fp4")]).options
+    assert (cfg.quantization, cfg.quantization_config.quant_type) == ("4bit", "fp4")

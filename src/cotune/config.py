@@ -136,7 +136,7 @@ class Verb:
 
 _TRAIN = ("model", "dtype", "training", "seed", "lora", "custom_dataset", "data", "system prompt")
 _TRAIN += ("held-out file", "validation split", "augmentation", "fsdp", "quantization", "quantization_config")
-_USE = ("model", "dtype", "device", "adapters")
+_USE = ("model", "dtype", "device", "adapters", "quantization", "quantization_config")
 _GENERATE = (*_USE, "seed", "system prompt", "prompt", "generation", "decoding")
 _READ = ("data", "system prompt", "held-out file")  # records read and rendered as training does
 
@@ -165,7 +165,7 @@ VERBS = {
         "cotune eval [CONFIG.yaml] --model_name BASE --adapter DIR [--adapter ...] --data TEST.jsonl",
     ),
     "merge": Verb(
-        ("model", "dtype", "adapters", *_READ, "merge"),
+        ("model", "dtype", "adapters", "quantization", "quantization_config", *_READ, "merge"),
         "cotune merge [CONFIG.yaml] --model_name BASE --adapter DIR --output DIR [--torch_dtype bf16]",
     ),
     "plan": Verb((*_TRAIN, "plan"), "cotune plan [CONFIG.yaml] [--option value ...] [--gpu_memory 16GB]"),

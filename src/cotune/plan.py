@@ -188,7 +188,7 @@ def estimate(cfg: Any, gpu_bytes: int, device: str = "cuda", images_per_sample: 
     chunk = min(CHUNK, tokens)
     forward = chunk * vocab * (4 + (2 if b == 2 else 0)) + tokens * 14 * hidden * b
     backward = tokens * lora_layer * (2 if cfg.gradient_checkpointing else 1)
-    parts["loss gradient of the hidden states"] = tokens * hidden * 4
+    parts["hidden-state gradient (loss)"] = tokens * hidden * 4
     if forward >= backward:
         parts["logits (chunked, forward)"] = forward
     else:
@@ -237,9 +237,9 @@ def report(plan: Plan, cfg: Any) -> str:
     """The lines ``cotune plan`` prints; the last is ``fits=yes|no peak_gib=X gpu_gib=Y``."""
     lines = [f"plan: {plan.setting}"]
     for name, n in plan.parts.items():
-        lines.append(f"  {name:<28}{n / GIB:8.2f} GiB")
-    lines.append(f"  {'peak':<28}{plan.peak / GIB:8.2f} GiB of {plan.gpu_bytes / GIB:.2f} GiB")
-    lines.append(f"  {'headroom':<28}{(plan.gpu_bytes - plan.peak) / GIB:8.2f} GiB")
+        lines.append(f"  {name:<32}{n / GIB:8.2f} GiB")
+    lines.append(f"  {'peak':<32}{plan.peak / GIB:8.2f} GiB of {plan.gpu_bytes / GIB:.2f} GiB")
+    lines.append(f"  {'headroom':<32}{(plan.gpu_bytes - plan.peak) / GIB:8.2f} GiB")
     lines += [f"note: {n}" for n in plan.notes]
     tips = advice(plan, cfg)
     if tips:
