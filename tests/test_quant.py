@@ -166,6 +166,22 @@ def test_merge_into_the_dequantized_4bit_base_passes_the_fp32_guard(tiny_mllama,
     assert layer_types(merged, "model.language_model") == {"Linear"}
 
 
+def test_merge_into_the_original_base_prints_the_quantization_error(
+    tiny_mllama, random_adapter, tmp_path, capsys
+):
+    from cotune.cli import main
+
+    argv = ["merge", "--model_name", str(tiny_mllama), "--adapter", random_adapter, "--output", str(tmp_path / "m"),
+            "--torch_dtype", "fp32", "--quantization", "4bit", "--merge.into", "original"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    quant_error = float(out.split("4-bit base + adapter by ")[1].split()[0])
+    parity = float(out.split("max |merged - adapter| logits = ")[1].split()[0])
+    assert (
+        parity < 1e-3 < quant_error
+    )  # guarded against the original base + adapter; the 4-bit gap is information
+
+
 def test_the_guard_catches_a_wrong_qlora_merge(tiny_mllama, random_adapter, tmp_path, monkeypatch):
     from cotune.infer.merge import MergeMismatch, merge_adapter
     from test_merge import corrupt_one_merged_linear

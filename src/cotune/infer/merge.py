@@ -169,6 +169,7 @@ def merge_adapter(
     data_options: Any = None,
     quantization: str = "",
     quantization_config: Any = None,
+    into: str = "dequantized",
 ) -> MergeReport:
     """Merges ``adapter_dir`` into ``model_name`` and saves the result to ``output_dir``.
 
@@ -188,6 +189,8 @@ def merge_adapter(
             (merged into the original base instead, the difference is the base's own quantization
             error, as large as the adapter's effect: no guard could tell a wrong merge from it).
         quantization_config: the ``QuantizationConfig`` the adapter was trained with.
+        into: with ``quantization``, 'dequantized' (above) or 'original': the full-precision base, checked
+            against the original base + adapter; the 4-bit model's difference is logged as information.
 
     Raises:
         MergeMismatch: the merged model does not reproduce the adapter (nothing is written).
@@ -211,7 +214,19 @@ def merge_adapter(
     expected = _logits(model, processor, family, item)
     with model.disable_adapter():
         base_logits = _logits(model, processor, family, item)
-    if quantization:  # the same adapter on the 4-bit base dequantized: a plain checkpoint to merge into
+    if quantization and into == "original":  # the usual deployment: the reference is the original base's
+        quantized_logits = expected
+        del model, base
+        base, family = load_base_model(model_name, torch_dtype)
+        model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False).eval()
+        expected = _logits(model, processor, family, item)
+        with model.disable_adapter():
+            base_logits = _logits(model, processor, family, item)
+        log(
+            f"information: the original base + adapter differs from the 4-bit base + adapter by "
+            f"{float((expected - quantized_logits).abs().max()):.3g} (max |logits|): the base's quantization error"
+        )
+    elif quantization:  # the same adapter on the 4-bit base dequantized: a plain checkpoint to merge into
         base = model.unload().dequantize()
         log(f"{model_name}: 4-bit base dequantized to {dtype}")
         model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False).eval()
