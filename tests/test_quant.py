@@ -203,3 +203,17 @@ def test_generate_and_eval_take_a_4bit_base(tiny_mllama, random_adapter, shapes,
 
     cfg = load_options("eval", overrides=[("quantization", "4bit"), ("quant_type", "fp4")]).options
     assert (cfg.quantization, cfg.quantization_config.quant_type) == ("4bit", "fp4")
+
+
+def test_an_8bit_base_trains(tiny_mllama, shapes, tmp_path):
+    few = few_records(shapes, tmp_path / "few.jsonl")
+    cfg = load_config(
+        None,
+        [("model_name", str(tiny_mllama)), ("dataset", str(few)), ("test_file", str(few)),
+         ("data.image_root", str(shapes["images"].parent)), ("output_dir", str(tmp_path / "run")),
+         ("num_epochs", "4"), ("batch_size_training", "3"), ("lr", "5e-3"), ("scheduler", "constant"),
+         ("quantization", "8bit"), ("lora_config.lora_dropout", "0"), ("keep_last_checkpoints", "0"),
+         ("progress", "False"), ("data.max_seq_len", "1024")],
+    )  # fmt: skip
+    result = finetune(cfg, log=lambda s: None)
+    assert result.train_losses[-1] < result.train_losses[0] and result.adapter_dir is not None
