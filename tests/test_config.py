@@ -134,9 +134,14 @@ def test_every_verb_takes_its_sections_from_the_registry():
         "chat",
         "eval",
         "merge",
+        "plan",
         "tiny-model",
         "synth-data",
     }
+    assert VERBS["plan"].sections == (
+        *VERBS["train"].sections,
+        "plan",
+    )  # exactly train's options, plus its own
     cfg = TrainConfig()  # the training loop's view is unchanged
     assert (cfg.lr, cfg.lora_config.r, cfg.data.max_seq_len, cfg.fsdp_config.sharding_strategy) == (
         1e-4,
@@ -160,13 +165,13 @@ def test_every_verb_help_lists_its_options_and_no_other(verb, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["eval", "--lr", "1e-5"], "cotune eval does not take --lr (taken by: train, demo)"),
+        (["eval", "--lr", "1e-5"], "cotune eval does not take --lr (taken by: train, demo, plan)"),
         (["train", "--max_new_tokens", "8"], "cotune train does not take --max_new_tokens (taken by: generate, chat, eval)"),
         (["merge", "--image_ablation"], "cotune merge does not take --image_ablation (taken by: eval)"),
-        (["generate", "--data.max_seq_len", "9", "hi"], "cotune generate does not take --data.max_seq_len (taken by: train, demo, data, eval, merge)"),
-        (["chat", "--lora_config.r", "4"], "cotune chat does not take --lora_config.r (taken by: train, demo)"),
+        (["generate", "--data.max_seq_len", "9", "hi"], "cotune generate does not take --data.max_seq_len (taken by: train, demo, data, eval, merge, plan)"),
+        (["chat", "--lora_config.r", "4"], "cotune chat does not take --lora_config.r (taken by: train, demo, plan)"),
         (["train", "--batch_size", "2"], "(taken by: eval). Did you mean --val_batch_size, --batch_size_training?"),
-        (["data", "check", "train.jsonl", "--lr", "1"], "cotune data does not take --lr (taken by: train, demo)"),
+        (["data", "check", "train.jsonl", "--lr", "1"], "cotune data does not take --lr (taken by: train, demo, plan)"),
         (["eval", "--max_new_token", "8"], "unknown option 'max_new_token'. Did you mean --max_new_tokens"),
     ],
 )  # fmt: skip

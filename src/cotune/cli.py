@@ -25,6 +25,8 @@ verbs:
                                              multi-turn chat; /adapter NAME switches adapter
   eval --model_name BASE --adapter DIR --data test.jsonl
                                              base vs adapters: loss, format, accuracy, per stage
+  plan [--option value ...] --gpu_memory 16GB
+                                             train's options: the memory one GPU needs (config.json only)
   merge --model_name BASE --adapter DIR --output DIR
                                              merge the adapter into a standard HF checkpoint
   data check DATA [--model_name M]           validate a dataset as training would (exit 1: bad records)
@@ -141,6 +143,15 @@ def cmd_merge(argv: list[str]) -> int:
     return run_merge_command(parsed.options)
 
 
+def cmd_plan(argv: list[str]) -> int:
+    parsed = _options("plan", argv)
+    if parsed is None:
+        return 0
+    from cotune.plan import run_plan_command
+
+    return run_plan_command(parsed.options)
+
+
 def cmd_data(argv: list[str]) -> int:
     from cotune.data.check import run_data_command
 
@@ -156,6 +167,7 @@ VERBS = {
     "chat": cmd_chat,
     "eval": cmd_eval,
     "merge": cmd_merge,
+    "plan": cmd_plan,
     "data": cmd_data,
 }
 

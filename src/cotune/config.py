@@ -61,6 +61,8 @@ from cotune.options.parse import (
     read_yaml,
     set_value,
 )
+from cotune.options.plan import PlanOptions
+from cotune.options.quant import QuantizationConfig, QuantizationOptions
 from cotune.options.train import CustomDatasetConfig, FsdpConfig, LoraConfig, TrainingOptions, check_training
 from cotune.options.use import (
     DecodingOptions,
@@ -99,6 +101,9 @@ SECTIONS = {
         Section("validation split", "data", SplitOptions, check_split),
         Section("augmentation", "data.augment", AugmentConfig, check_augment),
         Section("fsdp", "fsdp_config", FsdpConfig),
+        Section("quantization", "", QuantizationOptions),
+        Section("plan", "", PlanOptions),
+        Section("quantization_config", "quantization_config", QuantizationConfig),
         Section("generation", "generation", GenerationOptions),
         Section("decoding", "generation", DecodingOptions),
         Section("eval", "eval", EvalOptions),
@@ -130,8 +135,8 @@ class Verb:
 
 
 _TRAIN = ("model", "dtype", "training", "seed", "lora", "custom_dataset", "data", "system prompt")
-_TRAIN += ("held-out file", "validation split", "augmentation", "fsdp")
-_USE = ("model", "dtype", "device", "adapters")
+_TRAIN += ("held-out file", "validation split", "augmentation", "fsdp", "quantization", "quantization_config")
+_USE = ("model", "dtype", "device", "adapters", "quantization", "quantization_config")
 _GENERATE = (*_USE, "seed", "system prompt", "prompt", "generation", "decoding")
 _READ = ("data", "system prompt", "held-out file")  # records read and rendered as training does
 
@@ -160,9 +165,10 @@ VERBS = {
         "cotune eval [CONFIG.yaml] --model_name BASE --adapter DIR [--adapter ...] --data TEST.jsonl",
     ),
     "merge": Verb(
-        ("model", "dtype", "adapters", *_READ, "merge"),
+        ("model", "dtype", "adapters", "quantization", "quantization_config", *_READ, "merge"),
         "cotune merge [CONFIG.yaml] --model_name BASE --adapter DIR --output DIR [--torch_dtype bf16]",
     ),
+    "plan": Verb((*_TRAIN, "plan"), "cotune plan [CONFIG.yaml] [--option value ...] [--gpu_memory 16GB]"),
     "tiny-model": Verb(
         ("seed", "tiny-model"), "cotune tiny-model [CONFIG.yaml] DIR [--family mllama|llava]", "DIR"
     ),

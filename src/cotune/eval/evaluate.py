@@ -314,8 +314,9 @@ def run_eval(cfg: Any, specs: list[AdapterSpec], log=print) -> dict[str, Any]:
     if NONE not in names:
         names = [NONE, *names]
     model, processor, family = load_model_with_adapters(
-        cfg.model_name, specs, cfg.torch_dtype, cfg.device, cfg.tokenizer_name
-    )
+        cfg.model_name, specs, cfg.torch_dtype, cfg.device, cfg.tokenizer_name,
+        cfg.quantization, cfg.quantization_config,
+    )  # fmt: skip
     samples, problems = load_data_file(cfg, d.test_file, log)
     report_problems(problems, d.on_error, len(samples) + len(problems), log=log)
     if e.limit:

@@ -148,11 +148,14 @@ def load_model_with_adapters(
     dtype: str = "auto",
     device: str = "auto",
     tokenizer_name: str = "",
+    quantization: str = "",
+    quantization_config: Any = None,
 ) -> tuple[torch.nn.Module, Any, Any]:
     """Base model (once) + processor + every adapter of ``specs``: what the use commands start with.
 
     Returns:
         (model, processor, family); the model is a PEFT model when any adapter is given.
+        ``quantization`` ('4bit', '8bit') loads the base as training's ``--quantization`` does.
     """
     from cotune.models.load import load_base_model, load_processor, resolve_dtype
 
@@ -163,5 +166,11 @@ def load_model_with_adapters(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_device = torch.device(device)
     processor = load_processor(tokenizer_name or model_name)
-    base, family = load_base_model(model_name, resolve_dtype(dtype, torch_device), device=torch_device)
+    base, family = load_base_model(
+        model_name,
+        resolve_dtype(dtype, torch_device),
+        device=torch_device,
+        quantization=quantization,
+        quantization_config=quantization_config,
+    )
     return attach_adapters(base, specs), processor, family

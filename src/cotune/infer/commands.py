@@ -28,8 +28,9 @@ def _load(cfg: Any):
 
     specs = adapter_specs(cfg)
     model, processor, family = load_model_with_adapters(
-        cfg.model_name, specs, cfg.torch_dtype, cfg.device, cfg.tokenizer_name
-    )
+        cfg.model_name, specs, cfg.torch_dtype, cfg.device, cfg.tokenizer_name,
+        cfg.quantization, cfg.quantization_config,
+    )  # fmt: skip
     return specs, model, processor, family
 
 
@@ -207,6 +208,7 @@ def run_merge_command(cfg: Any) -> int:
         merge_adapter(
             cfg.model_name, dirs[0].path, cfg.merge.output_dir, dtype, cfg.merge.max_shard_size,
             cfg.data.test_file, cfg.merge.tolerance, cfg.tokenizer_name, data_options=cfg.data,
+            quantization=cfg.quantization, quantization_config=cfg.quantization_config, into=cfg.merge.into,
         )  # fmt: skip
     except MergeMismatch as e:
         print(f"cotune merge: error: {e}", file=sys.stderr)

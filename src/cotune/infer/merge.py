@@ -167,6 +167,9 @@ def merge_adapter(
     tokenizer_name: str = "",
     log=print,
     data_options: Any = None,
+    quantization: str = "",
+    quantization_config: Any = None,
+    into: str = "dequantized",
 ) -> MergeReport:
     """Merges ``adapter_dir`` into ``model_name`` and saves the result to ``output_dir``.
 
@@ -181,6 +184,13 @@ def merge_adapter(
         tokenizer_name: processor directory if different from ``model_name``.
         log: where the report goes.
         data_options: the ``data`` section that reads ``data`` (see ``parity_sample``).
+        quantization: '4bit' for a QLoRA adapter: the reference is the 4-bit base with the adapter (what
+            it was trained against), and the adapter is merged into that base dequantized to ``dtype``
+            (merged into the original base instead, the difference is the base's own quantization
+            error, as large as the adapter's effect: no guard could tell a wrong merge from it).
+        quantization_config: the ``QuantizationConfig`` the adapter was trained with.
+        into: with ``quantization``, 'dequantized' (above) or 'original': the full-precision base, checked
+            against the original base + adapter; the 4-bit model's difference is logged as information.
 
     Raises:
         MergeMismatch: the merged model does not reproduce the adapter (nothing is written).
@@ -193,14 +203,34 @@ def merge_adapter(
     torch_dtype = DTYPES[dtype]
     rss_before = _rss_now()
     processor = load_processor(tokenizer_name or model_name)
-    base, family = load_base_model(model_name, torch_dtype)
-    model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    if quantization not in ("", "4bit"):
+        raise ValueError(f"merge takes --quantization 4bit (a QLoRA adapter) or none; got '{quantization}'")
+    base, family = load_base_model(
+        model_name, torch_dtype, quantization=quantization, quantization_config=quantization_config
+    )
     model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
     model.eval()
     item = parity_sample(processor, family, data, data_options)
     expected = _logits(model, processor, family, item)
     with model.disable_adapter():
         base_logits = _logits(model, processor, family, item)
+    if quantization and into == "original":  # the usual deployment: the reference is the original base's
+        quantized_logits = expected
+        del model, base
+        base, family = load_base_model(model_name, torch_dtype)
+        model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False).eval()
+        expected = _logits(model, processor, family, item)
+        with model.disable_adapter():
+            base_logits = _logits(model, processor, family, item)
+        log(
+            f"information: the original base + adapter differs from the 4-bit base + adapter by "
+            f"{float((expected - quantized_logits).abs().max()):.3g} (max |logits|): the base's quantization error"
+        )
+    elif quantization:  # the same adapter on the 4-bit base dequantized: a plain checkpoint to merge into
+        base = model.unload().dequantize()
+        log(f"{model_name}: 4-bit base dequantized to {dtype}")
+        model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False).eval()
+    model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     log(f"merging {adapter_dir} into {model_name} ({dtype}) ...")
     merged = model.merge_and_unload()  # each LoRA layer folded into its weight in place
     got = _logits(merged, processor, family, item)

@@ -53,6 +53,10 @@ class ModelFamily:
             padding for generation moves with the tokens.
         end_of_turn_tokens: the tokens that end an assistant turn in the chat template (besides
             the tokenizer's EOS): generation stops at them.
+        unquantized_modules: module names a 4-bit or 8-bit base keeps in its own dtype (transformers'
+            ``llm_int8_skip_modules``, which matches a module name's prefix or its last parts: write
+            them from the model's root, ``model.vision_model``, since ``vision_model`` alone matches
+            no vision linear's name and leaves the tower quantized).
     """
 
     name: str
@@ -71,6 +75,7 @@ class ModelFamily:
     collate_packed_images: Callable[[list[list[dict]], int, int], dict] | None = None
     token_keys: tuple[str, ...] = ("input_ids", "attention_mask")
     end_of_turn_tokens: tuple[str, ...] = ("<|eot_id|>",)  # Llama 3's chat format
+    unquantized_modules: tuple[str, ...] = ("lm_head",)
 
     def model_inputs(self, batch: dict, dummy_images_for: Any = None) -> dict:
         """The entries of a collated ``batch`` that the forward takes (``input_keys``).
@@ -305,6 +310,10 @@ MLLAMA = ModelFamily(
     ),
     image_token="<|image|>",
     lora_targets=_mllama_lora_targets,
+    # QLoRA quantizes the language model's linears (8.7 of the 11B's 10.7 B parameters). The vision
+    # tower (0.9 B) and projector read pixels through few, wide layers whose errors every image token
+    # carries; embeddings and lm_head are lookups and the logits, not matmuls bitsandbytes replaces.
+    unquantized_modules=("model.vision_model", "model.multi_modal_projector", "lm_head", "embed_tokens"),
     image_inputs=mllama_image_inputs,
     collate_images=mllama_collate_images,
     dummy_image_inputs=mllama_dummy_image_inputs,
@@ -386,6 +395,7 @@ LLAVA = ModelFamily(
     input_keys=("input_ids", "attention_mask", "labels", "position_ids", "pixel_values"),
     image_token="<image>",
     lora_targets=_llava_lora_targets,
+    unquantized_modules=("model.vision_tower", "model.multi_modal_projector", "lm_head", "embed_tokens"),
     image_inputs=llava_image_inputs,
     collate_images=llava_collate_images,
     tokens_per_image=_llava_tokens_per_image,

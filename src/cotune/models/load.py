@@ -63,6 +63,8 @@ def load_base_model(
     sdpa: bool = True,
     device: torch.device | str = "cpu",
     on_meta: bool = False,
+    quantization: str = "",
+    quantization_config: Any = None,
 ) -> tuple[torch.nn.Module, ModelFamily]:
     """Loads the base vision-language model through transformers' own classes.
 
@@ -73,6 +75,9 @@ def load_base_model(
         device: where to put the weights.
         on_meta: build the model from the checkpoint's config on the meta device, reading no
             weights (``low_cpu_fsdp``: the first process loads them and sends each its shards).
+        quantization: '4bit' or '8bit' quantizes the language model's linears with bitsandbytes
+            (``cotune.models.quant``); '' loads the base as it is.
+        quantization_config: the ``QuantizationConfig`` options of a 4-bit base.
 
     Returns:
         The model (eval mode, requires_grad off everywhere) and its family.
@@ -89,6 +94,17 @@ def load_base_model(
             model = AutoModelForImageTextToText.from_config(
                 config, dtype=dtype, attn_implementation=attention
             )
+    elif quantization:
+        from cotune.models.quant import bnb_config, keep_training_kernels
+
+        model = AutoModelForImageTextToText.from_pretrained(
+            str(path),
+            dtype=dtype,
+            attn_implementation=attention,
+            quantization_config=bnb_config(family, quantization, quantization_config, dtype),
+            device_map={"": str(device)},
+        )
+        keep_training_kernels(model)
     else:
         model = AutoModelForImageTextToText.from_pretrained(
             str(path), dtype=dtype, attn_implementation=attention

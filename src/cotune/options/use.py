@@ -63,6 +63,14 @@ class MergeOptions:
     output_dir: str = opt("", "Where the merged checkpoint goes (required; --output is short for it).")
     max_shard_size: str = opt("2GB", "Largest safetensors shard (bounds memory while saving).")
     tolerance: float = opt(0.0, "Largest |merged - adapter| logit difference allowed (0: by dtype).")
+    into: str = opt(
+        "dequantized",
+        "With --quantization 4bit (a QLoRA adapter): merge into the 4-bit base dequantized (what the adapter "
+        "was trained against; checked against the 4-bit model + adapter) or into the original base (the usual "
+        "deployment; checked against the original base + adapter, and its difference from the 4-bit model "
+        "printed as information: the base's quantization error dominates it).",
+        choices=("dequantized", "original"),
+    )
 
 
 @dataclass

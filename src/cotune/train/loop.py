@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from tqdm import tqdm
 
-from cotune.config import TrainConfig, save_config
+from cotune.config import ConfigError, TrainConfig, save_config
 from cotune.data.batching import count_tokens, to_device
 from cotune.data.build import DataBundle, build_data
 from cotune.data.cookbook import audit_batch
@@ -215,12 +215,18 @@ def build_model(
             "warning: low_cpu_fsdp is not combined with fsdp_config.cpu_offload: every process reads the checkpoint"
         )
         from_rank0 = False
+    if cfg.quantization and sharded:
+        raise ConfigError(
+            f"--quantization {cfg.quantization} runs in one process; sharded QLoRA is not offered yet"
+        )
     model, family = load_base_model(
         cfg.model_name,
         base_dtype,
         sdpa=cfg.use_fast_kernels,
         device=dist.device,
         on_meta=from_rank0 and not dist.is_main,
+        quantization=cfg.quantization,
+        quantization_config=cfg.quantization_config,
     )
     torch.manual_seed(cfg.seed)  # LoRA init does not depend on how much randomness loading used
     peft_model = add_lora(model, family, cfg.lora_config, from_checkpoint=cfg.from_peft_checkpoint)
@@ -229,7 +235,7 @@ def build_model(
     peft_model.train()
     trainable, total = trainable_parameters(peft_model)
     log(
-        f"model: {cfg.model_name} ({family.name}, {base_dtype}); LoRA trains {trainable:,} of {total:,} parameters"
+        f"model: {cfg.model_name} ({family.name}, {base_dtype}{', ' + cfg.quantization if cfg.quantization else ''}); LoRA trains {trainable:,} of {total:,} parameters"
     )
     return peft_model, family, base_dtype, from_rank0
 

@@ -1,0 +1,80 @@
+"""4-bit and 8-bit bases with bitsandbytes (QLoRA): the quantization config, and what training needs.
+
+The model family says which modules stay unquantized (``ModelFamily.unquantized_modules``); the
+language model's linear layers are quantized, LoRA trains on top of them in fp32.
+
+k-bit training preparation, as cotune does it: the base is frozen and its non-quantized parts stay
+in the base dtype (peft's ``prepare_model_for_kbit_training`` would upcast the 11B's 0.9 B vision
+parameters to fp32, +3.6 GB); transformers' RMSNorm already computes in fp32. Input gradients are
+not needed: cotune's activation checkpointing is the non-reentrant (composable) form.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from cotune.models.families import ModelFamily
+
+
+def bnb_config(family: ModelFamily, quantization: str, options: Any, base_dtype: torch.dtype) -> Any:
+    """transformers' ``BitsAndBytesConfig`` for ``quantization`` ('4bit' or '8bit').
+
+    Args:
+        family: keeps its ``unquantized_modules`` in ``base_dtype``.
+        quantization: '4bit' or '8bit'.
+        options: a ``QuantizationConfig`` (quant_type, use_double_quant, compute_dtype, quant_storage).
+        base_dtype: the dtype of the unquantized parts; also the compute dtype when it is 'auto'.
+
+    Raises:
+        ImportError: bitsandbytes is not installed (``pip install 'cotune[qlora]'``).
+    """
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            f"--quantization {quantization} needs bitsandbytes: pip install 'cotune[qlora]'"
+        ) from e
+    from transformers import BitsAndBytesConfig
+
+    from cotune.models.load import DTYPES
+
+    skip = list(family.unquantized_modules)
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    compute = base_dtype if options.compute_dtype == "auto" else DTYPES[options.compute_dtype]
+    storage = torch.uint8 if options.quant_storage == "uint8" else DTYPES[options.quant_storage]
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=options.quant_type,
+        bnb_4bit_use_double_quant=options.use_double_quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=storage,
+        llm_int8_skip_modules=skip,
+    )
+
+
+def keep_training_kernels(model: torch.nn.Module) -> int:
+    """Stops bitsandbytes from repacking 4-bit weights for its CPU inference kernel; returns how many layers.
+
+    On a CPU with avx512-bf16, a forward in eval mode (validation) repacks each ``Linear4bit``'s weight
+    for ``gemv_4bit``, which has no backward: later training steps then get LoRA gradients 10-30x too
+    small (and an in-place error on layers with a bias). The training path needs no repacking.
+    """
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def quantized_layer_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Linear layers by class name (``Linear``, ``Linear4bit``, ``Linear8bitLt``): what the loaded model holds."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            name = type(module).__name__
+            counts[name] = counts.get(name, 0) + 1
+    return counts
