@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from tqdm import tqdm
 
-from cotune.config import TrainConfig, save_config
+from cotune.config import TrainConfig, save_config, to_dict
 from cotune.data.batching import count_tokens, to_device
 from cotune.data.build import DataBundle, build_data
 from cotune.data.cookbook import audit_batch
@@ -48,6 +48,7 @@ from cotune.train.step import (
     usable_batches,
     validation_loss,
 )
+from cotune.train.trackers import Trackers, open_trackers
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Run:
     sharded: bool = False  # FSDP2: parameters are DTensors, the adapter is gathered to save it
     resumed: resume.TrainerState | None = None  # the checkpoint this run continues, if any
     resumed_from: Path | None = None
+    trackers: Trackers = field(default_factory=Trackers)  # report_to (first process; none elsewhere)
 
     @property
     def global_batch(self) -> int:
@@ -172,6 +174,7 @@ def setup(cfg: TrainConfig, log=print) -> Run:
     if dist.is_main:
         _record_start(cfg, out, resumed, main_log)
     metrics_file = out / "metrics.jsonl" if (dist.is_main and cfg.save_metrics) else None
+    trackers = open_trackers(cfg, to_dict(cfg), out, dist.is_main, resumed.step if resumed else None)
     return Run(
         cfg=cfg,
         dist=dist,
@@ -195,6 +198,7 @@ def setup(cfg: TrainConfig, log=print) -> Run:
         sharded=sharded,
         resumed=resumed,
         resumed_from=resume_from,
+        trackers=trackers,
     )
 
 
@@ -457,6 +461,12 @@ def log_step(run: Run, state: LoopState, stats: StepStats, meter: Throughput, ba
         if stats.grad_norm is not None:
             record["grad_norm"] = stats.grad_norm
         run.metrics.write(**record)
+        memory = torch.cuda.max_memory_allocated() / 2**30 if run.dist.device.type == "cuda" else None
+        run.trackers.log(
+            {"train/loss": stats.loss, "train/lr": stats.lr, "train/grad_norm": stats.grad_norm,
+             "train/tokens_per_s": tps, "train/epoch": state.epoch, "train/max_memory_gib": memory},
+            state.step,
+        )  # fmt: skip
         bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}", tok_s=f"{tps:.0f}")
     bar.update(1)
 
@@ -470,6 +480,7 @@ def validate(run: Run, state: LoopState) -> None:
     )
     state.eval_losses.append(loss)
     run.metrics.write(step=state.step, epoch=state.epoch, eval_loss=loss, eval_perplexity=perplexity(loss))
+    run.trackers.log({"eval/loss": loss, "eval/perplexity": perplexity(loss)}, state.step)
     run.log(f"validation at step {state.step}: loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
     if state.step > 0 and loss < state.best_eval_loss:
         if run.cfg.save_model:
@@ -512,6 +523,10 @@ def finish(run: Run, state: LoopState, start: float) -> TrainResult:
     adapter_dir = export_adapter(run, run.out / "adapter") if run.cfg.save_model else None
     if run.dist.is_main and run.cfg.save_metrics:
         plot_loss(run.out / "metrics.jsonl", run.out / "loss.png")
+    summary = {"adapter_dir": str(adapter_dir)} if adapter_dir else {}
+    if state.best_adapter_dir:
+        summary["best_adapter_dir"] = str(state.best_adapter_dir)
+    run.trackers.finish(summary)
     result = TrainResult(
         output_dir=run.out,
         adapter_dir=adapter_dir,
