@@ -114,3 +114,25 @@ def test_report_to_none_and_missing_tracker(monkeypatch):
         load_config(None, [("report_to", "mlflow")])
     with pytest.raises(ConfigError, match="unknown tracker 'comet'"):
         load_config(None, [("report_to", "comet")])
+
+
+def test_max_train_step_counts_micro_batches_and_save_metrics_writes_the_cookbook_json(
+    tiny_mllama, shapes, tmp_path
+):
+    """24 records in batches of 4: 6 micro-batches an epoch. With accumulation 4, max_train_step 9 is
+    two epochs' worth minus 3: steps 4+2 in epoch 0 (6 batches), then 3 batches, one shorter step."""
+    out = tmp_path / "run"
+    cfg = run_config(
+        tiny_mllama, shapes, out, ("max_train_step", "9"), ("gradient_accumulation_steps", "4"),
+        ("num_epochs", "3"), ("keep_last_checkpoints", "0"),
+    )  # fmt: skip
+    result = finetune(cfg, log=lambda s: None)
+    assert result.steps == 3
+    (saved,) = out.glob("metrics_data_0-*.json")
+    data = json.loads(saved.read_text())
+    assert data["train_step_loss"] == pytest.approx(result.train_losses)
+    assert len(data["train_epoch_loss"]) == 2 and len(data["val_epoch_loss"]) == 2
+    assert data["train_epoch_loss"][0] == pytest.approx(sum(result.train_losses[:2]) / 2)
+    assert set(data) == {
+        f"{s}_{k}_{m}" for s in ("train", "val") for k in ("step", "epoch") for m in ("loss", "perplexity")
+    }

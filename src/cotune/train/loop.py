@@ -36,7 +36,14 @@ from cotune.runtime import tune_cpu_allocator
 from cotune.train import distributed, resume
 from cotune.train.checkpoint import save_adapter
 from cotune.train.loss import ChunkedLossModel
-from cotune.train.metrics import MetricsLog, Throughput, perplexity, plot_loss, read_metrics
+from cotune.train.metrics import (
+    MetricsLog,
+    Throughput,
+    perplexity,
+    plot_loss,
+    read_metrics,
+    write_cookbook_metrics,
+)
 from cotune.train.step import (
     accumulation_groups,
     autocast,
@@ -77,7 +84,10 @@ class Run:
     sharded: bool = False  # FSDP2: parameters are DTensors, the adapter is gathered to save it
     resumed: resume.TrainerState | None = None  # the checkpoint this run continues, if any
     resumed_from: Path | None = None
-    trackers: Trackers = field(default_factory=Trackers)  # report_to (first process; none elsewhere)
+    trackers: Trackers = field(default_factory=Trackers)
+    started: str = field(
+        default_factory=lambda: time.strftime("%Y-%m-%d_%H-%M-%S")
+    )  # names save_metrics' JSON  # report_to (first process; none elsewhere)
 
     @property
     def global_batch(self) -> int:
@@ -254,9 +264,11 @@ def build_training_data(
     for line in data.report:
         log(f"data: {line}")
     steps_per_epoch = optimizer_steps_per_epoch(len(data.train), cfg.gradient_accumulation_steps)
-    total_steps = steps_per_epoch * cfg.num_epochs
-    if cfg.max_train_step:
-        total_steps = min(total_steps, cfg.max_train_step)
+    total_steps, left = 0, cfg.max_train_step or math.inf  # max_train_step counts micro-batches
+    for _ in range(cfg.num_epochs):
+        batches = min(len(data.train), left)
+        total_steps += optimizer_steps_per_epoch(batches, cfg.gradient_accumulation_steps) if batches else 0
+        left -= batches
     samples_per_step = cfg.batch_size_training * cfg.gradient_accumulation_steps * dist.world_size
     log(
         f"batch: {cfg.batch_size_training} per process x {cfg.gradient_accumulation_steps} accumulation x "
@@ -352,10 +364,12 @@ def train(run: Run) -> TrainResult:
         dynamic_ncols=True,
     )
     for epoch in range(state.epoch, cfg.num_epochs):
-        if max_steps_reached(cfg, state.step):
+        if max_steps_reached(run, state):
             break
         batches = begin_epoch(run, state, epoch)
         for group in accumulation_groups(batches, cfg.gradient_accumulation_steps):
+            if cfg.max_train_step:  # the cookbook's limit: micro-batches over all epochs
+                group = group[: cfg.max_train_step - micro_batches_done(run, state)]
             state.batches_done += len(group)
             group = usable_batches(group, run.stand_in, run.warn)
             audit_once(run, state, group)
@@ -365,7 +379,7 @@ def train(run: Run) -> TrainResult:
             log_step(run, state, stats, meter, bar)
             if run.validates and on_eval_step(cfg, state.step):
                 validate(run, state)
-            if max_steps_reached(cfg, state.step):
+            if max_steps_reached(run, state):
                 break
             if cfg.save_every_steps and state.step % cfg.save_every_steps == 0:
                 if state.batches_done < len(run.data.train):  # the epoch's end writes one anyway
@@ -374,6 +388,7 @@ def train(run: Run) -> TrainResult:
             validate(run, state)  # at the epoch's end, unless its last step just did
         # after the epoch's validation, so that a resumed run neither repeats nor skips it
         checkpoint(run, state, epoch_complete=state.batches_done >= len(run.data.train))
+        save_cookbook_metrics(run)
     bar.close()
     return finish(run, state, start)
 
@@ -523,6 +538,7 @@ def finish(run: Run, state: LoopState, start: float) -> TrainResult:
     adapter_dir = export_adapter(run, run.out / "adapter") if run.cfg.save_model else None
     if run.dist.is_main and run.cfg.save_metrics:
         plot_loss(run.out / "metrics.jsonl", run.out / "loss.png")
+    save_cookbook_metrics(run)
     summary = {"adapter_dir": str(adapter_dir)} if adapter_dir else {}
     if state.best_adapter_dir:
         summary["best_adapter_dir"] = str(state.best_adapter_dir)
@@ -540,13 +556,26 @@ def finish(run: Run, state: LoopState, start: float) -> TrainResult:
     return result
 
 
+def save_cookbook_metrics(run: Run) -> None:
+    """save_metrics: the cookbook's metrics_data_<rank>-<start time>.json beside metrics.jsonl (first process)."""
+    if run.dist.is_main and run.cfg.save_metrics:
+        name = f"metrics_data_{run.dist.rank}-{run.started}.json"
+        write_cookbook_metrics(run.out / "metrics.jsonl", run.out / name)
+
+
 def on_eval_step(cfg: TrainConfig, step: int) -> bool:
     """``step`` is one that validates (every ``eval_every_steps``)."""
     return bool(cfg.eval_every_steps and step % cfg.eval_every_steps == 0)
 
 
-def max_steps_reached(cfg: TrainConfig, step: int) -> bool:
-    return bool(cfg.max_train_step and step >= cfg.max_train_step)
+def micro_batches_done(run: Run, state: LoopState) -> int:
+    """Loader batches trained on over all epochs (every epoch before ``state.epoch`` ran in full)."""
+    return state.epoch * len(run.data.train) + state.batches_done
+
+
+def max_steps_reached(run: Run, state: LoopState) -> bool:
+    """``max_train_step`` micro-batches are done (the cookbook's count, not optimizer steps)."""
+    return bool(run.cfg.max_train_step and micro_batches_done(run, state) >= run.cfg.max_train_step)
 
 
 def model_inputs(run: Run, batch: dict) -> dict:
