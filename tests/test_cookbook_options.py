@@ -65,10 +65,10 @@ COOKBOOK_FIELDS = {
         "use_fast_kernels": ("True", "use_fast_kernels"),
         "use_wandb": ("True", "use_wandb"),
         "save_metrics": ("True", "save_metrics"),
-        "flop_counter": ("True", refused("not offered yet")),
-        "flop_counter_start": ("3", NOOP),
-        "use_profiler": ("True", refused("not offered yet")),
-        "profiler_dir": ("p", NOOP),
+        "flop_counter": ("True", "flop_counter"),
+        "flop_counter_start": ("4", "flop_counter_start"),
+        "use_profiler": ("True", "use_profiler"),
+        "profiler_dir": ("p", "profiler_dir"),
     },
     "fsdp_config": {
         "mixed_precision": ("False", "fsdp_config.mixed_precision"),
@@ -179,8 +179,6 @@ def test_refusals_accept_the_value_that_changes_nothing():
     for flag in (
         "freeze_layers",
         "freeze_LLM_only",
-        "flop_counter",
-        "use_profiler",
         "hsdp",
         "inference_mode",
     ):

@@ -136,3 +136,34 @@ def test_max_train_step_counts_micro_batches_and_save_metrics_writes_the_cookboo
     assert set(data) == {
         f"{s}_{k}_{m}" for s in ("train", "val") for k in ("step", "epoch") for m in ("loss", "perplexity")
     }
+
+
+def test_flop_counter_and_profiler(tiny_mllama, shapes, tmp_path):
+    """The FLOP counter counts the step after flop_counter_start warm-up steps; the profiler leaves a
+    trace with the cookbook's schedule; the two exclude each other, and each needs its steps."""
+    out = tmp_path / "flops"
+    logs: list[str] = []
+    cfg = run_config(
+        tiny_mllama, shapes, out, ("max_train_step", "3"), ("flop_counter", "True"),
+        ("flop_counter_start", "1"), ("run_validation", "False"), ("keep_last_checkpoints", "0"),
+    )  # fmt: skip
+    finetune(cfg, log=logs.append)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    (counted,) = [r for r in rows if "tflop_per_step" in r]
+    assert counted["step"] == 2 and counted["tflop_per_step"] > 0 and counted["tflops_per_s"] > 0
+    assert any("flop counter at step 2" in line for line in logs)
+
+    trace = tmp_path / "trace"
+    cfg = run_config(
+        tiny_mllama, shapes, tmp_path / "prof", ("max_train_step", "6"), ("use_profiler", "True"),
+        ("profiler_dir", str(trace)), ("run_validation", "False"), ("keep_last_checkpoints", "0"),
+    )  # fmt: skip
+    finetune(cfg, log=lambda s: None)
+    (found,) = trace.glob("*.pt.trace.json*")
+    assert "ProfilerStep#" in found.read_text()
+
+    with pytest.raises(ConfigError, match="exclude each other"):
+        run_config(tiny_mllama, shapes, out, ("flop_counter", "True"), ("use_profiler", "True"))
+    cfg = run_config(tiny_mllama, shapes, out, ("max_train_step", "2"), ("flop_counter", "True"))
+    with pytest.raises(ConfigError, match="none after flop_counter_start 3"):
+        finetune(cfg, log=lambda s: None)

@@ -61,7 +61,13 @@ from cotune.options.parse import (
     read_yaml,
     set_value,
 )
-from cotune.options.tracking import TrackingOptions, WandbConfig, check_tracking
+from cotune.options.tracking import (
+    ProfilingOptions,
+    TrackingOptions,
+    WandbConfig,
+    check_profiling,
+    check_tracking,
+)
 from cotune.options.train import CustomDatasetConfig, FsdpConfig, LoraConfig, TrainingOptions, check_training
 from cotune.options.use import (
     DecodingOptions,
@@ -102,6 +108,7 @@ SECTIONS = {
         Section("fsdp", "fsdp_config", FsdpConfig),
         Section("tracking", "", TrackingOptions, check_tracking),
         Section("wandb", "wandb_config", WandbConfig),
+        Section("profiling", "", ProfilingOptions, check_profiling),
         Section("generation", "generation", GenerationOptions),
         Section("decoding", "generation", DecodingOptions),
         Section("eval", "eval", EvalOptions),
@@ -133,7 +140,7 @@ class Verb:
 
 
 _TRAIN = ("model", "dtype", "training", "seed", "lora", "custom_dataset", "data", "system prompt")
-_TRAIN += ("held-out file", "validation split", "augmentation", "fsdp", "tracking", "wandb")
+_TRAIN += ("held-out file", "validation split", "augmentation", "fsdp", "tracking", "wandb", "profiling")
 _USE = ("model", "dtype", "device", "adapters")
 _GENERATE = (*_USE, "seed", "system prompt", "prompt", "generation", "decoding")
 _READ = ("data", "system prompt", "held-out file")  # records read and rendered as training does

@@ -38,8 +38,6 @@ IGNORED = {
     "save_optimizer": (_always, "cotune's resumable checkpoints always hold the optimizer state"),
     "checkpoint_type": (_always, "cotune writes its own resumable checkpoints (see --keep_last_checkpoints)"),
     "num_freeze_layers": (_always, "read only with --freeze_layers"),
-    "flop_counter_start": (_always, "read only with --flop_counter"),
-    "profiler_dir": (_always, "read only with --use_profiler"),
     "inference_mode": (
         _false,
         "a training run's adapter is trainable; to use one: cotune generate --adapter DIR",
@@ -59,8 +57,6 @@ IGNORED = {
         "not offered yet in cotune; for LoRA on the cross-attention and vision layers use "
         "--lora_config.target_modules language+cross_attention or all",
     ),
-    "flop_counter": (_false, "not offered yet in cotune; metrics.jsonl has tokens_per_s"),
-    "use_profiler": (_false, "not offered yet in cotune"),
 }
 
 _TEXT_DATASETS = "samsum_dataset, alpaca_dataset, grammar_dataset, llamaguard_toxicchat_dataset"

@@ -66,3 +66,29 @@ def check_tracking(t: Any, prefix: str) -> None:
                 f"report_to {name}: the {name} package is not installed; pip install 'cotune[{name}]'"
             )
     t.report_to = list(dict.fromkeys(names))
+
+
+@dataclass
+class ProfilingOptions:
+    """llama-cookbook's FLOP counter and torch profiler (one or the other)."""
+
+    flop_counter: bool = opt(
+        False, "Count the FLOPs of one optimizer step (torch.utils.flop_counter): TFLOP/s, MFU on a GPU."
+    )
+    flop_counter_start: int = opt(3, "Optimizer steps before the one whose FLOPs are counted.")
+    use_profiler: bool = opt(
+        False,
+        "Trace steps 2-4 with torch.profiler (wait 1, warmup 2, active 3), for TensorBoard or Perfetto.",
+    )
+    profiler_dir: str = opt("", "Where the profiler trace goes (default: output_dir/profiler).")
+
+
+def check_profiling(p: Any, prefix: str) -> None:
+    """The cookbook's rules: the FLOP counter and the profiler exclude each other."""
+    if p.flop_counter and p.use_profiler:
+        raise ConfigError(
+            f"options '{prefix}flop_counter' and '{prefix}use_profiler' exclude each other (the profiler's "
+            "own FLOP count is in its trace): choose one"
+        )
+    if p.flop_counter_start < 0:
+        raise ConfigError(f"option '{prefix}flop_counter_start' must be >= 0; got {p.flop_counter_start}")

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from tqdm import tqdm
 
-from cotune.config import TrainConfig, save_config, to_dict
+from cotune.config import ConfigError, TrainConfig, save_config, to_dict
 from cotune.data.batching import count_tokens, to_device
 from cotune.data.build import DataBundle, build_data
 from cotune.data.cookbook import audit_batch
@@ -44,6 +44,7 @@ from cotune.train.metrics import (
     read_metrics,
     write_cookbook_metrics,
 )
+from cotune.train.profiling import StepProfiler
 from cotune.train.step import (
     accumulation_groups,
     autocast,
@@ -356,6 +357,7 @@ def train(run: Run) -> TrainResult:
     if run.resumed is None and run.validates:
         validate(run, state)  # the base model's loss: the reference the adapter must beat
     meter = Throughput()
+    profiler = open_profiler(run)
     bar = tqdm(
         total=run.total_steps,
         initial=state.step,
@@ -373,10 +375,12 @@ def train(run: Run) -> TrainResult:
             state.batches_done += len(group)
             group = usable_batches(group, run.stand_in, run.warn)
             audit_once(run, state, group)
-            stats = train_step(run, state, group)
+            with profiler.step(state.step + 1):
+                stats = train_step(run, state, group)
             if stats is None:  # no rank has a label token in this group: no step
                 continue
             log_step(run, state, stats, meter, bar)
+            report_flops(run, state, profiler)
             if run.validates and on_eval_step(cfg, state.step):
                 validate(run, state)
             if max_steps_reached(run, state):
@@ -390,6 +394,7 @@ def train(run: Run) -> TrainResult:
         checkpoint(run, state, epoch_complete=state.batches_done >= len(run.data.train))
         save_cookbook_metrics(run)
     bar.close()
+    profiler.close()
     return finish(run, state, start)
 
 
@@ -424,6 +429,37 @@ def begin_epoch(run: Run, state: LoopState, epoch: int) -> Iterator[dict]:
     checkpoint_dir = run.resumed_from if starting else None
     rank, seed = run.dist.rank, run.cfg.seed + run.dist.rank
     return resume.epoch_batches(run.data.train, state.batches_done, checkpoint_dir, run.resumed, rank, seed)
+
+
+def open_profiler(run: Run) -> StepProfiler:
+    """The FLOP counter or the torch profiler, when asked for and the run has the steps they need."""
+    cfg = run.cfg
+    if cfg.flop_counter and run.total_steps <= cfg.flop_counter_start:
+        raise ConfigError(
+            f"flop_counter: the run has {run.total_steps} optimizer steps, none after flop_counter_start "
+            f"{cfg.flop_counter_start} warm-up steps to count; lower --flop_counter_start or train longer"
+        )
+    if cfg.use_profiler and run.total_steps < 6:
+        raise ConfigError(
+            f"use_profiler: the trace needs 6 optimizer steps (wait 1, warmup 2, active 3); the run has "
+            f"{run.total_steps}: raise --max_train_step"
+        )
+    return StepProfiler(cfg, run.out, run.dist.device, run.dist.world_size)
+
+
+def report_flops(run: Run, state: LoopState, profiler: StepProfiler) -> None:
+    """The FLOP counter's result, once, in the log, metrics.jsonl and the trackers."""
+    measured = profiler.measured
+    if measured is None:
+        return
+    profiler.measured = None
+    run.metrics.write(step=state.step, **measured)
+    run.trackers.log({f"perf/{k}": v for k, v in measured.items()}, state.step)
+    mfu = f", MFU {measured['mfu']:.1%}" if "mfu" in measured else ""
+    run.log(
+        f"flop counter at step {state.step}: {measured['tflop_per_step']:.4g} TFLOP per step, "
+        f"{measured['tflops_per_s']:.4g} TFLOP/s per process{mfu}"
+    )
 
 
 def audit_once(run: Run, state: LoopState, group: list[dict]) -> None:
