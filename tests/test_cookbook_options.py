@@ -53,9 +53,9 @@ COOKBOOK_FIELDS = {
         "use_peft": ("True", "use_peft"),
         "from_peft_checkpoint": ("/a", "from_peft_checkpoint"),
         "output_dir": ("/o", "output_dir"),
-        "freeze_layers": ("True", refused("not offered yet")),
-        "num_freeze_layers": ("2", NOOP),
-        "freeze_LLM_only": ("True", refused("target_modules")),
+        "freeze_layers": ("True", refused("--use_peft False")),
+        "num_freeze_layers": ("2", "num_freeze_layers"),
+        "freeze_LLM_only": ("True", refused("--use_peft False")),
         "quantization": ("4bit", ISSUE_14),
         "one_gpu": ("True", "one_gpu"),
         "save_model": ("False", "save_model"),
@@ -177,8 +177,6 @@ def test_every_cookbook_field_is_accepted_with_its_meaning_or_refused_with_why(s
 
 def test_refusals_accept_the_value_that_changes_nothing():
     for flag in (
-        "freeze_layers",
-        "freeze_LLM_only",
         "hsdp",
         "inference_mode",
     ):

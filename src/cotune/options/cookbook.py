@@ -37,7 +37,6 @@ def _false(value: Any) -> bool:
 IGNORED = {
     "save_optimizer": (_always, "cotune's resumable checkpoints always hold the optimizer state"),
     "checkpoint_type": (_always, "cotune writes its own resumable checkpoints (see --keep_last_checkpoints)"),
-    "num_freeze_layers": (_always, "read only with --freeze_layers"),
     "inference_mode": (
         _false,
         "a training run's adapter is trainable; to use one: cotune generate --adapter DIR",
@@ -50,12 +49,6 @@ IGNORED = {
     "optimizer": (
         lambda v: str(v).lower() == "adamw",
         "cotune's optimizer is AdamW; bf16 optimizer states (anyprecision) are not offered yet",
-    ),
-    "freeze_layers": (_false, "not offered yet in cotune; LoRA (--use_peft) leaves the base frozen"),
-    "freeze_LLM_only": (
-        _false,
-        "not offered yet in cotune; for LoRA on the cross-attention and vision layers use "
-        "--lora_config.target_modules language+cross_attention or all",
     ),
 }
 
@@ -121,6 +114,6 @@ def cookbook_notes(given: list[tuple[str, Any]]) -> list[str]:
     if "use_peft" not in paths:
         notes.append(
             "note: without --use_peft the cookbook runs a full fine-tune; cotune trains a LoRA adapter "
-            "(its default; full fine-tuning is not offered yet, so --use_peft False is refused)"
+            "(its default): add --use_peft False for the cookbook's meaning"
         )
     return notes

@@ -51,7 +51,21 @@ class TrainingOptions:
     pure_bf16: bool = opt(False, "Load the frozen base in bf16 (LoRA weights stay fp32).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     use_fast_kernels: bool = opt(True, "Use PyTorch SDPA attention.")
-    use_peft: bool = opt(True, "Train a PEFT adapter (cotune always does; False is an error).")
+    use_peft: bool = opt(
+        True,
+        "Train a LoRA adapter (cotune's default). False: train the model's weights themselves (every "
+        "one, or those freeze_LLM_only/freeze_layers leave) and save a Hugging Face checkpoint in "
+        "output_dir/model.",
+    )
+    freeze_LLM_only: bool = opt(
+        False,
+        "With use_peft False: train the vision tower, the projector and the cross-attention layers; "
+        "the language model stays frozen (the cookbook's meaning).",
+    )
+    freeze_layers: bool = opt(
+        False, "With use_peft False: freeze the first num_freeze_layers decoder layers."
+    )
+    num_freeze_layers: int = opt(1, "How many decoder layers freeze_layers freezes.")
     peft_method: str = opt(
         "lora", "PEFT method: lora (the cookbook's llama_adapter and prefix are not offered)."
     )
@@ -77,10 +91,12 @@ class TrainingOptions:
 
 
 def check_training(t: Any, prefix: str) -> None:
-    """Refuses use_peft False; the cookbook's dist_checkpoint_* folders set an unset output_dir."""
-    if not t.use_peft:
+    """Rules the cookbook leaves silent; the cookbook's dist_checkpoint_* folders set an unset output_dir."""
+    if t.use_peft and (t.freeze_LLM_only or t.freeze_layers):
+        which = "freeze_LLM_only" if t.freeze_LLM_only else "freeze_layers"
         raise ConfigError(
-            "cotune trains LoRA adapters only: use_peft must be True (full fine-tuning is not offered)"
+            f"option '{prefix}{which}' chooses which weights a full fine-tune trains: add --use_peft False "
+            "(the cookbook ignores it with --use_peft); for LoRA choose modules with --lora_config.target_modules"
         )
     if t.peft_method != "lora":
         raise ConfigError(
@@ -92,6 +108,11 @@ def check_training(t: Any, prefix: str) -> None:
             f"option '{prefix}dataset' {t.dataset!r}: the cookbook's text datasets are not offered (cotune "
             "tunes vision-language models); use --dataset FILE.jsonl or --dataset custom_dataset "
             "--custom_dataset.file FILE.py"
+        )
+    if not t.use_peft and t.from_peft_checkpoint:
+        raise ConfigError(
+            f"option '{prefix}from_peft_checkpoint' starts from an adapter: it needs --use_peft True "
+            "(a full fine-tune starts from --model_name)"
         )
     if t.dist_checkpoint_root_folder and t.dist_checkpoint_folder and t.output_dir == "runs/default":
         t.output_dir = str(Path(t.dist_checkpoint_root_folder) / t.dist_checkpoint_folder)

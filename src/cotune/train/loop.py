@@ -30,11 +30,11 @@ from cotune.data.batching import count_tokens, to_device
 from cotune.data.build import DataBundle, build_data
 from cotune.data.cookbook import audit_batch
 from cotune.files import cleanup_partial
-from cotune.models.families import ModelFamily, layer_modules
+from cotune.models.families import ModelFamily, layer_modules, text_layer_index, trained_with_llm_frozen
 from cotune.models.load import add_lora, load_base_model, load_processor, resolve_dtype, trainable_parameters
 from cotune.runtime import tune_cpu_allocator
 from cotune.train import distributed, resume
-from cotune.train.checkpoint import save_adapter
+from cotune.train.checkpoint import save_adapter, save_model
 from cotune.train.loss import ChunkedLossModel
 from cotune.train.metrics import (
     MetricsLog,
@@ -238,15 +238,31 @@ def build_model(
         on_meta=from_rank0 and not dist.is_main,
     )
     torch.manual_seed(cfg.seed)  # LoRA init does not depend on how much randomness loading used
-    peft_model = add_lora(model, family, cfg.lora_config, from_checkpoint=cfg.from_peft_checkpoint)
+    if cfg.use_peft:
+        peft_model = add_lora(model, family, cfg.lora_config, from_checkpoint=cfg.from_peft_checkpoint)
+    else:  # a full fine-tune: the model's own weights, those the freeze options leave
+        peft_model = choose_trainable(model, cfg)
     if cfg.gradient_checkpointing and not sharded:  # under FSDP: wrap_fsdp checkpoints the same layers
         distributed.checkpoint_activations(layer_modules(peft_model, family))  # text and vision layers
     peft_model.train()
     trainable, total = trainable_parameters(peft_model)
+    what = "LoRA trains" if cfg.use_peft else "full fine-tune: trains"
     log(
-        f"model: {cfg.model_name} ({family.name}, {base_dtype}); LoRA trains {trainable:,} of {total:,} parameters"
+        f"model: {cfg.model_name} ({family.name}, {base_dtype}); {what} {trainable:,} of {total:,} parameters"
     )
     return peft_model, family, base_dtype, from_rank0
+
+
+def choose_trainable(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+    """A full fine-tune's trainable weights: all, or the vision side (``freeze_LLM_only``), less the
+    first ``num_freeze_layers`` decoder layers (``freeze_layers``)."""
+    for name, p in model.named_parameters():
+        train = trained_with_llm_frozen(model.config, name) if cfg.freeze_LLM_only else True
+        layer = text_layer_index(name)
+        if cfg.freeze_layers and layer is not None and layer < cfg.num_freeze_layers:
+            train = False
+        p.requires_grad_(train)
+    return model
 
 
 def build_training_data(
@@ -535,7 +551,7 @@ def validate(run: Run, state: LoopState) -> None:
     run.log(f"validation at step {state.step}: loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
     if state.step > 0 and loss < state.best_eval_loss:
         if run.cfg.save_model:
-            state.best_adapter_dir = export_adapter(run, run.out / "best_adapter")
+            state.best_adapter_dir = export_adapter(run, run.out / saved_name(run.cfg, "best_"))
         state.best_eval_loss = loss
 
 
@@ -564,14 +580,17 @@ def checkpoint(run: Run, state: LoopState, epoch_complete: bool) -> None:
         run.out,
         run.cfg.keep_last_checkpoints,
         run.dist.rank,
-        write_adapter=functools.partial(export_adapter, run, with_processor=False),
+        # a full fine-tune's weights are in the checkpoint itself: no second copy
+        write_adapter=functools.partial(export_adapter, run, with_processor=False)
+        if run.cfg.use_peft
+        else None,
     )
     run.log(f"checkpoint: {where} (step {state.step})")
 
 
 def finish(run: Run, state: LoopState, start: float) -> TrainResult:
     """Saves the final adapter and the loss plot; what the run produced (``start``: its start time)."""
-    adapter_dir = export_adapter(run, run.out / "adapter") if run.cfg.save_model else None
+    adapter_dir = export_adapter(run, run.out / saved_name(run.cfg)) if run.cfg.save_model else None
     if run.dist.is_main and run.cfg.save_metrics:
         plot_loss(run.out / "metrics.jsonl", run.out / "loss.png")
     save_cookbook_metrics(run)
@@ -620,17 +639,27 @@ def model_inputs(run: Run, batch: dict) -> dict:
     Several processes: every rank must run the vision layers' FSDP collectives, so a batch without
     images gets the family's dummy image inputs.
     """
-    config = run.model.get_base_model().config if run.dist.enabled else None
+    base = run.model.get_base_model() if hasattr(run.model, "get_base_model") else run.model
+    config = base.config if run.dist.enabled else None
     inputs = run.family.model_inputs(batch, dummy_images_for=config)
     return to_device(inputs, run.dist.device, float_dtype=run.base_dtype)
 
 
+def saved_name(cfg: TrainConfig, prefix: str = "") -> str:
+    """``adapter`` (LoRA) or ``model`` (a full fine-tune's HF checkpoint), with ``prefix``."""
+    return prefix + ("adapter" if cfg.use_peft else "model")
+
+
 def export_adapter(run: Run, where: Path, with_processor: bool = True) -> Path | None:
-    """Writes the adapter (PEFT format) on rank 0; under FSDP every rank takes part in gathering it."""
+    """Writes the adapter (PEFT format), or a full fine-tune's model (HF format), on rank 0; under FSDP
+    every rank takes part in gathering it."""
+    extra = functools.partial(_save_processor, run.processor) if with_processor else None
+    if not run.cfg.use_peft:
+        state = distributed.gather_full_state(run.model) if run.sharded else None
+        return save_model(run.model, where, state_dict=state, extra=extra) if run.dist.is_main else None
     state = distributed.gather_trainable_state(run.model) if run.sharded else None
     if not run.dist.is_main:
         return None
-    extra = functools.partial(_save_processor, run.processor) if with_processor else None
     return save_adapter(run.model, where, state_dict=state, extra=extra)
 
 
@@ -646,8 +675,9 @@ def finetune(cfg: TrainConfig, log=print) -> TrainResult:
     finally:
         distributed.cleanup()
     if run.dist.is_main:
-        log(f"adapter: {result.adapter_dir}")
+        what = "adapter" if cfg.use_peft else "model (Hugging Face checkpoint)"
+        log(f"{what}: {result.adapter_dir}")
         if result.best_adapter_dir:
-            log(f"best adapter (lowest validation loss): {result.best_adapter_dir}")
+            log(f"best {what.split()[0]} (lowest validation loss): {result.best_adapter_dir}")
         log(f"metrics: {run.out / 'metrics.jsonl'}; plot: {run.out / 'loss.png'}")
     return result
