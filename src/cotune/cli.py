@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from cotune.config import VERBS as VERB_OPTIONS
@@ -57,8 +58,12 @@ def cmd_train(argv: list[str]) -> int:
 
     if cfg.enable_fsdp and cfg.nproc_per_node > 1 and not distributed.under_torchrun():
         return distributed.launch_torchrun(argv, cfg.nproc_per_node)  # one node; see README for several
+    from cotune.options.cookbook import cookbook_notes
     from cotune.train.loop import finetune
 
+    if os.environ.get("RANK", "0") == "0":  # before the process group exists: the first process says it
+        for note in cookbook_notes(parsed.given):
+            print(note)
     finetune(cfg)
     return 0
 

@@ -63,6 +63,13 @@ from cotune.options.parse import (
 )
 from cotune.options.plan import PlanOptions
 from cotune.options.quant import QuantizationConfig, QuantizationOptions
+from cotune.options.tracking import (
+    ProfilingOptions,
+    TrackingOptions,
+    WandbConfig,
+    check_profiling,
+    check_tracking,
+)
 from cotune.options.train import CustomDatasetConfig, FsdpConfig, LoraConfig, TrainingOptions, check_training
 from cotune.options.use import (
     DecodingOptions,
@@ -104,6 +111,9 @@ SECTIONS = {
         Section("quantization", "", QuantizationOptions),
         Section("plan", "", PlanOptions),
         Section("quantization_config", "quantization_config", QuantizationConfig),
+        Section("tracking", "", TrackingOptions, check_tracking),
+        Section("wandb", "wandb_config", WandbConfig),
+        Section("profiling", "", ProfilingOptions, check_profiling),
         Section("generation", "generation", GenerationOptions),
         Section("decoding", "generation", DecodingOptions),
         Section("eval", "eval", EvalOptions),
@@ -136,6 +146,7 @@ class Verb:
 
 _TRAIN = ("model", "dtype", "training", "seed", "lora", "custom_dataset", "data", "system prompt")
 _TRAIN += ("held-out file", "validation split", "augmentation", "fsdp", "quantization", "quantization_config")
+_TRAIN += ("tracking", "wandb", "profiling")
 _USE = ("model", "dtype", "device", "adapters", "quantization", "quantization_config")
 _GENERATE = (*_USE, "seed", "system prompt", "prompt", "generation", "decoding")
 _READ = ("data", "system prompt", "held-out file")  # records read and rendered as training does

@@ -7,6 +7,7 @@ image token and how images become model inputs. Adding an architecture means add
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -428,3 +429,20 @@ def layer_modules(model: torch.nn.Module, family: ModelFamily) -> list[torch.nn.
     """The blocks to wrap one by one (FSDP units, activation-checkpointing units), in module order."""
     names = set(family.layer_classes)
     return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def text_layer_index(name: str) -> int | None:
+    """The index of the language model's decoder layer a parameter ``name`` belongs to, or None."""
+    found = re.match(r"model\.language_model\.layers\.(\d+)\.", name)
+    return int(found.group(1)) if found else None
+
+
+def trained_with_llm_frozen(config: Any, name: str) -> bool:
+    """llama-cookbook's ``freeze_LLM_only``: whether parameter ``name`` stays trainable. The vision
+    tower, the projector and (Mllama) the language model's cross-attention layers, whole; the rest of
+    the language model (its self-attention layers, embeddings, final norm, lm_head) is frozen."""
+    if re.match(r"model\.(vision_model|vision_tower|multi_modal_projector)\.", name):
+        return True
+    text = getattr(config, "text_config", config)
+    layer = text_layer_index(name)
+    return layer is not None and layer in set(getattr(text, "cross_attention_layers", None) or ())

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from cotune.options.cookbook import cookbook_only, cookbook_value, translate
 from cotune.options.fields import ConfigError, Section
 
 # Other spellings of an option (old flags of the use commands, and --data FILE for the held-out file).
@@ -189,17 +190,28 @@ class Catalog:
                 unknown option (with the closest ones).
         """
         own = self.options[verb]
-        key = key.replace("-", "_")
+        key = translate(key.replace("-", "_"))  # the cookbook's --use-wandb, --train_config.lr
         if key in self.keys[verb] and isinstance(value, dict):
             return [pair for k, v in value.items() for pair in self.resolve_flag(verb, f"{key}.{k}", v)]
         name = ALIASES.get(key, key)
-        if name in own:
-            return [(name, value)]
+        # as in the cookbook, a name without a section reaches every section that has that field
         leaves = [p for p in own if "." in p and _leaf(p) == name] if "." not in name else []
-        if leaves:
-            return [(p, value) for p in leaves]
+        if name in own or leaves:
+            return [(p, cookbook_value(p, value)) for p in ([name] if name in own else []) + leaves]
         if name in self.keys[verb]:
             raise ConfigError(f"option '{name}' is a section; set its fields as {name}.FIELD")
+        accepted = cookbook_only(key, value)
+        if accepted is not None:
+            return accepted
+        if value is True and key.startswith("no") and len(key) > 2:  # the cookbook's (fire's) --noflag
+            try:
+                pairs = self.resolve_flag(verb, key[2:], True)
+            except ConfigError:
+                pairs = None
+            if pairs is not None and all(own[p].type is bool for p, _ in pairs):
+                return [(p, False) for p, _ in pairs]
+            if pairs == []:
+                return self.resolve_flag(verb, key[2:], False)
         takers = self.taken_by(name)
         if takers:
             hint = self.close(verb, key)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cotune.options.cookbook import TEXT_DATASETS
 from cotune.options.fields import ConfigError, opt
 
 
@@ -16,6 +17,7 @@ class TrainingOptions:
 
     output_dir: str = opt("runs/default", "Where the adapter, metrics, plots and checkpoints go.")
     dataset: str = opt("custom_dataset", "A data file (JSONL/JSON/dataset dir) or 'custom_dataset'.")
+    one_gpu: bool = opt(False, "Cookbook: accepted; one process is what runs without torchrun.")
     run_validation: bool = opt(True, "Validate every epoch (and every eval_every_steps).")
     batch_size_training: int = opt(4, "Samples per step per process.", positive=True)
     val_batch_size: int = opt(0, "Validation batch size (0: same as batch_size_training).")
@@ -27,7 +29,11 @@ class TrainingOptions:
     gradient_clipping: bool = opt(False, "Clip the gradient norm.")
     gradient_clipping_threshold: float = opt(1.0, "Maximum gradient norm when clipping.")
     num_epochs: int = opt(3, "Passes over the training data.", positive=True)
-    max_train_step: int = opt(0, "Stop after this many optimizer steps (0: no limit).")
+    max_train_step: int = opt(
+        0,
+        "Stop after this many micro-batches (loader batches), counted over all epochs as the cookbook "
+        "does; with gradient accumulation a last, shorter group still makes a step (0: no limit).",
+    )
     max_eval_step: int = opt(0, "Validate on at most this many batches (0: all).")
     eval_every_steps: int = opt(0, "Also validate every N optimizer steps (0: only at epoch end).")
     num_workers_dataloader: int = opt(0, "DataLoader worker processes.")
@@ -45,8 +51,24 @@ class TrainingOptions:
     pure_bf16: bool = opt(False, "Load the frozen base in bf16 (LoRA weights stay fp32).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     use_fast_kernels: bool = opt(True, "Use PyTorch SDPA attention.")
-    use_peft: bool = opt(True, "Train a PEFT adapter (cotune always does; False is an error).")
-    peft_method: str = opt("lora", "PEFT method: lora.", choices=("lora",))
+    use_peft: bool = opt(
+        True,
+        "Train a LoRA adapter (cotune's default). False: train the model's weights themselves (every "
+        "one, or those freeze_LLM_only/freeze_layers leave) and save a Hugging Face checkpoint in "
+        "output_dir/model.",
+    )
+    freeze_LLM_only: bool = opt(
+        False,
+        "With use_peft False: train the vision tower, the projector and the cross-attention layers; "
+        "the language model stays frozen (the cookbook's meaning).",
+    )
+    freeze_layers: bool = opt(
+        False, "With use_peft False: freeze the first num_freeze_layers decoder layers."
+    )
+    num_freeze_layers: int = opt(1, "How many decoder layers freeze_layers freezes.")
+    peft_method: str = opt(
+        "lora", "PEFT method: lora (the cookbook's llama_adapter and prefix are not offered)."
+    )
     from_peft_checkpoint: str = opt("", "Start from an existing adapter directory.")
     enable_fsdp: bool = opt(False, "Shard with FSDP2 across the processes of torchrun.")
     nproc_per_node: int = opt(0, "With enable_fsdp and not under torchrun: launch this many processes.")
@@ -69,10 +91,28 @@ class TrainingOptions:
 
 
 def check_training(t: Any, prefix: str) -> None:
-    """Refuses use_peft False; the cookbook's dist_checkpoint_* folders set an unset output_dir."""
-    if not t.use_peft:
+    """Rules the cookbook leaves silent; the cookbook's dist_checkpoint_* folders set an unset output_dir."""
+    if t.use_peft and (t.freeze_LLM_only or t.freeze_layers):
+        which = "freeze_LLM_only" if t.freeze_LLM_only else "freeze_layers"
         raise ConfigError(
-            "cotune trains LoRA adapters only: use_peft must be True (full fine-tuning is not offered)"
+            f"option '{prefix}{which}' chooses which weights a full fine-tune trains: add --use_peft False "
+            "(the cookbook ignores it with --use_peft); for LoRA choose modules with --lora_config.target_modules"
+        )
+    if t.peft_method != "lora":
+        raise ConfigError(
+            f"option '{prefix}peft_method' {t.peft_method!r}: cotune trains LoRA adapters only; use "
+            "--peft_method lora (the cookbook's prefix is unsupported there too, llama_adapter fails with FSDP)"
+        )
+    if t.dataset in TEXT_DATASETS:
+        raise ConfigError(
+            f"option '{prefix}dataset' {t.dataset!r}: the cookbook's text datasets are not offered (cotune "
+            "tunes vision-language models); use --dataset FILE.jsonl or --dataset custom_dataset "
+            "--custom_dataset.file FILE.py"
+        )
+    if not t.use_peft and t.from_peft_checkpoint:
+        raise ConfigError(
+            f"option '{prefix}from_peft_checkpoint' starts from an adapter: it needs --use_peft True "
+            "(a full fine-tune starts from --model_name)"
         )
     if t.dist_checkpoint_root_folder and t.dist_checkpoint_folder and t.output_dir == "runs/default":
         t.output_dir = str(Path(t.dist_checkpoint_root_folder) / t.dist_checkpoint_folder)

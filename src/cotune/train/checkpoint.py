@@ -41,3 +41,13 @@ def save_adapter(
         if extra is not None:
             extra(tmp)
     return Path(out_dir)
+
+
+def save_model(model, out_dir: str | Path, state_dict: dict | None = None, extra=None) -> Path:
+    """A full fine-tune's model as a standard Hugging Face checkpoint (``config.json`` +
+    ``model.safetensors``), atomically; ``from_pretrained`` loads it without cotune."""
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+        if extra is not None:
+            extra(tmp)
+    return Path(out_dir)

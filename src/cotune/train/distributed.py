@@ -261,6 +261,18 @@ def gather_trainable_state(model: torch.nn.Module, to_rank0: bool = True) -> dic
     return state if keep else None
 
 
+def gather_full_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """Every entry of ``model.state_dict()`` as a full CPU tensor on rank 0 (None elsewhere): a full
+    fine-tune's checkpoint. Collective; one tensor at a time."""
+    keep = not dist.is_initialized() or dist.get_rank() == 0
+    state = {}
+    for name, t in model.state_dict().items():
+        full = t.full_tensor() if _is_dtensor(t) else t
+        if keep:
+            state[name] = full.detach().to("cpu", copy=True)
+    return state if keep else None
+
+
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
     """Clips the global gradient norm (over every rank's shards) and returns it as a float."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)

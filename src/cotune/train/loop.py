@@ -25,18 +25,26 @@ from typing import Any, NamedTuple
 import torch
 from tqdm import tqdm
 
-from cotune.config import ConfigError, TrainConfig, save_config
+from cotune.config import ConfigError, TrainConfig, save_config, to_dict
 from cotune.data.batching import count_tokens, to_device
 from cotune.data.build import DataBundle, build_data
 from cotune.data.cookbook import audit_batch
 from cotune.files import cleanup_partial
-from cotune.models.families import ModelFamily, layer_modules
+from cotune.models.families import ModelFamily, layer_modules, text_layer_index, trained_with_llm_frozen
 from cotune.models.load import add_lora, load_base_model, load_processor, resolve_dtype, trainable_parameters
 from cotune.runtime import tune_cpu_allocator
 from cotune.train import distributed, resume
-from cotune.train.checkpoint import save_adapter
+from cotune.train.checkpoint import save_adapter, save_model
 from cotune.train.loss import ChunkedLossModel
-from cotune.train.metrics import MetricsLog, Throughput, perplexity, plot_loss, read_metrics
+from cotune.train.metrics import (
+    MetricsLog,
+    Throughput,
+    perplexity,
+    plot_loss,
+    read_metrics,
+    write_cookbook_metrics,
+)
+from cotune.train.profiling import StepProfiler
 from cotune.train.step import (
     accumulation_groups,
     autocast,
@@ -48,6 +56,7 @@ from cotune.train.step import (
     usable_batches,
     validation_loss,
 )
+from cotune.train.trackers import Trackers, open_trackers
 
 
 @dataclass
@@ -76,6 +85,10 @@ class Run:
     sharded: bool = False  # FSDP2: parameters are DTensors, the adapter is gathered to save it
     resumed: resume.TrainerState | None = None  # the checkpoint this run continues, if any
     resumed_from: Path | None = None
+    trackers: Trackers = field(default_factory=Trackers)
+    started: str = field(
+        default_factory=lambda: time.strftime("%Y-%m-%d_%H-%M-%S")
+    )  # names save_metrics' JSON  # report_to (first process; none elsewhere)
 
     @property
     def global_batch(self) -> int:
@@ -172,6 +185,7 @@ def setup(cfg: TrainConfig, log=print) -> Run:
     if dist.is_main:
         _record_start(cfg, out, resumed, main_log)
     metrics_file = out / "metrics.jsonl" if (dist.is_main and cfg.save_metrics) else None
+    trackers = open_trackers(cfg, to_dict(cfg), out, dist.is_main, resumed.step if resumed else None)
     return Run(
         cfg=cfg,
         dist=dist,
@@ -195,6 +209,7 @@ def setup(cfg: TrainConfig, log=print) -> Run:
         sharded=sharded,
         resumed=resumed,
         resumed_from=resume_from,
+        trackers=trackers,
     )
 
 
@@ -229,15 +244,31 @@ def build_model(
         quantization_config=cfg.quantization_config,
     )
     torch.manual_seed(cfg.seed)  # LoRA init does not depend on how much randomness loading used
-    peft_model = add_lora(model, family, cfg.lora_config, from_checkpoint=cfg.from_peft_checkpoint)
+    if cfg.use_peft:
+        peft_model = add_lora(model, family, cfg.lora_config, from_checkpoint=cfg.from_peft_checkpoint)
+    else:  # a full fine-tune: the model's own weights, those the freeze options leave
+        peft_model = choose_trainable(model, cfg)
     if cfg.gradient_checkpointing and not sharded:  # under FSDP: wrap_fsdp checkpoints the same layers
         distributed.checkpoint_activations(layer_modules(peft_model, family))  # text and vision layers
     peft_model.train()
     trainable, total = trainable_parameters(peft_model)
+    what = "LoRA trains" if cfg.use_peft else "full fine-tune: trains"
     log(
-        f"model: {cfg.model_name} ({family.name}, {base_dtype}{', ' + cfg.quantization if cfg.quantization else ''}); LoRA trains {trainable:,} of {total:,} parameters"
+        f"model: {cfg.model_name} ({family.name}, {base_dtype}{', ' + cfg.quantization if cfg.quantization else ''}); {what} {trainable:,} of {total:,} parameters"
     )
     return peft_model, family, base_dtype, from_rank0
+
+
+def choose_trainable(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+    """A full fine-tune's trainable weights: all, or the vision side (``freeze_LLM_only``), less the
+    first ``num_freeze_layers`` decoder layers (``freeze_layers``)."""
+    for name, p in model.named_parameters():
+        train = trained_with_llm_frozen(model.config, name) if cfg.freeze_LLM_only else True
+        layer = text_layer_index(name)
+        if cfg.freeze_layers and layer is not None and layer < cfg.num_freeze_layers:
+            train = False
+        p.requires_grad_(train)
+    return model
 
 
 def build_training_data(
@@ -256,9 +287,11 @@ def build_training_data(
     for line in data.report:
         log(f"data: {line}")
     steps_per_epoch = optimizer_steps_per_epoch(len(data.train), cfg.gradient_accumulation_steps)
-    total_steps = steps_per_epoch * cfg.num_epochs
-    if cfg.max_train_step:
-        total_steps = min(total_steps, cfg.max_train_step)
+    total_steps, left = 0, cfg.max_train_step or math.inf  # max_train_step counts micro-batches
+    for _ in range(cfg.num_epochs):
+        batches = min(len(data.train), left)
+        total_steps += optimizer_steps_per_epoch(batches, cfg.gradient_accumulation_steps) if batches else 0
+        left -= batches
     samples_per_step = cfg.batch_size_training * cfg.gradient_accumulation_steps * dist.world_size
     log(
         f"batch: {cfg.batch_size_training} per process x {cfg.gradient_accumulation_steps} accumulation x "
@@ -346,6 +379,7 @@ def train(run: Run) -> TrainResult:
     if run.resumed is None and run.validates:
         validate(run, state)  # the base model's loss: the reference the adapter must beat
     meter = Throughput()
+    profiler = open_profiler(run)
     bar = tqdm(
         total=run.total_steps,
         initial=state.step,
@@ -354,20 +388,24 @@ def train(run: Run) -> TrainResult:
         dynamic_ncols=True,
     )
     for epoch in range(state.epoch, cfg.num_epochs):
-        if max_steps_reached(cfg, state.step):
+        if max_steps_reached(run, state):
             break
         batches = begin_epoch(run, state, epoch)
         for group in accumulation_groups(batches, cfg.gradient_accumulation_steps):
+            if cfg.max_train_step:  # the cookbook's limit: micro-batches over all epochs
+                group = group[: cfg.max_train_step - micro_batches_done(run, state)]
             state.batches_done += len(group)
             group = usable_batches(group, run.stand_in, run.warn)
             audit_once(run, state, group)
-            stats = train_step(run, state, group)
+            with profiler.step(state.step + 1):
+                stats = train_step(run, state, group)
             if stats is None:  # no rank has a label token in this group: no step
                 continue
             log_step(run, state, stats, meter, bar)
+            report_flops(run, state, profiler)
             if run.validates and on_eval_step(cfg, state.step):
                 validate(run, state)
-            if max_steps_reached(cfg, state.step):
+            if max_steps_reached(run, state):
                 break
             if cfg.save_every_steps and state.step % cfg.save_every_steps == 0:
                 if state.batches_done < len(run.data.train):  # the epoch's end writes one anyway
@@ -376,7 +414,9 @@ def train(run: Run) -> TrainResult:
             validate(run, state)  # at the epoch's end, unless its last step just did
         # after the epoch's validation, so that a resumed run neither repeats nor skips it
         checkpoint(run, state, epoch_complete=state.batches_done >= len(run.data.train))
+        save_cookbook_metrics(run)
     bar.close()
+    profiler.close()
     return finish(run, state, start)
 
 
@@ -411,6 +451,37 @@ def begin_epoch(run: Run, state: LoopState, epoch: int) -> Iterator[dict]:
     checkpoint_dir = run.resumed_from if starting else None
     rank, seed = run.dist.rank, run.cfg.seed + run.dist.rank
     return resume.epoch_batches(run.data.train, state.batches_done, checkpoint_dir, run.resumed, rank, seed)
+
+
+def open_profiler(run: Run) -> StepProfiler:
+    """The FLOP counter or the torch profiler, when asked for and the run has the steps they need."""
+    cfg = run.cfg
+    if cfg.flop_counter and run.total_steps <= cfg.flop_counter_start:
+        raise ConfigError(
+            f"flop_counter: the run has {run.total_steps} optimizer steps, none after flop_counter_start "
+            f"{cfg.flop_counter_start} warm-up steps to count; lower --flop_counter_start or train longer"
+        )
+    if cfg.use_profiler and run.total_steps < 6:
+        raise ConfigError(
+            f"use_profiler: the trace needs 6 optimizer steps (wait 1, warmup 2, active 3); the run has "
+            f"{run.total_steps}: raise --max_train_step"
+        )
+    return StepProfiler(cfg, run.out, run.dist.device, run.dist.world_size)
+
+
+def report_flops(run: Run, state: LoopState, profiler: StepProfiler) -> None:
+    """The FLOP counter's result, once, in the log, metrics.jsonl and the trackers."""
+    measured = profiler.measured
+    if measured is None:
+        return
+    profiler.measured = None
+    run.metrics.write(step=state.step, **measured)
+    run.trackers.log({f"perf/{k}": v for k, v in measured.items()}, state.step)
+    mfu = f", MFU {measured['mfu']:.1%}" if "mfu" in measured else ""
+    run.log(
+        f"flop counter at step {state.step}: {measured['tflop_per_step']:.4g} TFLOP per step, "
+        f"{measured['tflops_per_s']:.4g} TFLOP/s per process{mfu}"
+    )
 
 
 def audit_once(run: Run, state: LoopState, group: list[dict]) -> None:
@@ -463,6 +534,12 @@ def log_step(run: Run, state: LoopState, stats: StepStats, meter: Throughput, ba
         if stats.grad_norm is not None:
             record["grad_norm"] = stats.grad_norm
         run.metrics.write(**record)
+        memory = torch.cuda.max_memory_allocated() / 2**30 if run.dist.device.type == "cuda" else None
+        run.trackers.log(
+            {"train/loss": stats.loss, "train/lr": stats.lr, "train/grad_norm": stats.grad_norm,
+             "train/tokens_per_s": tps, "train/epoch": state.epoch, "train/max_memory_gib": memory},
+            state.step,
+        )  # fmt: skip
         bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}", tok_s=f"{tps:.0f}")
     bar.update(1)
 
@@ -476,10 +553,11 @@ def validate(run: Run, state: LoopState) -> None:
     )
     state.eval_losses.append(loss)
     run.metrics.write(step=state.step, epoch=state.epoch, eval_loss=loss, eval_perplexity=perplexity(loss))
+    run.trackers.log({"eval/loss": loss, "eval/perplexity": perplexity(loss)}, state.step)
     run.log(f"validation at step {state.step}: loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
     if state.step > 0 and loss < state.best_eval_loss:
         if run.cfg.save_model:
-            state.best_adapter_dir = export_adapter(run, run.out / "best_adapter")
+            state.best_adapter_dir = export_adapter(run, run.out / saved_name(run.cfg, "best_"))
         state.best_eval_loss = loss
 
 
@@ -508,16 +586,24 @@ def checkpoint(run: Run, state: LoopState, epoch_complete: bool) -> None:
         run.out,
         run.cfg.keep_last_checkpoints,
         run.dist.rank,
-        write_adapter=functools.partial(export_adapter, run, with_processor=False),
+        # a full fine-tune's weights are in the checkpoint itself: no second copy
+        write_adapter=functools.partial(export_adapter, run, with_processor=False)
+        if run.cfg.use_peft
+        else None,
     )
     run.log(f"checkpoint: {where} (step {state.step})")
 
 
 def finish(run: Run, state: LoopState, start: float) -> TrainResult:
     """Saves the final adapter and the loss plot; what the run produced (``start``: its start time)."""
-    adapter_dir = export_adapter(run, run.out / "adapter") if run.cfg.save_model else None
+    adapter_dir = export_adapter(run, run.out / saved_name(run.cfg)) if run.cfg.save_model else None
     if run.dist.is_main and run.cfg.save_metrics:
         plot_loss(run.out / "metrics.jsonl", run.out / "loss.png")
+    save_cookbook_metrics(run)
+    summary = {"adapter_dir": str(adapter_dir)} if adapter_dir else {}
+    if state.best_adapter_dir:
+        summary["best_adapter_dir"] = str(state.best_adapter_dir)
+    run.trackers.finish(summary)
     result = TrainResult(
         output_dir=run.out,
         adapter_dir=adapter_dir,
@@ -531,13 +617,26 @@ def finish(run: Run, state: LoopState, start: float) -> TrainResult:
     return result
 
 
+def save_cookbook_metrics(run: Run) -> None:
+    """save_metrics: the cookbook's metrics_data_<rank>-<start time>.json beside metrics.jsonl (first process)."""
+    if run.dist.is_main and run.cfg.save_metrics:
+        name = f"metrics_data_{run.dist.rank}-{run.started}.json"
+        write_cookbook_metrics(run.out / "metrics.jsonl", run.out / name)
+
+
 def on_eval_step(cfg: TrainConfig, step: int) -> bool:
     """``step`` is one that validates (every ``eval_every_steps``)."""
     return bool(cfg.eval_every_steps and step % cfg.eval_every_steps == 0)
 
 
-def max_steps_reached(cfg: TrainConfig, step: int) -> bool:
-    return bool(cfg.max_train_step and step >= cfg.max_train_step)
+def micro_batches_done(run: Run, state: LoopState) -> int:
+    """Loader batches trained on over all epochs (every epoch before ``state.epoch`` ran in full)."""
+    return state.epoch * len(run.data.train) + state.batches_done
+
+
+def max_steps_reached(run: Run, state: LoopState) -> bool:
+    """``max_train_step`` micro-batches are done (the cookbook's count, not optimizer steps)."""
+    return bool(run.cfg.max_train_step and micro_batches_done(run, state) >= run.cfg.max_train_step)
 
 
 def model_inputs(run: Run, batch: dict) -> dict:
@@ -546,17 +645,27 @@ def model_inputs(run: Run, batch: dict) -> dict:
     Several processes: every rank must run the vision layers' FSDP collectives, so a batch without
     images gets the family's dummy image inputs.
     """
-    config = run.model.get_base_model().config if run.dist.enabled else None
+    base = run.model.get_base_model() if hasattr(run.model, "get_base_model") else run.model
+    config = base.config if run.dist.enabled else None
     inputs = run.family.model_inputs(batch, dummy_images_for=config)
     return to_device(inputs, run.dist.device, float_dtype=run.base_dtype)
 
 
+def saved_name(cfg: TrainConfig, prefix: str = "") -> str:
+    """``adapter`` (LoRA) or ``model`` (a full fine-tune's HF checkpoint), with ``prefix``."""
+    return prefix + ("adapter" if cfg.use_peft else "model")
+
+
 def export_adapter(run: Run, where: Path, with_processor: bool = True) -> Path | None:
-    """Writes the adapter (PEFT format) on rank 0; under FSDP every rank takes part in gathering it."""
+    """Writes the adapter (PEFT format), or a full fine-tune's model (HF format), on rank 0; under FSDP
+    every rank takes part in gathering it."""
+    extra = functools.partial(_save_processor, run.processor) if with_processor else None
+    if not run.cfg.use_peft:
+        state = distributed.gather_full_state(run.model) if run.sharded else None
+        return save_model(run.model, where, state_dict=state, extra=extra) if run.dist.is_main else None
     state = distributed.gather_trainable_state(run.model) if run.sharded else None
     if not run.dist.is_main:
         return None
-    extra = functools.partial(_save_processor, run.processor) if with_processor else None
     return save_adapter(run.model, where, state_dict=state, extra=extra)
 
 
@@ -572,8 +681,9 @@ def finetune(cfg: TrainConfig, log=print) -> TrainResult:
     finally:
         distributed.cleanup()
     if run.dist.is_main:
-        log(f"adapter: {result.adapter_dir}")
+        what = "adapter" if cfg.use_peft else "model (Hugging Face checkpoint)"
+        log(f"{what}: {result.adapter_dir}")
         if result.best_adapter_dir:
-            log(f"best adapter (lowest validation loss): {result.best_adapter_dir}")
+            log(f"best {what.split()[0]} (lowest validation loss): {result.best_adapter_dir}")
         log(f"metrics: {run.out / 'metrics.jsonl'}; plot: {run.out / 'loss.png'}")
     return result

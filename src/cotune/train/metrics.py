@@ -73,3 +73,27 @@ class Throughput:
         if reset:
             self.start, self.tokens = now, 0
         return rate
+
+
+def write_cookbook_metrics(metrics_path: str | Path, out_json: str | Path) -> Path:
+    """metrics.jsonl in llama-cookbook's ``save_metrics`` shape: per-step and per-epoch train and
+    validation loss and perplexity (an epoch's train loss is the mean of its steps', its validation
+    loss the last one of the epoch)."""
+    rows = read_metrics(metrics_path) if Path(metrics_path).is_file() else []
+    train = [(r["epoch"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["epoch"], r["eval_loss"]) for r in rows if "eval_loss" in r and r["step"] > 0]
+    epochs = sorted({e for e, _ in train})
+    train_epoch = [sum(v for e, v in train if e == k) / sum(1 for e, _ in train if e == k) for k in epochs]
+    val_epoch = [[v for e, v in val if e == k][-1] for k in sorted({e for e, _ in val})]
+    data = {
+        "train_step_loss": [v for _, v in train],
+        "train_epoch_loss": train_epoch,
+        "train_step_perplexity": [perplexity(v) for _, v in train],
+        "train_epoch_perplexity": [perplexity(v) for v in train_epoch],
+        "val_step_loss": [v for _, v in val],
+        "val_epoch_loss": val_epoch,
+        "val_step_perplexity": [perplexity(v) for _, v in val],
+        "val_epoch_perplexity": [perplexity(v) for v in val_epoch],
+    }
+    Path(out_json).write_text(json.dumps(data))
+    return Path(out_json)

@@ -1,0 +1,107 @@
+"""--use_peft False: a full fine-tune in one process, saved as a Hugging Face checkpoint that
+transformers loads without cotune, resumed exactly; --freeze_LLM_only and --freeze_layers choose
+the weights it trains, as llama-cookbook means them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cotune.config import ConfigError, load_config
+from cotune.train.loop import finetune
+
+
+def full_config(tiny_mllama, shapes, out, *extra):
+    return load_config(
+        None,
+        [("model_name", str(tiny_mllama)), ("dataset", str(shapes["train"])), ("test_file", str(shapes["test"])),
+         ("data.image_root", str(shapes["images"].parent)), ("output_dir", str(out)), ("use_peft", "False"),
+         ("batch_size_training", "4"), ("run_validation", "False"), ("progress", "False"),
+         ("data.max_seq_len", "512"), ("lr", "1e-3"), *extra],
+    )  # fmt: skip
+
+
+def weights(directory) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors by name, in one spelling whatever the file's (``vision_model.x``,
+    ``language_model.layers.0.x``: transformers saves Mllama in its original key format)."""
+    found = load_file(str(next(directory.glob("*.safetensors"))))
+    return {
+        k.removeprefix("model.").replace("language_model.model.", "language_model."): v
+        for k, v in found.items()
+    }
+
+
+def test_full_fine_tune_saves_an_hf_checkpoint_and_resumes_exactly(tiny_mllama, shapes, tmp_path):
+    straight = finetune(full_config(tiny_mllama, shapes, tmp_path / "a", ("max_train_step", "4")), log=print)
+    assert straight.adapter_dir == tmp_path / "a/model" and straight.steps == 4
+    base, tuned = weights(tiny_mllama), weights(straight.adapter_dir)
+    assert set(tuned) >= {k for k in base if "layers" in k}
+    changed = [k for k in base if k in tuned and not torch.equal(base[k], tuned[k])]
+    assert any("language_model.layers.0.self_attn" in k for k in changed)
+    assert any("vision_model" in k for k in changed)
+    code = (
+        "import sys, transformers; "
+        f"m = transformers.AutoModelForImageTextToText.from_pretrained({str(straight.adapter_dir)!r}); "
+        "assert not any(n.startswith('cotune') for n in sys.modules); print(type(m).__name__)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1"}
+    )
+    assert done.returncode == 0 and "Mllama" in done.stdout, done.stderr[-2000:]
+
+    out = tmp_path / "b"
+    finetune(
+        full_config(tiny_mllama, shapes, out, ("max_train_step", "2"), ("save_every_steps", "2")), log=print
+    )
+    resumed = finetune(
+        full_config(tiny_mllama, shapes, out, ("max_train_step", "4"), ("resume", "auto")), log=print
+    )
+    assert resumed.train_losses == pytest.approx(straight.train_losses, abs=1e-6)
+    again = weights(resumed.adapter_dir)
+    assert all(torch.allclose(again[k], tuned[k], atol=1e-6) for k in tuned)
+
+
+def test_freeze_llm_only_trains_vision_projector_and_cross_attention(tiny_mllama, shapes, tmp_path):
+    result = finetune(
+        full_config(tiny_mllama, shapes, tmp_path, ("max_train_step", "2"), ("freeze_LLM_only", "True")),
+        log=lambda s: None,
+    )
+    base, tuned = weights(tiny_mllama), weights(result.adapter_dir)
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    cross = json.loads((tiny_mllama / "config.json").read_text())["text_config"]["cross_attention_layers"]
+    for k in base:
+        vision_side = k.startswith(("vision_model.", "multi_modal_projector."))
+        in_cross = any(k.startswith(f"language_model.layers.{i}.") for i in cross)
+        if not (vision_side or in_cross):
+            assert k not in changed, k  # the language model is frozen
+    assert any(k.startswith("vision_model.") for k in changed)
+    assert any(k.startswith("multi_modal_projector.") for k in changed)
+    assert any(k.startswith(f"language_model.layers.{cross[0]}.") for k in changed)
+
+
+def test_freeze_layers_freezes_the_first_decoder_layers(tiny_mllama, shapes, tmp_path):
+    result = finetune(
+        full_config(
+            tiny_mllama, shapes, tmp_path, ("max_train_step", "1"), ("freeze_layers", "True"),
+            ("num_freeze_layers", "2"),
+        ),
+        log=lambda s: None,
+    )  # fmt: skip
+    base, tuned = weights(tiny_mllama), weights(result.adapter_dir)
+    for k in base:
+        if k.startswith(("language_model.layers.0.", "language_model.layers.1.")):
+            assert torch.equal(base[k], tuned[k]), k
+    assert not torch.equal(
+        base["language_model.layers.2.mlp.up_proj.weight"],
+        tuned["language_model.layers.2.mlp.up_proj.weight"],
+    )
+
+
+def test_freeze_options_need_a_full_fine_tune():
+    with pytest.raises(ConfigError, match="--use_peft False"):
+        load_config(None, [("freeze_LLM_only", "True")])
