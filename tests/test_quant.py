@@ -51,10 +51,11 @@ def test_a_short_skip_name_leaves_the_vision_tower_quantized(tiny_mllama):
     assert layer_types(model, "model.vision_model") == {"Linear4bit"}
 
 
-def test_sharded_qlora_is_refused_with_the_reason(tiny_mllama, tmp_path):
-    cfg = load_config(None, [("model_name", str(tiny_mllama)), ("quantization", "4bit"), ("enable_fsdp", "True"),
+def test_a_sharded_8bit_base_is_refused_with_the_reason(tiny_mllama, tmp_path):
+    """Sharded 4-bit QLoRA is tested in test_sharded_qlora."""
+    cfg = load_config(None, [("model_name", str(tiny_mllama)), ("quantization", "8bit"), ("enable_fsdp", "True"),
                              ("output_dir", str(tmp_path))])  # fmt: skip
-    with pytest.raises(ConfigError, match="one process"):
+    with pytest.raises(ConfigError, match="8-bit base cannot be sharded"):
         finetune(cfg, log=lambda s: None)
     with pytest.raises(ConfigError, match="quantization"):
         load_config(None, [("quantization", "int4")])

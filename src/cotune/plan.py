@@ -228,7 +228,7 @@ def advice(plan: Plan, cfg: Any) -> list[str]:
             f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps * 2} (same samples per step)"
         )
     tips.append("--data.max_seq_len lower (activations and logits grow with tokens)")
-    if not cfg.enable_fsdp and not cfg.quantization:
+    if not cfg.enable_fsdp and cfg.quantization != "8bit":  # an 8-bit base is not sharded
         tips.append("--enable_fsdp --nproc_per_node N (weights and optimizer states split over N GPUs)")
     return tips
 

@@ -55,6 +55,45 @@ def bnb_config(family: ModelFamily, quantization: str, options: Any, base_dtype:
     )
 
 
+def sharded_quantization(
+    quantization: str, options: Any, base_dtype: torch.dtype, fsdp_param_dtype: torch.dtype | None = None
+) -> Any:
+    """The 4-bit options for an FSDP2-sharded base: the packed weights stored in the compute dtype.
+
+    ``fully_shard`` shards a ``Linear4bit``'s packed weight like any other parameter (flat, along its
+    first dimension) and all-gathers it back before the layer runs; bitsandbytes keeps the quantization
+    state on the module. Storing the packed bytes in the compute dtype (as LLaMA-Factory does) gives
+    every parameter of a unit a floating dtype that the mixed-precision policy casts to itself, a no-op.
+    An fp32 storage under a bf16 policy would be cast, which corrupts the packed bytes (measured).
+
+    Args:
+        quantization: '4bit' (sharded) or '8bit' (refused).
+        options: the user's ``QuantizationConfig``; its ``quant_storage`` is replaced.
+        base_dtype: the compute dtype when ``compute_dtype`` is 'auto'.
+        fsdp_param_dtype: the mixed-precision policy's parameter dtype (bf16 on a GPU), if any: the
+            storage then follows it, whatever the compute dtype.
+
+    Raises:
+        ConfigError: for '8bit': an ``Int8Params`` weight keeps its scales (``SCB``) on the tensor,
+            which sharding drops, and its int8 matmul needs the whole row.
+    """
+    import dataclasses
+
+    from cotune.config import ConfigError
+    from cotune.models.load import DTYPES
+
+    if quantization != "4bit":
+        raise ConfigError(
+            f"--quantization {quantization} with --enable_fsdp: an 8-bit base cannot be sharded (bitsandbytes "
+            "keeps its int8 scales on the weight tensor, which FSDP's shards drop); use --quantization 4bit, "
+            "or 8bit in one process"
+        )
+    compute = base_dtype if options.compute_dtype == "auto" else DTYPES[options.compute_dtype]
+    storage = fsdp_param_dtype or compute
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    return dataclasses.replace(options, quant_storage=names[storage])
+
+
 def keep_training_kernels(model: torch.nn.Module) -> int:
     """Stops bitsandbytes from repacking 4-bit weights for its CPU inference kernel; returns how many layers.
 

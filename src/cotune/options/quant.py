@@ -45,6 +45,7 @@ class QuantizationConfig:
     )
     quant_storage: str = opt(
         "uint8",
-        "dtype the packed 4-bit weights are stored in (uint8; bf16 for sharding).",
+        "dtype the packed 4-bit weights are stored in. With --enable_fsdp cotune sets it to the dtype FSDP "
+        "computes in (bf16 under a GPU's mixed precision, fp32 on a CPU) so that no cast touches the bytes.",
         choices=("uint8", *DTYPE_NAMES),
     )

@@ -32,6 +32,7 @@ from cotune.data.cookbook import audit_batch
 from cotune.files import cleanup_partial
 from cotune.models.families import ModelFamily, layer_modules, text_layer_index, trained_with_llm_frozen
 from cotune.models.load import add_lora, load_base_model, load_processor, resolve_dtype, trainable_parameters
+from cotune.models.quant import sharded_quantization
 from cotune.runtime import tune_cpu_allocator
 from cotune.train import distributed, resume
 from cotune.train.checkpoint import save_adapter, save_model
@@ -230,10 +231,16 @@ def build_model(
             "warning: low_cpu_fsdp is not combined with fsdp_config.cpu_offload: every process reads the checkpoint"
         )
         from_rank0 = False
+    qopts = cfg.quantization_config
     if cfg.quantization and sharded:
-        raise ConfigError(
-            f"--quantization {cfg.quantization} runs in one process; sharded QLoRA is not offered yet"
-        )
+        mixed = cfg.fsdp_config.mixed_precision and dist.device.type == "cuda"  # as wrap_fsdp decides
+        qopts = sharded_quantization(cfg.quantization, qopts, base_dtype, torch.bfloat16 if mixed else None)
+        log(f"quantization: 4-bit weights packed in {qopts.quant_storage} to be sharded")
+        if from_rank0:  # a model built on the meta device from config.json is not quantized
+            log(
+                "warning: low_cpu_fsdp is not combined with --quantization: every process reads the checkpoint"
+            )
+            from_rank0 = False
     model, family = load_base_model(
         cfg.model_name,
         base_dtype,
@@ -241,7 +248,7 @@ def build_model(
         device=dist.device,
         on_meta=from_rank0 and not dist.is_main,
         quantization=cfg.quantization,
-        quantization_config=cfg.quantization_config,
+        quantization_config=qopts,
     )
     torch.manual_seed(cfg.seed)  # LoRA init does not depend on how much randomness loading used
     if cfg.use_peft:
