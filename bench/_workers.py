@@ -2,7 +2,8 @@
 
 ``run_cotune`` trains through cotune's own recipe (``cotune.train.loop.setup`` + ``train``: chunked
 loss, its collator, its optimizer step). ``run_hf`` trains the same checkpoint with
-``transformers.Trainer`` on a PEFT model, the path TRL users take: full logits and HF's loss. Both
+``transformers.Trainer`` on a PEFT model, the path TRL users take: full logits and HF's loss. With
+``BenchSpec.quantization`` both train QLoRA on the same bitsandbytes 4-bit base. Both
 read the same JSONL through cotune's data step and see the same batches in the same order, so only
 the training machinery differs.
 
@@ -56,6 +57,9 @@ class BenchSpec:
     # cotune's setup() tunes glibc's allocator on CPU (cotune.runtime.tune_cpu_allocator);
     # "cotune": as each side runs by itself, "both": HF's process gets the same tuning, "neither"
     allocator: str = "cotune"
+    # "4bit": QLoRA, the same bitsandbytes NF4 base on both sides (cotune's loader: the family's
+    # unquantized modules, nf4, double quant, compute in the base dtype); "": the base as it is
+    quantization: str = ""
 
     @property
     def total_steps(self) -> int:
@@ -160,6 +164,7 @@ def cotune_config(spec: BenchSpec, output_dir: str) -> Any:
     )
     cfg.data.test_file = spec.test_file
     cfg.data.max_seq_len = spec.seq_len
+    cfg.quantization = spec.quantization
     return cfg
 
 
@@ -212,7 +217,10 @@ def run_hf(spec: BenchSpec) -> dict[str, Any]:
     torch.manual_seed(spec.seed)
     processor = load_processor(spec.model_dir)
     dtype = resolve_dtype("auto", device)
-    model, family = load_base_model(spec.model_dir, dtype, sdpa=True, device=device)
+    model, family = load_base_model(
+        spec.model_dir, dtype, sdpa=True, device=device, quantization=cfg.quantization,
+        quantization_config=cfg.quantization_config,
+    )  # fmt: skip
     torch.manual_seed(spec.seed)  # as cotune's setup does before adding LoRA: the same initial adapter
     lora = LoraConfig(
         r=spec.lora_r,

@@ -15,6 +15,10 @@ It prints tokens/s (non-pad input tokens per second over the steps after warm-up
 (CPU: peak RSS of the process; GPU: ``torch.cuda.max_memory_allocated``) of each side, and ends with
 the line ``throughput_ratio=<cotune/hf> memory_ratio=<cotune/hf>``.
 
+Before that, the same two sides train QLoRA (``BenchSpec.quantization='4bit'``: the same bitsandbytes
+NF4 base on both, the language model's linears quantized) and print their table and the line
+``qlora_throughput_ratio=<cotune/hf> qlora_memory_ratio=<cotune/hf>`` (``--no-qlora`` skips them).
+
 Usage:
     python bench/train_bench.py [--seq-len 1024] [--batch-size 2] [--warmup-steps 2] [--steps 6]
 """
@@ -29,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +187,7 @@ def run_side(side: str, spec: BenchSpec, in_process: bool = False) -> dict:
 
         return SIDES[side](spec)
     spec_path = write_spec(spec, work / "spec.json")
-    out = work / f"{side}.json"
+    out = work / f"{side}{'-' + spec.quantization if spec.quantization else ''}.json"
     subprocess.run([sys.executable, str(HERE / "_workers.py"), side, str(spec_path), str(out)], check=True)
     return json.loads(out.read_text())
 
@@ -259,9 +264,9 @@ def report(results: dict[str, dict]) -> tuple[float, float]:
     return c["tokens_per_s"] / h["tokens_per_s"], memory_mb(c) / memory_mb(h)
 
 
-def ratio_line(throughput: float, memory: float) -> str:
-    """The benchmark's last line."""
-    return f"throughput_ratio={throughput:.3f} memory_ratio={memory:.3f}"
+def ratio_line(throughput: float, memory: float, prefix: str = "") -> str:
+    """The benchmark's last line (``prefix`` 'qlora_': the QLoRA line before it)."""
+    return f"{prefix}throughput_ratio={throughput:.3f} {prefix}memory_ratio={memory:.3f}"
 
 
 def run_bench(spec: BenchSpec, sides: list[str], in_process: bool = False) -> dict[str, dict]:
@@ -295,6 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         choices=["cotune", "both", "neither"],
         help="glibc tuning of cotune's setup (CPU): only cotune's process (as run normally), both, neither",
     )
+    parser.add_argument("--no-qlora", action="store_true", help="skip the QLoRA sides (4-bit base)")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -304,9 +310,14 @@ def main(argv: list[str] | None = None) -> None:
         spec = prepare(work, args)
         print(f"prepared model and data in {time.perf_counter() - start:.0f} s", flush=True)
         results = run_bench(spec, args.sides.split(","))
+        qlora = {} if args.no_qlora else run_bench(replace(spec, quantization="4bit"), args.sides.split(","))
     if not {"cotune", "hf"} <= set(results):
         print(json.dumps(results, indent=1))
         return
+    if qlora:
+        print("\nQLoRA: the same sides on the same bitsandbytes 4-bit (NF4) base")
+        print(ratio_line(*report(qlora), prefix="qlora_"))
+        print("\nLoRA: the base as it is")
     throughput, memory = report(results)
     print(f"total {time.perf_counter() - start:.0f} s")
     print(ratio_line(throughput, memory))

@@ -51,3 +51,34 @@ def test_bench_sides_train_the_same_batches(tiny_mllama, processor, tmp_path, ca
     line = train_bench.ratio_line(throughput, memory)
     assert re.fullmatch(r"throughput_ratio=\d+\.\d{3} memory_ratio=\d+\.\d{3}", line)
     assert "WARNING" not in capsys.readouterr().out
+
+
+def test_bench_qlora_sides_train_the_same_4bit_base(tiny_mllama, processor, tmp_path, monkeypatch):
+    """`make bench`'s QLoRA line: both sides load the same bitsandbytes 4-bit base and start from one loss."""
+    import dataclasses
+
+    import pytest
+
+    pytest.importorskip("bitsandbytes")
+    sys.path.insert(0, str(BENCH))
+    try:
+        import train_bench
+    finally:
+        while str(BENCH) in sys.path:
+            sys.path.remove(str(BENCH))
+    monkeypatch.setattr("cotune.train.loop.load_processor", lambda path: processor)
+    monkeypatch.setattr("cotune.models.load.load_processor", lambda path: processor)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    args = argparse.Namespace(seq_len=64, batch_size=2, warmup_steps=1, steps=1)
+    spec = train_bench.prepare(tmp_path, args, model_dir=tiny_mllama, processor=processor)
+    try:
+        results = train_bench.run_bench(
+            dataclasses.replace(spec, quantization="4bit"), ["cotune", "hf"], in_process=True
+        )
+    finally:
+        torch.set_num_threads(threads)
+    c, h = results["cotune"]["losses"][0], results["hf"]["losses"][0]
+    assert math.isclose(c, h, rel_tol=1e-4), (c, h)
+    line = train_bench.ratio_line(*train_bench.report(results), prefix="qlora_")
+    assert re.fullmatch(r"qlora_throughput_ratio=\d+\.\d{3} qlora_memory_ratio=\d+\.\d{3}", line)
