@@ -54,7 +54,7 @@ COOKBOOK_FIELDS = {
         "output_dir": ("/o", "output_dir"),
         "freeze_layers": ("True", refused("--use_peft False")),
         "num_freeze_layers": ("2", "num_freeze_layers"),
-        "freeze_LLM_only": ("True", refused("--use_peft False")),
+        "freeze_LLM_only": ("True", "freeze_LLM_only"),
         "quantization": ("4bit", "quantization"),
         "one_gpu": ("True", "one_gpu"),
         "save_model": ("False", "save_model"),
