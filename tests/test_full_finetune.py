@@ -136,3 +136,24 @@ def test_freeze_llm_only_with_lora_restricts_the_adapter_to_the_vision_side(tiny
     assert "model.multi_modal_projector" in adapted
     assert any(".cross_attn." in n for n in adapted)
     assert not any(text_layer_index(n) not in (None, *cross) for n in adapted)  # no self-attention layer
+
+
+def test_anyprecision_with_pure_bf16_trains_bf16_weights_and_resumes_exactly(tiny_mllama, shapes, tmp_path):
+    flags = [("pure_bf16", "True"), ("fsdp_config.optimizer", "anyprecision")]
+    straight = finetune(
+        full_config(tiny_mllama, shapes, tmp_path / "a", ("max_train_step", "4"), *flags), log=print
+    )
+    out = tmp_path / "b"
+    finetune(full_config(tiny_mllama, shapes, out, ("max_train_step", "2"), *flags), log=lambda s: None)
+    resumed = finetune(
+        full_config(tiny_mllama, shapes, out, ("max_train_step", "4"), ("resume", "auto"), *flags), log=print
+    )
+    assert resumed.train_losses == pytest.approx(straight.train_losses, abs=1e-6)
+    tuned, again = weights(straight.adapter_dir), weights(resumed.adapter_dir)
+    assert all(v.dtype == torch.bfloat16 for v in tuned.values())
+    assert all(torch.equal(again[k], tuned[k]) for k in tuned)
+    base = weights(tiny_mllama)
+    assert not torch.equal(
+        base["language_model.layers.2.mlp.up_proj.weight"].bfloat16(),
+        tuned["language_model.layers.2.mlp.up_proj.weight"],
+    )

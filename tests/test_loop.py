@@ -187,7 +187,9 @@ def test_validation_loss_per_stage_is_eval_s_per_stage_loss(tiny_mllama, process
     plain, none = validation_loss(loss_model, [batch], inputs, cfg, torch.device("cpu"))
     cache = {}
     stages_of = functools.partial(batch_label_stages, processor.tokenizer, cache)
-    loss, by_stage = validation_loss(loss_model, [batch], inputs, cfg, torch.device("cpu"), stages_of=stages_of)
+    loss, by_stage = validation_loss(
+        loss_model, [batch], inputs, cfg, torch.device("cpu"), stages_of=stages_of
+    )
     assert none == {} and loss == pytest.approx(plain, rel=1e-6)
     with torch.no_grad():
         losses, _ = loss_model(**inputs(batch), per_token=True)

@@ -112,6 +112,11 @@ def check_training(t: Any, prefix: str) -> None:
                 f"projector and the cross-attention layers (target_modules {LLM_FROZEN_PRESET}); drop "
                 f"--lora_config.target_modules {lora.target_modules} or --freeze_LLM_only"
             )
+    if getattr(getattr(t, "fsdp_config", None), "optimizer", "") == "anyprecision" and not t.pure_bf16:
+        raise ConfigError(
+            "option 'fsdp_config.optimizer' anyprecision keeps bf16 optimizer states for bf16 weights: add "
+            "--pure_bf16 (the cookbook silently uses AdamW without it) or use --optimizer AdamW"
+        )
     if t.peft_method != "lora":
         raise ConfigError(
             f"option '{prefix}peft_method' {t.peft_method!r}: cotune trains LoRA adapters only; use "
@@ -173,3 +178,9 @@ class FsdpConfig:
     cpu_offload: bool = opt(False, "Offload sharded parameters to CPU.")
     fsdp_activation_checkpointing: bool = opt(True, "Checkpoint activations per wrapped layer.")
     replicate_degree: int = opt(0, "hybrid_shard: number of replicas (default: number of nodes).")
+    optimizer: str = opt(
+        "AdamW",
+        "AdamW, or anyprecision (with pure_bf16): AdamW with bf16 momentum and variance and "
+        "Kahan-compensated updates of bf16 weights (cotune.train.anyprecision).",
+        choices=("AdamW", "anyprecision"),
+    )

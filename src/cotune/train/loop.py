@@ -34,6 +34,7 @@ from cotune.models.families import ModelFamily, layer_modules, text_layer_index,
 from cotune.models.load import add_lora, load_base_model, load_processor, resolve_dtype, trainable_parameters
 from cotune.runtime import tune_cpu_allocator
 from cotune.train import distributed, resume
+from cotune.train.anyprecision import AnyPrecisionAdamW
 from cotune.train.checkpoint import save_adapter, save_model
 from cotune.train.loss import ChunkedLossModel
 from cotune.train.metrics import (
@@ -333,9 +334,11 @@ def build_optimizer(
     steps_per_epoch: int,
     total_steps: int,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, torch.amp.GradScaler | None]:
-    """AdamW over the trainable (LoRA) parameters, its schedule, and fp16's GradScaler on a GPU."""
+    """AdamW (or the cookbook's anyprecision AdamW) over the trainable parameters, its schedule, and
+    fp16's GradScaler on a GPU."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    adamw = AnyPrecisionAdamW if cfg.fsdp_config.optimizer == "anyprecision" else torch.optim.AdamW
+    optimizer = adamw(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch, total_steps)
     scaler = torch.amp.GradScaler("cuda") if (cfg.use_fp16 and dist.device.type == "cuda") else None
     return optimizer, scheduler, scaler
