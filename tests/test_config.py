@@ -81,7 +81,7 @@ def test_unknown_option_in_yaml_names_the_file(tmp_path):
         ("batching_strategy", "bucket", "must be one of padding, packing"),
         ("data.on_error", "ignore", "must be one of skip, raise"),
         ("num_epochs", "0", "must be positive"),
-        ("freeze_LLM_only", "True", "--use_peft False"),  # it chooses what a full fine-tune trains
+        ("freeze_layers", "True", "--use_peft False"),  # it chooses what a full fine-tune trains
     ],
 )
 def test_bad_values(key, value, message):

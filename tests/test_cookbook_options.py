@@ -54,7 +54,7 @@ COOKBOOK_FIELDS = {
         "output_dir": ("/o", "output_dir"),
         "freeze_layers": ("True", refused("--use_peft False")),
         "num_freeze_layers": ("2", "num_freeze_layers"),
-        "freeze_LLM_only": ("True", refused("--use_peft False")),
+        "freeze_LLM_only": ("True", "freeze_LLM_only"),
         "quantization": ("4bit", "quantization"),
         "one_gpu": ("True", "one_gpu"),
         "save_model": ("False", "save_model"),
@@ -80,7 +80,7 @@ COOKBOOK_FIELDS = {
         "fsdp_activation_checkpointing": ("False", "fsdp_config.fsdp_activation_checkpointing"),
         "fsdp_cpu_offload": ("True", "fsdp_config.cpu_offload"),
         "pure_bf16": ("True", "pure_bf16"),
-        "optimizer": ("anyprecision", refused("AdamW")),
+        "optimizer": ("anyprecision", refused("add --pure_bf16")),  # accepted with it: below
     },
     "lora_config": {
         "r": ("16", "lora_config.r"),
@@ -181,7 +181,9 @@ def test_refusals_accept_the_value_that_changes_nothing():
         "inference_mode",
     ):
         assert parse_args("train", [f"--{flag}", "False"]).given == []
-    assert parse_args("train", ["--fsdp_config.optimizer", "AdamW"]).given == []
+    assert parse_args("train", ["--fsdp_config.optimizer", "adamw"]).options.fsdp_config.optimizer == "AdamW"
+    cfg = parse_args("train", ["--optimizer", "anyprecision", "--fsdp_config.pure_bf16"]).options
+    assert cfg.fsdp_config.optimizer == "anyprecision" and cfg.pure_bf16
 
 
 def test_cookbook_flag_forms():

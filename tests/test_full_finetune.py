@@ -1,6 +1,7 @@
 """--use_peft False: a full fine-tune in one process, saved as a Hugging Face checkpoint that
 transformers loads without cotune, resumed exactly; --freeze_LLM_only and --freeze_layers choose
-the weights it trains, as llama-cookbook means them."""
+the weights it trains, as llama-cookbook means them (with LoRA, --freeze_LLM_only puts the adapter on
+those modules only)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from cotune.config import ConfigError, load_config
+from cotune.models import families
+from cotune.models.families import text_layer_index
+from cotune.models.load import add_lora, load_base_model
+from cotune.options.train import LLM_FROZEN_PRESET
 from cotune.train.loop import finetune
 
 
@@ -102,6 +107,53 @@ def test_freeze_layers_freezes_the_first_decoder_layers(tiny_mllama, shapes, tmp
     )
 
 
-def test_freeze_options_need_a_full_fine_tune():
+def test_freeze_layers_needs_a_full_fine_tune():
     with pytest.raises(ConfigError, match="--use_peft False"):
-        load_config(None, [("freeze_LLM_only", "True")])
+        load_config(None, [("freeze_layers", "True")])
+
+
+def test_freeze_llm_only_with_lora_restricts_the_adapter_to_the_vision_side(tiny_mllama):
+    cfg = load_config(None, [("freeze_LLM_only", "True")])
+    assert cfg.lora_config.target_modules == LLM_FROZEN_PRESET == families.LLM_FROZEN_PRESET
+    with pytest.raises(ConfigError, match="drop --lora_config.target_modules all"):
+        load_config(None, [("freeze_LLM_only", "True"), ("lora_config.target_modules", "all")])
+    model, family = load_base_model(tiny_mllama)
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    cross = set(model.config.text_config.cross_attention_layers)
+    peft = add_lora(model, family, cfg.lora_config)
+    adapted = {
+        n.split(".lora_A")[0].removeprefix("base_model.model.")
+        for n, _ in peft.named_parameters()
+        if "lora_A" in n
+    }
+
+    def vision_side(name):
+        layer = text_layer_index(name)
+        return name.startswith(("model.vision_model.", "model.multi_modal_projector")) or layer in cross
+
+    assert adapted == {n for n in linears if vision_side(n) and n != "lm_head"}, adapted ^ linears
+    assert any(n.startswith("model.vision_model.") for n in adapted)
+    assert "model.multi_modal_projector" in adapted
+    assert any(".cross_attn." in n for n in adapted)
+    assert not any(text_layer_index(n) not in (None, *cross) for n in adapted)  # no self-attention layer
+
+
+def test_anyprecision_with_pure_bf16_trains_bf16_weights_and_resumes_exactly(tiny_mllama, shapes, tmp_path):
+    flags = [("pure_bf16", "True"), ("fsdp_config.optimizer", "anyprecision")]
+    straight = finetune(
+        full_config(tiny_mllama, shapes, tmp_path / "a", ("max_train_step", "4"), *flags), log=print
+    )
+    out = tmp_path / "b"
+    finetune(full_config(tiny_mllama, shapes, out, ("max_train_step", "2"), *flags), log=lambda s: None)
+    resumed = finetune(
+        full_config(tiny_mllama, shapes, out, ("max_train_step", "4"), ("resume", "auto"), *flags), log=print
+    )
+    assert resumed.train_losses == pytest.approx(straight.train_losses, abs=1e-6)
+    tuned, again = weights(straight.adapter_dir), weights(resumed.adapter_dir)
+    assert all(v.dtype == torch.bfloat16 for v in tuned.values())
+    assert all(torch.equal(again[k], tuned[k]) for k in tuned)
+    base = weights(tiny_mllama)
+    assert not torch.equal(
+        base["language_model.layers.2.mlp.up_proj.weight"].bfloat16(),
+        tuned["language_model.layers.2.mlp.up_proj.weight"],
+    )

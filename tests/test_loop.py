@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -10,6 +11,7 @@ import torch
 
 from cotune.config import LoraConfig, load_config
 from cotune.data.batching import PaddingCollator
+from cotune.data.cot import label_stages, stage_loss_totals
 from cotune.data.dataset import SFTDataset, encode_samples
 from cotune.data.records import load_samples
 from cotune.models.families import MLLAMA, layer_modules
@@ -17,6 +19,7 @@ from cotune.models.load import add_lora, load_base_model
 from cotune.train.distributed import checkpoint_activations
 from cotune.train.loop import build_scheduler, finetune, setup
 from cotune.train.loss import ChunkedLossModel
+from cotune.train.step import STAGE_KEYS, batch_label_stages, validation_loss
 from helpers import random_lora
 
 
@@ -173,3 +176,34 @@ def test_schedule_ends_on_the_last_optimizer_step_with_accumulation(
     rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert result.steps == len(want)
     assert [r["lr"] for r in rows if "lr" in r] == pytest.approx(want)
+
+
+def test_validation_loss_per_stage_is_eval_s_per_stage_loss(tiny_mllama, processor, batch):
+    """Validation's per-stage losses are those ``cotune eval`` computes (label_token_losses grouped by
+    label_stages) and its loss is the summed path's; the stages are decoded once (cached)."""
+    peft = random_lora(tiny_mllama, seed=0, std=0.05, targets="all")
+    loss_model, cfg = ChunkedLossModel(peft), load_config(None, [])
+    inputs = MLLAMA.model_inputs
+    plain, none = validation_loss(loss_model, [batch], inputs, cfg, torch.device("cpu"))
+    cache = {}
+    stages_of = functools.partial(batch_label_stages, processor.tokenizer, cache)
+    loss, by_stage = validation_loss(
+        loss_model, [batch], inputs, cfg, torch.device("cpu"), stages_of=stages_of
+    )
+    assert none == {} and loss == pytest.approx(plain, rel=1e-6)
+    with torch.no_grad():
+        losses, _ = loss_model(**inputs(batch), per_token=True)
+    totals = {s: [0.0, 0] for s in STAGE_KEYS}
+    for row, (ids, labels) in enumerate(zip(batch["input_ids"].tolist(), batch["labels"].tolist())):
+        stages = label_stages(processor.tokenizer, ids, labels)
+        positions = [j for j in range(1, len(labels)) if labels[j] != -100]
+        part = stage_loss_totals([float(losses[row, j]) for j in positions], [stages[j] for j in positions])
+        for s, (v, n) in part.items():
+            totals[s][0] += v
+            totals[s][1] += n
+    assert {"SUMMARY", "CAPTION", "REASONING", "CONCLUSION"} <= set(by_stage)
+    assert by_stage == pytest.approx({s: v / n for s, (v, n) in totals.items() if n}, rel=1e-5)
+    assert len(cache) == 2
+    cache_copy = dict(cache)
+    validation_loss(loss_model, [batch], inputs, cfg, torch.device("cpu"), stages_of=stages_of)
+    assert cache == cache_copy

@@ -12,6 +12,7 @@ import pytest
 
 from cotune.config import ConfigError, load_config
 from cotune.train.loop import finetune
+from cotune.train.metrics import read_metrics
 
 
 def wandb_records(path: Path) -> list:
@@ -167,3 +168,22 @@ def test_flop_counter_and_profiler(tiny_mllama, shapes, tmp_path):
     cfg = run_config(tiny_mllama, shapes, out, ("max_train_step", "2"), ("flop_counter", "True"))
     with pytest.raises(ConfigError, match="none after flop_counter_start 3"):
         finetune(cfg, log=lambda s: None)
+
+
+def test_validation_loss_per_llava_cot_stage_reaches_metrics_and_trackers(tiny_mllama, shapes, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    cfg = run_config(tiny_mllama, shapes, out, ("max_train_step", "1"), ("report_to", "tensorboard"))
+    finetune(cfg, log=lambda s: None)
+    stages = ("summary", "caption", "reasoning", "conclusion", "other")
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in rows] == [0, 1]
+    for r in rows:  # a token-weighted mean lies between its parts
+        parts = [r[f"eval_loss_{s}"] for s in stages]
+        assert min(parts) <= r["eval_loss"] <= max(parts), r
+    tb = EventAccumulator(str(out / "tensorboard"))
+    tb.Reload()
+    for s in stages:
+        got = [e.value for e in tb.Scalars(f"eval/loss_{s}")]
+        assert got == pytest.approx([r[f"eval_loss_{s}"] for r in rows], rel=1e-5), s

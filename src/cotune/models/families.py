@@ -14,7 +14,10 @@ from typing import Any
 
 import torch
 
-LORA_PRESETS = ("language", "language+cross_attention", "all")
+LORA_PRESETS = ("language", "language+cross_attention", "all", "vision+cross_attention")
+# freeze_LLM_only with LoRA: the adapter on the vision tower, the projector and (Mllama) the
+# cross-attention layers only, none on the language model's self-attention layers
+LLM_FROZEN_PRESET = "vision+cross_attention"
 
 _ATTN = r"(self_attn|cross_attn)\.(q|k|v|o)_proj"
 _MLP = r"mlp\.(gate|up|down)_proj"
@@ -117,11 +120,13 @@ def _mllama_lora_targets(config: Any, preset: str) -> str:
     text = config.text_config
     cross = set(text.cross_attention_layers)
     self_layers = "|".join(str(i) for i in range(text.num_hidden_layers) if i not in cross)
-    parts = [rf"model\.language_model\.layers\.({self_layers})\.({_ATTN}|{_MLP})"]
-    if preset in ("language+cross_attention", "all") and cross:
+    parts = []
+    if preset != LLM_FROZEN_PRESET:
+        parts.append(rf"model\.language_model\.layers\.({self_layers})\.({_ATTN}|{_MLP})")
+    if preset in ("language+cross_attention", "all", LLM_FROZEN_PRESET) and cross:
         cross_layers = "|".join(str(i) for i in sorted(cross))
         parts.append(rf"model\.language_model\.layers\.({cross_layers})\.({_ATTN}|{_MLP})")
-    if preset == "all":
+    if preset in ("all", LLM_FROZEN_PRESET):
         parts.append(
             r"model\.vision_model\.(transformer|global_transformer)\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.fc(1|2))"
         )
@@ -327,8 +332,8 @@ MLLAMA = ModelFamily(
 
 
 def _llava_lora_targets(config: Any, preset: str) -> str:
-    parts = [rf"model\.language_model\.layers\.\d+\.({_ATTN}|{_MLP})"]
-    if preset == "all":
+    parts = [] if preset == LLM_FROZEN_PRESET else [rf"model\.language_model\.layers\.\d+\.({_ATTN}|{_MLP})"]
+    if preset in ("all", LLM_FROZEN_PRESET):  # LLaVA has no cross-attention layers
         parts.append(r"model\.vision_tower\..*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)")
         parts.append(r"model\.multi_modal_projector\.linear_(1|2)")
     return "|".join(f"({p})" for p in parts)

@@ -46,10 +46,6 @@ IGNORED = {
         lambda v: str(v) == "0",
         "the shard group is world size / replicas: set --fsdp_config.replicate_degree",
     ),
-    "optimizer": (
-        lambda v: str(v).lower() == "adamw",
-        "cotune's optimizer is AdamW; bf16 optimizer states (anyprecision) are not offered yet",
-    ),
 }
 
 _TEXT_DATASETS = "samsum_dataset, alpaca_dataset, grammar_dataset, llamaguard_toxicchat_dataset"
@@ -74,6 +70,8 @@ def cookbook_value(path: str, value: Any) -> Any:
     """A cookbook value in cotune's spelling (``FULL_SHARD`` -> ``full_shard``)."""
     if path == "fsdp_config.sharding_strategy" and isinstance(value, str):
         return value.lower().removeprefix("shardingstrategy.")
+    if path == "fsdp_config.optimizer" and isinstance(value, str) and value.lower() == "adamw":
+        return "AdamW"
     return value
 
 

@@ -10,6 +10,9 @@ from typing import Any
 from cotune.options.cookbook import TEXT_DATASETS
 from cotune.options.fields import ConfigError, opt
 
+# the LoRA preset of freeze_LLM_only (cotune.models.families.LLM_FROZEN_PRESET; options import no models)
+LLM_FROZEN_PRESET = "vision+cross_attention"
+
 
 @dataclass
 class TrainingOptions:
@@ -59,8 +62,9 @@ class TrainingOptions:
     )
     freeze_LLM_only: bool = opt(
         False,
-        "With use_peft False: train the vision tower, the projector and the cross-attention layers; "
-        "the language model stays frozen (the cookbook's meaning).",
+        "Train the vision tower, the projector and the cross-attention layers; the rest of the language "
+        "model stays frozen (the cookbook's meaning). With LoRA: the adapter goes on those modules only "
+        f"(lora_config.target_modules {LLM_FROZEN_PRESET}).",
     )
     freeze_layers: bool = opt(
         False, "With use_peft False: freeze the first num_freeze_layers decoder layers."
@@ -92,11 +96,26 @@ class TrainingOptions:
 
 def check_training(t: Any, prefix: str) -> None:
     """Rules the cookbook leaves silent; the cookbook's dist_checkpoint_* folders set an unset output_dir."""
-    if t.use_peft and (t.freeze_LLM_only or t.freeze_layers):
-        which = "freeze_LLM_only" if t.freeze_LLM_only else "freeze_layers"
+    if t.use_peft and t.freeze_layers:
         raise ConfigError(
-            f"option '{prefix}{which}' chooses which weights a full fine-tune trains: add --use_peft False "
-            "(the cookbook ignores it with --use_peft); for LoRA choose modules with --lora_config.target_modules"
+            f"option '{prefix}freeze_layers' chooses which weights a full fine-tune trains: add --use_peft "
+            "False (the cookbook ignores it with --use_peft); for LoRA choose modules with "
+            "--lora_config.target_modules"
+        )
+    if t.use_peft and t.freeze_LLM_only:  # the adapter goes on the vision side only
+        lora = t.lora_config
+        if lora.target_modules == "language":  # the default
+            lora.target_modules = LLM_FROZEN_PRESET
+        elif lora.target_modules != LLM_FROZEN_PRESET:
+            raise ConfigError(
+                f"option '{prefix}freeze_LLM_only' with LoRA puts the adapter on the vision tower, the "
+                f"projector and the cross-attention layers (target_modules {LLM_FROZEN_PRESET}); drop "
+                f"--lora_config.target_modules {lora.target_modules} or --freeze_LLM_only"
+            )
+    if getattr(getattr(t, "fsdp_config", None), "optimizer", "") == "anyprecision" and not t.pure_bf16:
+        raise ConfigError(
+            "option 'fsdp_config.optimizer' anyprecision keeps bf16 optimizer states for bf16 weights: add "
+            "--pure_bf16 (the cookbook silently uses AdamW without it) or use --optimizer AdamW"
         )
     if t.peft_method != "lora":
         raise ConfigError(
@@ -127,7 +146,8 @@ class LoraConfig:
     lora_dropout: float = opt(0.05, "Dropout on the LoRA input.")
     target_modules: Any = opt(
         "language",
-        "A preset of the model family ('language', 'language+cross_attention', 'all') "
+        "A preset of the model family ('language', 'language+cross_attention', 'all', "
+        "'vision+cross_attention') "
         "or a list of module names such as [q_proj, v_proj].",
     )
     bias: str = opt("none", "Which biases to train: none, all, lora_only.")
@@ -158,3 +178,9 @@ class FsdpConfig:
     cpu_offload: bool = opt(False, "Offload sharded parameters to CPU.")
     fsdp_activation_checkpointing: bool = opt(True, "Checkpoint activations per wrapped layer.")
     replicate_degree: int = opt(0, "hybrid_shard: number of replicas (default: number of nodes).")
+    optimizer: str = opt(
+        "AdamW",
+        "AdamW, or anyprecision (with pure_bf16): AdamW with bf16 momentum and variance and "
+        "Kahan-compensated updates of bf16 weights (cotune.train.anyprecision).",
+        choices=("AdamW", "anyprecision"),
+    )

@@ -35,6 +35,7 @@ from cotune.models.load import add_lora, load_base_model, load_processor, resolv
 from cotune.models.quant import sharded_quantization
 from cotune.runtime import tune_cpu_allocator
 from cotune.train import distributed, resume
+from cotune.train.anyprecision import AnyPrecisionAdamW
 from cotune.train.checkpoint import save_adapter, save_model
 from cotune.train.loss import ChunkedLossModel
 from cotune.train.metrics import (
@@ -49,6 +50,7 @@ from cotune.train.profiling import StepProfiler
 from cotune.train.step import (
     accumulation_groups,
     autocast,
+    batch_label_stages,
     build_scheduler,
     label_tokens,
     optimizer_step,
@@ -116,6 +118,8 @@ class LoopState:
         eval_losses: each validation's loss (likewise).
         best_adapter_dir: where ``best_adapter`` was written (first process), once it was.
         audited: the first batch of a cookbook dataset file was checked (or needs no check).
+        val_stages: the LLaVA-CoT stages of the validation rows' label tokens, decoded once
+            (``batch_label_stages``).
     """
 
     step: int = 0
@@ -126,6 +130,7 @@ class LoopState:
     eval_losses: list[float] = field(default_factory=list)
     best_adapter_dir: Path | None = None
     audited: bool = False
+    val_stages: dict = field(default_factory=dict)
 
 
 class StepStats(NamedTuple):
@@ -336,9 +341,11 @@ def build_optimizer(
     steps_per_epoch: int,
     total_steps: int,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, torch.amp.GradScaler | None]:
-    """AdamW over the trainable (LoRA) parameters, its schedule, and fp16's GradScaler on a GPU."""
+    """AdamW (or the cookbook's anyprecision AdamW) over the trainable parameters, its schedule, and
+    fp16's GradScaler on a GPU."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    adamw = AnyPrecisionAdamW if cfg.fsdp_config.optimizer == "anyprecision" else torch.optim.AdamW
+    optimizer = adamw(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch, total_steps)
     scaler = torch.amp.GradScaler("cuda") if (cfg.use_fp16 and dist.device.type == "cuda") else None
     return optimizer, scheduler, scaler
@@ -555,13 +562,25 @@ def validate(run: Run, state: LoopState) -> None:
     """The validation loss at ``state.step``, logged and recorded; a new lowest one after a step is
     saved as ``best_adapter`` (the loss at step 0 is the base model's: a reference, never the best)."""
     inputs = functools.partial(model_inputs, run)
-    loss = validation_loss(
-        run.loss_model, run.data.val, inputs, run.cfg, run.dist.device, run.stand_in, run.warn
+    stages_of = functools.partial(batch_label_stages, run.processor.tokenizer, state.val_stages)
+    loss, by_stage = validation_loss(
+        run.loss_model, run.data.val, inputs, run.cfg, run.dist.device, run.stand_in, run.warn, stages_of
     )
     state.eval_losses.append(loss)
-    run.metrics.write(step=state.step, epoch=state.epoch, eval_loss=loss, eval_perplexity=perplexity(loss))
-    run.trackers.log({"eval/loss": loss, "eval/perplexity": perplexity(loss)}, state.step)
-    run.log(f"validation at step {state.step}: loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
+    stage_losses = {f"eval_loss_{s.lower()}": v for s, v in by_stage.items()}  # LLaVA-CoT data only
+    run.metrics.write(
+        step=state.step, epoch=state.epoch, eval_loss=loss, eval_perplexity=perplexity(loss), **stage_losses
+    )
+    run.trackers.log(
+        {"eval/loss": loss, "eval/perplexity": perplexity(loss)}
+        | {f"eval/loss_{s.lower()}": v for s, v in by_stage.items()},
+        state.step,
+    )
+    per_stage = ", ".join(f"{s.lower()} {v:.4f}" for s, v in by_stage.items())
+    run.log(
+        f"validation at step {state.step}: loss {loss:.4f}, perplexity {perplexity(loss):.2f}"
+        + (f" ({per_stage})" if per_stage else "")
+    )
     if state.step > 0 and loss < state.best_eval_loss:
         if run.cfg.save_model:
             state.best_adapter_dir = export_adapter(run, run.out / saved_name(run.cfg, "best_"))

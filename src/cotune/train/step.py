@@ -6,11 +6,13 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 
 from cotune.config import TrainConfig
 from cotune.data.chat import IGNORE_INDEX
+from cotune.data.cot import STAGES, label_stages
 from cotune.train import distributed
 
 
@@ -135,6 +137,25 @@ def optimizer_step(
     return lr, grad_norm
 
 
+STAGE_KEYS = (*STAGES, "other")  # what ``batch_label_stages`` numbers the label tokens by
+
+
+def batch_label_stages(tokenizer: Any, cache: dict, batch: dict) -> torch.Tensor:
+    """The LLaVA-CoT stage of each label token of ``batch``, as indices into ``STAGE_KEYS`` (batch, seq).
+
+    Rows are looked up in ``cache`` (by their tokens) before they are decoded: validation sees the same
+    rows every time, so only the first validation decodes.
+    """
+    rows = []
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+        key = (tuple(ids), tuple(labels))
+        if key not in cache:
+            stages = label_stages(tokenizer, ids, labels)
+            cache[key] = [STAGE_KEYS.index(s) if s else len(STAGES) for s in stages]
+        rows.append(cache[key])
+    return torch.tensor(rows, dtype=torch.long)
+
+
 def validation_loss(
     loss_model: torch.nn.Module,
     loader: Iterable[dict],
@@ -143,8 +164,9 @@ def validation_loss(
     device: torch.device,
     stand_in: dict | None = None,
     warn: Callable[[str], None] | None = None,
-) -> float:
-    """Token-weighted mean validation loss over the whole validation set (all ranks).
+    stages_of: Callable[[dict], torch.Tensor] | None = None,
+) -> tuple[float, dict[str, float]]:
+    """Token-weighted mean validation loss over the whole validation set (all ranks), and per stage.
 
     Args:
         loss_model: the module the loop calls (returns the summed loss and the label tokens).
@@ -154,17 +176,38 @@ def validation_loss(
         device: this process's device.
         stand_in: run in place of an empty batch (several processes), see ``stand_in_batch``.
         warn: told of each validation record that failed to load (it is left out of the loss).
+        stages_of: a batch's label stages (``batch_label_stages``); None: no loss per stage.
+
+    Returns:
+        The loss, and the mean loss of each LLaVA-CoT stage that has label tokens (``STAGE_KEYS``;
+        empty without ``stages_of`` or when no label token is in a stage).
     """
     loss_model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)
+    by_stage = torch.zeros(len(STAGE_KEYS), 2, dtype=torch.float64, device=device)  # loss sum, tokens
     with torch.no_grad():
         for i, batch in enumerate(loader):
             if cfg.max_eval_step and i >= cfg.max_eval_step:
                 break
             for usable in usable_batches([batch], stand_in, warn, "validation skipped"):
                 with autocast(cfg, device):
-                    loss_sum, n = loss_model(**model_inputs(usable))
+                    if stages_of is None:
+                        loss_sum, n = loss_model(**model_inputs(usable))
+                    else:  # the same loss, token by token (0 where no label)
+                        losses, n = loss_model(**model_inputs(usable), per_token=True)
+                        loss_sum = losses.sum()
+                        has_label = usable["labels"].to(device) != IGNORE_INDEX
+                        has_label[:, 0] = False  # the first position is never predicted
+                        stages = stages_of(usable).to(device)[has_label]
+                        by_stage[:, 0].index_add_(0, stages, losses[has_label].double())
+                        by_stage[:, 1].index_add_(0, stages, torch.ones_like(stages, dtype=torch.float64))
                 totals += torch.stack([loss_sum.double(), n.double()])
     loss_model.train()
     distributed.all_reduce_sum(totals)
-    return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+    loss = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+    if stages_of is None:
+        return loss, {}
+    distributed.all_reduce_sum(by_stage)
+    if not by_stage[: len(STAGES), 1].any():  # not LLaVA-CoT data
+        return loss, {}
+    return loss, {s: float(v / k) for s, (v, k) in zip(STAGE_KEYS, by_stage.tolist()) if k > 0}
