@@ -399,3 +399,28 @@ def test_a_rank_whose_batch_failed_to_load_runs_a_stand_in(tiny_mllama, shapes, 
         for key in ("loss", "eval_loss"):
             if key in b:
                 assert abs(a[key] - b[key]) <= 1e-4 * b[key], (key, a, b)
+
+
+def test_full_fine_tune_under_fsdp_resumes_exactly(tiny_mllama, shapes, tmp_path):
+    """`--use_peft False` with 2 FSDP ranks: stopped after a checkpoint and resumed, it ends where the
+    uninterrupted run ends (losses and every weight of the saved Hugging Face checkpoint)."""
+    from safetensors.torch import load_file as load_weights
+
+    def run(out: Path, steps: int, *more: str) -> None:
+        flags = _flags(
+            tiny_mllama, shapes["train"], shapes["test"], out, 1, max_train_step=steps, use_peft=False
+        )
+        assert _join_ranks(_start_ranks([*flags, *more], out / "logs")) == [0, 0]
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run(straight, 4)
+    run(stopped, 2)
+    run(stopped, 4, "--resume=auto")
+    assert "resuming from" in (stopped / "logs" / "rank0.log").read_text()
+    _assert_same_metrics(_metrics(stopped), _metrics(straight), rel=1e-6)
+    a, b = (
+        load_weights(str(straight / "model" / "model.safetensors")),
+        load_weights(str(stopped / "model" / "model.safetensors")),
+    )
+    assert sorted(a) == sorted(b) and any("vision_model" in k for k in a)
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) <= 1e-6
