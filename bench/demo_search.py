@@ -33,15 +33,13 @@ def _key(obj) -> str:
 
 def run_variant(variant: dict, work: Path, device: str) -> dict:
     """Builds, trains and evaluates one variant; returns its figures."""
-    import torch
-    from peft import PeftModel
 
     from cotune.config import load_config
     from cotune.data.records import load_samples
     from cotune.demo.synthetic import write_synthetic_dataset
     from cotune.demo.tiny import build_tiny_mllama
     from cotune.eval.evaluate import evaluate_models
-    from cotune.models.load import load_base_model, load_processor
+    from cotune.infer.adapters import AdapterSpec, load_model_with_adapters
     from cotune.run_demo import DEMO_CONFIG
     from cotune.train.loop import finetune
 
@@ -64,9 +62,9 @@ def run_variant(variant: dict, work: Path, device: str) -> dict:
     cfg = load_config(DEMO_CONFIG, pairs)
     result = finetune(cfg, log=lambda *_: None)
     t_train = time.perf_counter() - t0
-    processor = load_processor(model_dir)
-    model, family = load_base_model(model_dir, device=torch.device(device))
-    model = PeftModel.from_pretrained(model, str(result.adapter_dir), adapter_name="v")
+    model, processor, family = load_model_with_adapters(
+        str(model_dir), [AdapterSpec("v", str(result.adapter_dir))], device=device
+    )
     samples, _ = load_samples(data_dir / "test.jsonl")
     results = evaluate_models(
         model, processor, family, samples[: variant.get("n_eval", 100)], ["v"], batch_size=25,

@@ -6,14 +6,12 @@ import json
 import time
 from pathlib import Path
 
-from peft import PeftModel
-
 from cotune.config import load_config
 from cotune.data.records import load_samples
 from cotune.demo.synthetic import write_synthetic_dataset
 from cotune.demo.tiny import build_tiny_mllama, is_current_build
 from cotune.eval.evaluate import evaluate_models
-from cotune.models.load import load_base_model, load_processor
+from cotune.infer.adapters import AdapterSpec, load_model_with_adapters
 from cotune.train.loop import finetune
 
 DEMO_TRAIN_SAMPLES = 1600
@@ -82,9 +80,7 @@ def _by_task(metrics: dict) -> dict:
 def held_out_figures(model_dir: str, adapter_dir: str, test_file: str, n: int = 100, log=print) -> dict:
     """Greedy first-turn answers of the adapter on the first ``n`` held-out samples, with the true
     images and with the images shuffled across samples: format rate, accuracy, accuracy by task."""
-    processor = load_processor(model_dir)
-    model, family = load_base_model(model_dir)
-    model = PeftModel.from_pretrained(model, adapter_dir, adapter_name="demo")
+    model, processor, family = load_model_with_adapters(model_dir, [AdapterSpec("demo", adapter_dir)])
     samples, _ = load_samples(test_file)
     results = evaluate_models(
         model, processor, family, samples[:n], ["demo"], batch_size=20, max_new_tokens=200,
