@@ -90,12 +90,15 @@ def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def random_scene(rng: random.Random, max_shapes: int = 4) -> Scene:
-    """Draws a scene description: background and 1-``max_shapes`` shapes, all different in kind, colour and place."""
+def random_scene(rng: random.Random, max_shapes: int = 4, positions: tuple[str, ...] = tuple(POSITIONS)) -> Scene:
+    """Draws a scene description: background and 1-``max_shapes`` shapes, all different in kind, colour and place.
+
+    ``positions`` are the places a shape may take (at least ``max_shapes`` of ``POSITIONS``).
+    """
     n = rng.randint(1, max_shapes)
     shapes = rng.sample(SHAPES, n)
     colours = rng.sample(sorted(COLOURS), n)
-    positions = rng.sample(sorted(POSITIONS), n)
+    positions = rng.sample(sorted(positions), n)
     items = [{"shape": s, "colour": c, "position": p} for s, c, p in zip(shapes, colours, positions)]
     return {"background": rng.choice(sorted(BACKGROUNDS)), "shapes": items}
 
@@ -238,6 +241,7 @@ def make_sample(
     multiple_choice_rate: float = MULTIPLE_CHOICE_RATE,
     follow_up_rate: float = FOLLOW_UP_RATE,
     radius: float = 0.12,
+    positions: tuple[str, ...] = tuple(POSITIONS),
 ) -> tuple[Image.Image, dict]:
     """Draws one scene and builds its LLaVA-CoT record. Pure: all randomness comes from ``rng``.
 
@@ -253,7 +257,7 @@ def make_sample(
         (the first turn's gold short answer), ``task`` (what the first question asks about; eval
         groups accuracy by it) and ``meta`` (``task``, ``background``, ``shapes``).
     """
-    scene = random_scene(rng, max_shapes)
+    scene = random_scene(rng, max_shapes, positions)
     image = draw_scene(scene, image_size, rng, radius)
     task = rng.choice(tasks)
     question, text, answer = _turn(rng, scene, task, rng.random() < multiple_choice_rate)
