@@ -88,11 +88,12 @@ def build_model(work: Path, layers: int) -> Path:
     return out
 
 
-def common_options(model_dir: Path, train_file: Path, out_dir: Path, steps: int, seq_len: int) -> list:
+def common_options(model_dir: Path, data: dict, out_dir: Path, steps: int, seq_len: int) -> list:
     """The flags a user would pass to ``cotune train`` (also given to ``cotune plan``)."""
     return [
         ("model_name", str(model_dir)),
-        ("dataset", str(train_file)),
+        ("dataset", str(data["train"])),
+        ("data.test_file", str(data["test"])),  # else a seeded split of the train file is held out
         ("output_dir", str(out_dir)),
         ("torch_dtype", "bf16"),
         ("gradient_checkpointing", "True"),
@@ -182,9 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"data: {args.steps} samples of {args.seq_len} tokens, one image each", flush=True)
     results, plans = {}, {}
     for name, extra in SETTINGS.items():
-        options = (
-            common_options(model_dir, data["train"], work / f"run-{name}", args.steps, args.seq_len) + extra
-        )
+        options = common_options(model_dir, data, work / f"run-{name}", args.steps, args.seq_len) + extra
         out = work / f"{name}.json"
         t0 = time.perf_counter()
         untuned = {"MALLOC_MMAP_THRESHOLD_": "65536", "COTUNE_BENCH_HEAP": "untuned"}
