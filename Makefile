@@ -36,6 +36,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) -c 'import accelerate' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/data.py
+	$(PY) bench/qlora_memory.py  # cotune QLoRA vs bf16 LoRA peak memory, 1.3 B model cached under ~/.cache/cotune
 	$(PY) bench/train_bench.py  # last: its last line is the LoRA throughput/memory ratio line, after the QLoRA one
 
 clean:

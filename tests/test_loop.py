@@ -121,6 +121,25 @@ def test_setup_checkpoints_text_and_vision_layers_in_one_process(tiny_mllama, sh
     assert forwards == {name: 2 for name in forwards}, forwards
 
 
+def test_setup_tunes_the_cpu_heap_only_after_loading_the_model(tiny_mllama, shapes, tmp_path, monkeypatch):
+    """A heap tuned to keep freed memory, tuned before loading, kept a 4-bit load's temporaries for the
+    whole run (3.5 GiB for a 1.3 B Mllama, BENCHMARKS.md): setup loads, trims the heap, then tunes it."""
+    import cotune.train.loop as loop
+
+    calls, build = [], loop.build_model
+    monkeypatch.setattr(loop, "build_model", lambda *a, **k: (calls.append("load"), build(*a, **k))[1])
+    monkeypatch.setattr(loop, "trim_cpu_heap", lambda: calls.append("trim"))
+    monkeypatch.setattr(loop, "tune_cpu_allocator", lambda: calls.append("tune"))
+    data = _first_records(shapes, 2, tmp_path / "two.jsonl")
+    cfg = load_config(
+        None,
+        [("model_name", str(tiny_mllama)), ("dataset", data), ("data.image_root", str(shapes["images"].parent)),
+         ("output_dir", str(tmp_path / "run")), ("run_validation", "False"), ("progress", "False")],
+    )  # fmt: skip
+    setup(cfg, log=lambda s: None)
+    assert calls == ["load", "trim", "tune"]
+
+
 def test_lora_presets_select_the_right_layers(tiny_mllama):
     model, family = load_base_model(tiny_mllama)
     cross = set(model.config.text_config.cross_attention_layers)

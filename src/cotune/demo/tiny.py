@@ -345,11 +345,12 @@ def build_tiny_mllama(
     image_size: int = 32,
     vision_width: int = 64,
     dtype: torch.dtype = torch.float32,
+    intermediate_size: int | None = None,
 ) -> Path:
     """Writes a tiny random Llama-3.2-Vision (Mllama) checkpoint and its processor to ``out_dir``.
 
     Text: ``num_layers`` decoder layers (cross-attention ones included), 4 heads, 2 kv heads, MLP
-    ``2 * hidden_size``. Vision: width ``vision_width``, 2 local + 1 global layers, patch 8, tiles of
+    ``2 * hidden_size`` unless ``intermediate_size`` is given. Vision: width ``vision_width``, 2 local + 1 global layers, patch 8, tiles of
     ``image_size`` pixels, up to 4 tiles. The image processor is the PIL one (no torchvision needed).
 
     Built like a trained checkpoint where tests rely on it: the gates that a fresh model has at 0
@@ -368,6 +369,7 @@ def build_tiny_mllama(
         vocab_size: Output vocabulary (the input embedding has 8 more rows, as in Mllama).
         image_size: Tile side in pixels.
         dtype: Dtype the weights are stored in.
+        intermediate_size: Text MLP width (default ``2 * hidden_size``).
 
     Returns:
         ``out_dir`` as a ``Path``.
@@ -391,7 +393,7 @@ def build_tiny_mllama(
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        intermediate_size=2 * hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
         cross_attention_layers=list(cross_attention_layers),
         bos_token_id=BOS_ID,
         eos_token_id=EOS_IDS,

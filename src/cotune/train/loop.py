@@ -33,7 +33,7 @@ from cotune.files import cleanup_partial
 from cotune.models.families import ModelFamily, layer_modules, text_layer_index, trained_with_llm_frozen
 from cotune.models.load import add_lora, load_base_model, load_processor, resolve_dtype, trainable_parameters
 from cotune.models.quant import sharded_quantization
-from cotune.runtime import tune_cpu_allocator
+from cotune.runtime import trim_cpu_heap, tune_cpu_allocator
 from cotune.train import distributed, resume
 from cotune.train.anyprecision import AnyPrecisionAdamW
 from cotune.train.checkpoint import save_adapter, save_model
@@ -168,8 +168,6 @@ def setup(cfg: TrainConfig, log=print) -> Run:
     dist = distributed.init_distributed(fsdp=cfg.enable_fsdp)
     # several processes always shard: without it their gradients would never be combined
     sharded = cfg.enable_fsdp or dist.enabled
-    if dist.device.type == "cpu":
-        tune_cpu_allocator()
     main_log = log if dist.is_main else _silent
     resume.seed_everything(cfg.seed)
     out = _prepare_output_dir(cfg, dist)
@@ -177,6 +175,9 @@ def setup(cfg: TrainConfig, log=print) -> Run:
 
     processor = load_processor(cfg.tokenizer_name or cfg.model_name)
     model, family, base_dtype, from_rank0 = build_model(cfg, dist, sharded, main_log)
+    if dist.device.type == "cpu":  # tuned for the steps only: loading (4-bit quantization above all)
+        trim_cpu_heap()  # frees temporaries that a tuned heap would keep for the whole run (GiBs)
+        tune_cpu_allocator()
     data, steps_per_epoch, total_steps = build_training_data(cfg, processor, family, dist, main_log)
     loss_model = ChunkedLossModel(model, family=family)
     if sharded:  # after add_lora (LoRA weights fp32, the same on every rank), before the optimizer
