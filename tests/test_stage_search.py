@@ -274,3 +274,20 @@ def test_stage_search_feeds_fewer_tokens_and_encodes_the_image_once(base, proces
     assert new_count.vision_calls == 1 and new_count.images == 1
     assert old_count.images == 4 * 4  # each stage's four rows, each its own copy of the image
     assert new_count.fed * SEARCH_SAVING <= old_count.fed
+
+
+@pytest.mark.parametrize(
+    "head", [4, 256]
+)  # 4: the nucleus spills over the head, the whole vocabulary is sorted
+def test_sampling_draws_from_transformers_nucleus(head):
+    import torch
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 500) * 0.5
+    kept = TopPLogitsWarper(0.9)(None, logits / 0.7).isfinite()
+    pick = sample_with(0.7, 0.9, generators(range(3), "cpu"), head=head)
+    drawn = [pick(logits, [0, 1, 2]) for _ in range(300)]
+    for row in range(3):
+        tokens = {d[row] for d in drawn}
+        assert all(kept[row, t] for t in tokens) and len(tokens) > 50

@@ -228,23 +228,27 @@ def generators(seeds: list[int], device: torch.device | str) -> list[torch.Gener
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
 
-def sample_with(temperature: float, top_p: float, streams: list[torch.Generator]) -> Pick:
-    """Temperature and nucleus sampling as transformers does it; row i draws from ``streams[i]``.
+def sample_with(temperature: float, top_p: float, streams: list[torch.Generator], head: int = 256) -> Pick:
+    """Temperature and nucleus sampling; row i draws from ``streams[i]``.
 
-    A temperature of 0 or below is greedy.
+    The nucleus is transformers' (``TopPLogitsWarper``): the most likely tokens, in order, while the
+    mass before each is below ``top_p``. It is looked for among the ``head`` most likely tokens
+    first (a sort of the whole vocabulary only when they hold less than ``top_p``), and each row draws
+    from its nucleus alone: a draw over 128k ids per row and step would cost more than the forward of
+    a small model. A temperature of 0 or below is greedy.
     """
 
     def pick(logits: torch.Tensor, live: list[int]) -> list[int]:
         if temperature <= 0:
             return greedy(logits, live)
-        scores = logits / temperature
-        if top_p < 1.0:  # transformers' TopPLogitsWarper: drop the tail whose mass is at most 1 - top_p
-            ordered, order = torch.sort(scores, descending=False)
-            drop = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
-            drop[..., -1:] = False
-            scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
-        probs = scores.softmax(-1)
-        return [int(torch.multinomial(probs[j], 1, generator=streams[r])) for j, r in enumerate(live)]
+        probs = (logits / temperature).softmax(-1)
+        k = min(head, probs.shape[-1])
+        top, ids = probs.topk(k, dim=-1)
+        if top_p >= 1.0 or bool((top.sum(-1) < top_p).any()):
+            top, ids = probs.sort(dim=-1, descending=True)
+        if top_p < 1.0:
+            top = top.masked_fill(top.cumsum(-1) - top >= top_p, 0.0)
+        return [int(ids[j, torch.multinomial(top[j], 1, generator=streams[r])]) for j, r in enumerate(live)]
 
     return pick
 
