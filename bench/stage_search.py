@@ -14,7 +14,7 @@ their candidates differ; the ratio is over all questions together.
 
 Usage:
     python bench/stage_search.py [--model_name demo_out/tiny] [--adapter demo_out/run/adapter]
-        [--data demo_out/data/test.jsonl] [--n 10] [--beam_size 4] [--seed 42]
+        [--data demo_out/data/test.jsonl] [--n 10] [--beam_size 4] [--seed 42] [--threads 0]
 (``make demo`` writes demo_out.)
 """
 
@@ -172,7 +172,10 @@ def main() -> int:
     ap.add_argument("--beam_size", type=int, default=4)
     ap.add_argument("--max_new_tokens", type=int, default=256)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from cotune.data.records import load_samples
     from cotune.infer.adapters import AdapterSpec, load_model_with_adapters

@@ -291,3 +291,13 @@ def test_sampling_draws_from_transformers_nucleus(head):
     for row in range(3):
         tokens = {d[row] for d in drawn}
         assert all(kept[row, t] for t in tokens) and len(tokens) > 50
+
+
+def test_llava_candidates_over_a_shared_prefix_equal_generate(tiny_llava, prompt):
+    """A family without ``encode_images`` passes the pixels to the one prefill (image tokens in the text)."""
+    from cotune.models.load import load_base_model, load_processor
+
+    (model, family), processor = load_base_model(tiny_llava), load_processor(tiny_llava)
+    greedy_sampler = ModelSampler(model, processor, family, *prompt, TokenMeter(), 6, temperature=0)
+    reference = generate_ids(model, processor, family, [encode_prompt(processor, family, *prompt)], 6)
+    assert greedy_sampler([], None, 2) == reference * 2
