@@ -301,3 +301,19 @@ def test_llava_candidates_over_a_shared_prefix_equal_generate(tiny_llava, prompt
     greedy_sampler = ModelSampler(model, processor, family, *prompt, TokenMeter(), 6, temperature=0)
     reference = generate_ids(model, processor, family, [encode_prompt(processor, family, *prompt)], 6)
     assert greedy_sampler([], None, 2) == reference * 2
+
+
+def test_model_judge_keeps_a_stage_prefix_only_for_the_same_image(base, processor, prompt, shapes):
+    from cotune.data.records import load_samples
+
+    model, family = base
+    messages, image = prompt
+    other = load_samples(shapes["test"])[0][1].images[:1]
+    pairs = [("three shapes", "two shapes"), ("a red circle", "blue")]
+    judge = ModelJudge(model, processor, family, TokenMeter(), max_new_tokens=4)
+    judge("CAPTION", messages, image, "", pairs)
+    again = judge("CAPTION", messages, other, "", pairs)
+    fresh = ModelJudge(model, processor, family, TokenMeter(), max_new_tokens=4)
+    assert again == fresh("CAPTION", messages, other, "", pairs)
+    assert judge.transcript[2:] == fresh.transcript
+    assert judge.images.encodes == 2  # the second image was fed, not the first one's kept prefix

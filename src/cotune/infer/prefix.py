@@ -63,6 +63,11 @@ def appended(rows: Rows, row: int, ids: list[int]) -> dict:
     return {"input_ids": torch.tensor(ids, device=rows.mask.device), **piece}
 
 
+def same_inputs(a: dict, b: dict) -> bool:
+    """Whether two dicts of tensors hold the same keys and values."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 class ImageMemo:
     """Encodes a prompt's images once and hands the encoding out again for the same image inputs.
 
@@ -79,8 +84,7 @@ class ImageMemo:
     def __call__(self, images: dict) -> dict:
         if not images or self.family.encode_images is None:
             return images
-        same = self._key is not None and self._key.keys() == images.keys()
-        if not (same and all(torch.equal(self._key[k], v) for k, v in images.items())):
+        if self._key is None or not same_inputs(self._key, images):
             self._key, self._value = images, self.family.encode_images(self.model, images)
             self.encodes += 1
         return self._value

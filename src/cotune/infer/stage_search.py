@@ -54,6 +54,7 @@ from cotune.infer.prefix import (
     greedy,
     image_inputs,
     one_row,
+    same_inputs,
     sample_with,
 )
 from cotune.models.families import ModelFamily
@@ -145,7 +146,8 @@ class ModelJudge:
 
     The judging prompts of a stage share their beginning (the instruction, the question, the answer
     so far, up to the first response): it is fed once and kept for the stage's later rounds and the
-    logit fallback; each pair then feeds only its own part.
+    logit fallback; each pair then feeds only its own part. (Kept for the same tokens and image only;
+    a judge assumes the model and its adapter do not change between its calls: one judge per search.)
 
     Args:
         model, processor, family: the model that judges (normally the one that generated).
@@ -169,6 +171,7 @@ class ModelJudge:
         self.images = images or ImageMemo(model, family)
         self.transcript: list[dict] = []  # every comparison with the judge's words, for --verbose
         self._prefix: Rows | None = None  # the current stage's shared beginning, fed
+        self._prefix_images: dict = {}  # the image inputs it was fed with
 
     def _messages(self, stage, messages, context, a: str, b: str) -> list[dict]:
         text = judge_prompt(stage, question_text(messages), context, a, b)
@@ -202,12 +205,14 @@ class ModelJudge:
             family.image_token,
             family.tokens_per_image(self.processor),
         )
+        pictures = image_inputs(family, batches[0])
         kept = self._prefix.ids[0] if self._prefix is not None else None
-        if kept is None or not all(row[: len(kept)] == kept for row in ids):
+        fits = kept is not None and all(row[: len(kept)] == kept for row in ids)
+        if not (fits and same_inputs(pictures, self._prefix_images)):
             shared = min(_common_prefix([*ids, blank]), min(map(len, ids)) - 1)
-            extra = self.images(image_inputs(family, batches[0]))
             first = one_row(batches[0], 0, shared, keys)
-            self._prefix = feed(self.model, family, None, [first], extra, self.meter)
+            self._prefix = feed(self.model, family, None, [first], self.images(pictures), self.meter)
+            self._prefix_images = pictures
         base, start = self._prefix, len(self._prefix.ids[0])
         common = min(_common_prefix(ids), min(map(len, ids)) - 1)
         if len(items) > 1 and common > start:  # this round's pairs share more (first responses alike)
@@ -262,7 +267,8 @@ class ModelJudge:
         if ids_1[:-1] != ids_2[:-1]:  # a tokenizer that merges the digit with what precedes it
             return [0] * len(pairs)
         with evaluating(self.model):
-            fed = fed or self._rows(stage, messages, images, context, pairs)
+            if fed is None:
+                fed = self._rows(stage, messages, images, context, pairs)
             pieces = [appended(fed, b, ids_1[:-1]) for b in range(len(pairs))]
             rows = feed(self.model, self.family, fed, pieces, None, self.meter)
         self.meter.calls += 1
