@@ -12,10 +12,12 @@ decoded alone with the same generator (tests/test_stage_search.py), up to floati
 order.
 
 Example:
+    >>> batch = prompt_batch(model, processor, family, [encode_prompt(processor, family, messages, images)])
     >>> memo = ImageMemo(model, family)
-    >>> prefix = feed(model, family, None, [one_row(batch)], memo(image_inputs(family, batch)), meter)
-    >>> rows, gens = prefix.repeat(4), generators([1, 2, 3, 4], device)
-    >>> ids, _ = decode(model, family, rows, sample_with(0.7, 0.9, gens), 64, eos, None, meter)
+    >>> first = one_row(batch, keys=family.token_keys)
+    >>> prefix = feed(model, family, None, [first], memo(image_inputs(family, batch)), meter)
+    >>> pick = sample_with(0.7, 0.9, generators([1, 2, 3, 4], "cpu"))
+    >>> ids, _ = decode(model, prefix.repeat(4), pick, 64, family.end_of_turn_ids(tokenizer), None, meter)
 """
 
 from __future__ import annotations
