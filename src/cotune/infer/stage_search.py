@@ -5,13 +5,17 @@ CONCLUSION) sample N continuations of the reply so far in one batched call, each
 stage's closing tag; keep the winner of a knockout of pairwise comparisons judged by the model
 itself (a judging prompt per stage, with the image); continue from the winner.
 
-Differences from the reference demo: the N candidates are sampled in one batched ``generate`` call
-and each knockout round is judged in one batched call; a candidate without its stage's tags loses
-its match without being judged (the demo crashes); identical candidates are not judged; an answer
-of the judge that names no response is settled by comparing the logits of "1" and "2" after
-"I choose response ". Every call's prompt and generated tokens are counted (``TokenMeter``).
+Differences from the reference demo: the N candidates are decoded as one batch over their shared
+prefix (``cotune.infer.prefix``): the prompt is fed once per search, not once per candidate and
+stage, since each stage continues the winner's cache; each candidate draws from its own random
+stream (seeded from the global one, so ``seed`` reproduces a search), and equals the same candidate
+decoded alone. Each knockout round is judged in one batch over the judging prompt's shared beginning
+(fed once per stage); the image is encoded once per search. A candidate without its stage's tags
+loses its match without being judged (the demo crashes); identical candidates are not judged; an
+answer of the judge that names no response is settled by comparing the logits of "1" and "2" after
+"I choose response ". The tokens fed and generated are counted (``TokenMeter``).
 
-Best-of-N samples N complete replies in one call and picks one by the same knockout, judged on the
+Best-of-N samples N complete replies in one batch and picks one by the same knockout, judged on the
 whole reply; a reply that does not follow the four-stage format loses its match.
 
 Example:
@@ -28,14 +32,30 @@ from typing import Any, Protocol
 
 import torch
 
+from cotune.data.chat import prompt_ids
 from cotune.data.cot import STAGES, follows_format
 from cotune.infer.generate import (
+    StopOnText,
     TokenMeter,
     count_images,
     encode_prompt,
-    generate_ids,
+    model_device_dtype,
     prompt_batch,
     seeded,
+)
+from cotune.infer.prefix import (
+    ImageMemo,
+    Rows,
+    appended,
+    decode,
+    evaluating,
+    feed,
+    generators,
+    greedy,
+    image_inputs,
+    one_row,
+    same_inputs,
+    sample_with,
 )
 from cotune.models.families import ModelFamily
 
@@ -116,13 +136,24 @@ class Sampler(Protocol):
     def __call__(self, prefix: list[int], stop: str | None, n: int) -> list[list[int]]: ...
 
 
+def _common_prefix(rows: list[list[int]]) -> int:
+    n = min(len(r) for r in rows)
+    return next((i for i in range(n) if any(r[i] != rows[0][i] for r in rows)), n)
+
+
 class ModelJudge:
-    """The model judges its own candidates: one batched greedy call per knockout round.
+    """The model judges its own candidates: one batched greedy decoding per knockout round.
+
+    The judging prompts of a stage share their beginning (the instruction, the question, the answer
+    so far, up to the first response): it is fed once and kept for the stage's later rounds and the
+    logit fallback; each pair then feeds only its own part. (Kept for the same tokens and image only;
+    a judge assumes the model and its adapter do not change between its calls: one judge per search.)
 
     Args:
         model, processor, family: the model that judges (normally the one that generated).
         meter: counts the tokens the judging spends.
         max_new_tokens: length of the judge's answer ("Since ..., I choose response N.").
+        images: encodes the image (share the sampler's to encode it once per search).
     """
 
     def __init__(
@@ -132,38 +163,90 @@ class ModelJudge:
         family: ModelFamily,
         meter: TokenMeter,
         max_new_tokens: int = 64,
+        images: ImageMemo | None = None,
     ) -> None:
         self.model, self.processor, self.family = model, processor, family
         self.meter = meter
         self.max_new_tokens = max_new_tokens
+        self.images = images or ImageMemo(model, family)
         self.transcript: list[dict] = []  # every comparison with the judge's words, for --verbose
+        self._prefix: Rows | None = None  # the current stage's shared beginning, fed
+        self._prefix_images: dict = {}  # the image inputs it was fed with
+
+    def _messages(self, stage, messages, context, a: str, b: str) -> list[dict]:
+        text = judge_prompt(stage, question_text(messages), context, a, b)
+        content = [{"type": "image"} for _ in range(count_images(messages))] + [
+            {"type": "text", "text": text}
+        ]
+        return [{"role": "user", "content": content}]
 
     def _items(self, stage, messages, images, context, pairs, continuation=()) -> list[dict]:
-        n_images = count_images(messages)
-        question = question_text(messages)
-        items = []
-        for a, b in pairs:
-            text = judge_prompt(stage, question, context, a, b)
-            content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
-            judge_messages = [{"role": "user", "content": content}]
-            items.append(encode_prompt(self.processor, self.family, judge_messages, images, continuation))
-        return items
+        return [
+            encode_prompt(
+                self.processor,
+                self.family,
+                self._messages(stage, messages, context, a, b),
+                images,
+                continuation,
+            )
+            for a, b in pairs
+        ]
+
+    def _rows(self, stage, messages, images, context, pairs, continuation=()) -> Rows:
+        """The judging prompts of ``pairs`` fed as one batch after their shared beginning."""
+        family, keys = self.family, self.family.token_keys
+        items = self._items(stage, messages, images, context, pairs, continuation)
+        batches = [prompt_batch(self.model, self.processor, family, [item]) for item in items]
+        ids = [b["input_ids"][0].tolist() for b in batches]
+        # what every pair of this stage shares: up to where the prompt with empty responses differs
+        blank = prompt_ids(
+            self.processor,
+            self._messages(stage, messages, context, "", ""),
+            family.image_token,
+            family.tokens_per_image(self.processor),
+        )
+        pictures = image_inputs(family, batches[0])
+        kept = self._prefix.ids[0] if self._prefix is not None else None
+        fits = kept is not None and all(row[: len(kept)] == kept for row in ids)
+        if not (fits and same_inputs(pictures, self._prefix_images)):
+            shared = min(_common_prefix([*ids, blank]), min(map(len, ids)) - 1)
+            first = one_row(batches[0], 0, shared, keys)
+            self._prefix = feed(self.model, family, None, [first], self.images(pictures), self.meter)
+            self._prefix_images = pictures
+        base, start = self._prefix, len(self._prefix.ids[0])
+        common = min(_common_prefix(ids), min(map(len, ids)) - 1)
+        if len(items) > 1 and common > start:  # this round's pairs share more (first responses alike)
+            base = feed(
+                self.model,
+                family,
+                base.select([0]),
+                [one_row(batches[0], start, common, keys)],
+                None,
+                self.meter,
+            )
+            start = common
+        pieces = [one_row(b, start, None, keys) for b in batches]
+        return feed(self.model, family, base.repeat(len(items)), pieces, None, self.meter)
 
     def __call__(self, stage, messages, images, context, pairs) -> list[int]:
-        items = self._items(stage, messages, images, context, pairs)
-        rows = generate_ids(
-            self.model,
-            self.processor,
-            self.family,
-            items,
-            max_new_tokens=self.max_new_tokens,
-            meter=self.meter,
-        )
-        answers = self.processor.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        eos = self.family.end_of_turn_ids(self.processor.tokenizer)
+        with evaluating(self.model):
+            rows = self._rows(stage, messages, images, context, pairs)
+            outs, _ = decode(
+                self.model,
+                rows.select(list(range(len(pairs)))),
+                greedy,
+                self.max_new_tokens,
+                eos,
+                meter=self.meter,
+            )
+        self.meter.calls += 1
+        answers = self.processor.tokenizer.batch_decode(outs, skip_special_tokens=True)
         choices = [parse_choice(a) for a in answers]
         unclear = [k for k, c in enumerate(choices) if c is None]
         if unclear:
-            fallback = self.logit_choice(stage, messages, images, context, [pairs[k] for k in unclear])
+            unclear_pairs, fed = [pairs[k] for k in unclear], rows.select(unclear)
+            fallback = self.logit_choice(stage, messages, images, context, unclear_pairs, fed)
             for k, c in zip(unclear, fallback):
                 choices[k] = c
         for pair, answer, choice, k in zip(pairs, answers, choices, range(len(pairs))):
@@ -173,23 +256,40 @@ class ModelJudge:
         return choices
 
     @torch.no_grad()
-    def logit_choice(self, stage, messages, images, context, pairs) -> list[int]:
-        """Continues "I choose response " and compares the next-token logits of "1" and "2"."""
+    def logit_choice(self, stage, messages, images, context, pairs, fed: Rows | None = None) -> list[int]:
+        """Continues "I choose response " and compares the next-token logits of "1" and "2".
+
+        ``fed``: the pairs' judging prompts already fed (``__call__`` passes what it judged from).
+        """
         tokenizer = self.processor.tokenizer
         ids_1 = tokenizer("I choose response 1", add_special_tokens=False)["input_ids"]
         ids_2 = tokenizer("I choose response 2", add_special_tokens=False)["input_ids"]
         if ids_1[:-1] != ids_2[:-1]:  # a tokenizer that merges the digit with what precedes it
             return [0] * len(pairs)
-        items = self._items(stage, messages, images, context, pairs, continuation=ids_1[:-1])
-        batch = prompt_batch(self.model, self.processor, self.family, items)
-        logits = self.model(**batch, use_cache=False).logits[:, -1].float()
-        self.meter.prompt += int(batch["attention_mask"].sum())
+        with evaluating(self.model):
+            if fed is None:
+                fed = self._rows(stage, messages, images, context, pairs)
+            pieces = [appended(fed, b, ids_1[:-1]) for b in range(len(pairs))]
+            rows = feed(self.model, self.family, fed, pieces, None, self.meter)
         self.meter.calls += 1
-        return [int(row[ids_2[-1]] > row[ids_1[-1]]) for row in logits]
+        return [int(row[ids_2[-1]] > row[ids_1[-1]]) for row in rows.logits]
 
 
 class ModelSampler:
-    """Samples continuations of a partial reply from the model, all in one batched call."""
+    """Samples continuations of a partial reply from the model, as one batch over their shared prefix.
+
+    The prompt and the reply so far are fed once as one row whose cache the ``n`` candidates copy;
+    candidate i draws from its own generator, seeded from torch's global random stream (``seeds``
+    keeps the last call's), so that a candidate does not depend on the others. The candidates are
+    kept as they ended: a later call that continues one of them (the stage search continues the
+    winner) feeds only what that candidate has not been fed yet.
+
+    Args:
+        model, processor, family, messages, images: the model and the conversation before the reply.
+        meter: counts the tokens spent.
+        max_new_tokens, temperature, top_p: per candidate (temperature 0: greedy).
+        images_memo: encodes the image (share the judge's to encode it once per search).
+    """
 
     def __init__(
         self,
@@ -202,26 +302,55 @@ class ModelSampler:
         max_new_tokens: int = 256,
         temperature: float = 0.7,
         top_p: float = 0.9,
+        images_memo: ImageMemo | None = None,
     ) -> None:
         self.model, self.processor, self.family = model, processor, family
         self.messages, self.images = messages, images
         self.meter = meter
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.images_memo = images_memo or ImageMemo(model, family)
+        self.seeds: list[int] = []
+        self._ended: list[Rows | None] = []  # the last call's candidates as they ended
+
+    def _resume(self, ids: list[int]) -> Rows | None:
+        """A copy of the longest kept candidate whose fed ids begin ``ids``."""
+        fits = [r for r in self._ended if r is not None and ids[: len(r.ids[0])] == r.ids[0]]
+        return max(fits, key=lambda r: len(r.ids[0])).select([0]) if fits else None
 
     def __call__(self, prefix: list[int], stop: str | None, n: int) -> list[list[int]]:
+        tokenizer, keys = self.processor.tokenizer, self.family.token_keys
         item = encode_prompt(self.processor, self.family, self.messages, self.images, prefix)
-        return generate_ids(
-            self.model,
-            self.processor,
-            self.family,
-            [item] * n,
-            max_new_tokens=self.max_new_tokens,
-            do_sample=True,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            stop_strings=[stop] if stop else None,
-            meter=self.meter,
+        batch = prompt_batch(self.model, self.processor, self.family, [item])
+        ids = batch["input_ids"][0].tolist()
+        self.seeds = torch.randint(0, 2**63 - 1, (n,)).tolist()
+        pick = sample_with(
+            self.temperature, self.top_p, generators(self.seeds, model_device_dtype(self.model)[0])
         )
+        stop_at = None
+        if stop:
+            criterion = StopOnText(tokenizer, [stop], prompt_len=0)
+            stop_at = lambda row: bool(criterion(torch.tensor([row]), None)[0])  # noqa: E731
+        eos = self.family.end_of_turn_ids(tokenizer)
+        with evaluating(self.model):
+            rows = self._resume(ids)
+            if rows is None:
+                extra = self.images_memo(image_inputs(self.family, batch))
+                rows = feed(self.model, self.family, None, [one_row(batch, 0, None, keys)], extra, self.meter)
+            elif len(rows.ids[0]) < len(ids):  # its last token, counted when it was generated
+                self.meter.prompt += len(ids) - len(rows.ids[0]) - 1
+                rows = feed(self.model, self.family, rows, [one_row(batch, len(rows.ids[0]), None, keys)])
+            out, self._ended = decode(
+                self.model,
+                rows.repeat(n),
+                pick,
+                self.max_new_tokens,
+                eos,
+                stop_at,
+                self.meter,
+                keep_final=True,
+            )
+        self.meter.calls += 1
+        return out
 
 
 @dataclass
@@ -298,10 +427,10 @@ def stage_search(
     Returns:
         The reply, every stage's candidates and winner, and the tokens spent.
     """
-    meter = TokenMeter()
-    judge = judge or ModelJudge(model, processor, family, meter)
+    meter, memo = TokenMeter(), ImageMemo(model, family)
+    judge = judge or ModelJudge(model, processor, family, meter, images=memo)
     sampler = sampler or ModelSampler(
-        model, processor, family, messages, images, meter, max_new_tokens, temperature, top_p
+        model, processor, family, messages, images, meter, max_new_tokens, temperature, top_p, memo
     )
     tokenizer = processor.tokenizer
     eos = set(family.end_of_turn_ids(tokenizer))
@@ -337,15 +466,15 @@ def best_of_n(
     judge: Judge | None = None,
     sampler: Sampler | None = None,
 ) -> SearchResult:
-    """Samples ``n`` complete replies in one call and keeps the knockout winner (model-judged).
+    """Samples ``n`` complete replies in one batch and keeps the knockout winner (model-judged).
 
     A reply that does not follow the four-stage format loses its match; the judge compares whole
     replies ("which response answers the question better"). Arguments as in ``stage_search``.
     """
-    meter = TokenMeter()
-    judge = judge or ModelJudge(model, processor, family, meter)
+    meter, memo = TokenMeter(), ImageMemo(model, family)
+    judge = judge or ModelJudge(model, processor, family, meter, images=memo)
     sampler = sampler or ModelSampler(
-        model, processor, family, messages, images, meter, max_new_tokens, temperature, top_p
+        model, processor, family, messages, images, meter, max_new_tokens, temperature, top_p, memo
     )
     tokenizer = processor.tokenizer
     with seeded(seed):
