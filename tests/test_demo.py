@@ -36,11 +36,17 @@ def test_verdict_names_each_missed_target():
 
 
 def _workdir_with(model_dir, shapes, tmp_path):
-    """A demo folder holding the session's tiny model and data: the demo reuses what it finds in place."""
+    """A demo folder holding the session's tiny model and data, the data marked as the demo's own:
+    the demo reuses what it finds in place."""
+    import shutil
+
+    from cotune.run_demo import DATA_MARKER, DEMO_DATA
+
     workdir = tmp_path / "demo"
     workdir.mkdir()
     (workdir / "tiny").symlink_to(model_dir)
-    (workdir / "data").symlink_to(shapes["train"].parent)
+    shutil.copytree(shapes["train"].parent, workdir / "data")
+    (workdir / "data" / DATA_MARKER).write_text(json.dumps(DEMO_DATA))
     return workdir
 
 
@@ -82,7 +88,7 @@ def test_demo_without_validation_reports_instead_of_crashing(tiny_mllama, shapes
 
 def test_demo_rebuilds_a_tiny_model_from_an_older_builder(tmp_path):
     from cotune.demo.tiny import BUILD_MARKER, is_current_build
-    from cotune.run_demo import prepare_demo
+    from cotune.run_demo import DATA_MARKER, DEMO_DATA, prepare_demo
 
     old = tmp_path / "tiny"
     old.mkdir()
@@ -91,13 +97,32 @@ def test_demo_rebuilds_a_tiny_model_from_an_older_builder(tmp_path):
     (old / BUILD_MARKER).write_text('{"builder_version": 1}')
     assert not is_current_build(old)
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "train.jsonl").write_text("")  # existing data are kept as they are
+    (tmp_path / "data" / "train.jsonl").write_text("")  # data marked as this recipe's are kept as they are
+    (tmp_path / "data" / DATA_MARKER).write_text(json.dumps(DEMO_DATA))
     logs = []
     model_dir, data_dir = prepare_demo(tmp_path, n_test=4, log=logs.append)
     assert model_dir == old and is_current_build(old) and (old / "model.safetensors").is_file()
     assert json.loads((old / "config.json").read_text())["model_type"] == "mllama"
     assert logs == [f"building the tiny Mllama in {old}"]
     assert (data_dir / "train.jsonl").read_text() == ""
+
+
+def test_demo_rewrites_data_made_for_another_recipe(tmp_path, monkeypatch):
+    import cotune.run_demo as run_demo
+
+    monkeypatch.setattr(run_demo, "DEMO_DATA", {**run_demo.DEMO_DATA, "n_train": 3})
+    monkeypatch.setattr(run_demo, "is_current_build", lambda _: True)  # the model is not the point here
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("")
+    (data / run_demo.DATA_MARKER).write_text(json.dumps({**run_demo.DEMO_DATA, "radius": 0.01}))
+    logs = []
+    run_demo.prepare_demo(tmp_path, n_test=2, log=logs.append)
+    assert logs == [f"writing the synthetic LLaVA-CoT dataset to {data}"]
+    assert len((data / "train.jsonl").read_text().splitlines()) == 3 and run_demo.is_current_data(data)
+    logs.clear()
+    run_demo.prepare_demo(tmp_path, n_test=2, log=logs.append)  # now current: reused
+    assert logs == []
 
 
 @pytest.mark.slow
