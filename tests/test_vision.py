@@ -16,10 +16,11 @@ from cotune.config import load_config
 from cotune.data.records import load_samples
 from cotune.demo.synthetic import COLOURS, write_synthetic_dataset
 from cotune.eval.ablation import derangement, with_blank_images, with_shuffled_images
-from cotune.run_demo import DEMO_CONFIG
+from cotune.run_demo import DEMO_CONFIG, DEMO_DATA
 from cotune.train.loop import finetune
 
-COLOUR_ONLY = dict(tasks=("colour",), max_shapes=1, multiple_choice_rate=0.0, follow_up_rate=0.0)
+# the demo's pictures (one large shape on a one-tile picture), every question on the colour
+COLOUR_ONLY = {**{k: v for k, v in DEMO_DATA.items() if k != "n_train"}, "tasks": ("colour",), "follow_up_rate": 0.0}
 
 
 def test_derangement_never_keeps_a_sample_in_place():
