@@ -34,8 +34,9 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests bench
 
 bench: $(STAMP)
-	$(PY) -c 'import accelerate' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
+	$(PY) -c 'import accelerate, fastapi, uvicorn, httpx' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/data.py
+	$(PY) bench/serve.py
 	$(PY) bench/train_bench.py  # last: its last line is the LoRA throughput/memory ratio line, after the QLoRA one
 
 clean:

@@ -16,13 +16,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cotune.infer.adapters import load_model_with_adapters, parse_adapter_specs, use_adapter
+from cotune.infer.generate import encode_prompt, generate_ids, user_message
+from helpers import make_adapter
+
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
-
-from cotune.infer.adapters import load_model_with_adapters, parse_adapter_specs  # noqa: E402
-from cotune.infer.generate import encode_prompt, generate_ids, user_message  # noqa: E402
-from cotune.infer.adapters import use_adapter  # noqa: E402
-from helpers import make_adapter  # noqa: E402
 
 KEY = "test-key-123"
 BASE = "tiny-mllama"

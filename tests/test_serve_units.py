@@ -1,0 +1,89 @@
+"""cotune serve's pieces without a server: stop strings, the llava-cot split, request checks, the queue."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from cotune.serve.engine import Engine, Job, QueueFull
+from cotune.serve.protocol import APIError, Limits, check_length, parse_chat_request
+from cotune.serve.reasoning import ReasoningStream, split_llava_cot
+from cotune.serve.sampling import Sampling, StopText
+
+
+def test_stop_text_holds_back_a_possible_stop_and_cuts_at_it():
+    pieces = ["Hel", "lo <", "/E", "ND> tail"]
+    text = StopText(lambda ids: "".join(pieces[: len(ids)]), ("</END>",))
+    sent = [text.add(k) for k in range(len(pieces))]
+    assert sent == ["Hel", "lo ", "", ""] and text.stopped and text.text == "Hello "
+    plain = StopText(lambda ids: "".join(pieces[: len(ids)]), ())
+    assert "".join(plain.add(k) for k in range(4)) + plain.flush() == "".join(pieces)
+
+
+REPLY = "<SUMMARY>s</SUMMARY>\n<CAPTION>c</CAPTION>\n<REASONING>r</REASONING>\n<CONCLUSION>B</CONCLUSION>"
+
+
+@pytest.mark.parametrize(
+    "reply", [REPLY, "no stages here", "<SUMMARY>cut short", "<SUMMARY>s</SUMMARY><CONCLUSION>A"]
+)
+def test_llava_cot_split_streamed_in_any_pieces_equals_the_whole(reply):
+    whole = split_llava_cot(reply)
+    for size in (1, 3, 7):
+        stream, got = ReasoningStream(), ["", ""]
+        pieces = [reply[i : i + size] for i in range(0, len(reply), size)]
+        for k, piece in enumerate(pieces):
+            r, c = stream.add(piece, final=k == len(pieces) - 1)
+            got = [got[0] + r, got[1] + c]
+        assert tuple(got) == whole, size
+    if reply == REPLY:
+        assert whole[1] == "B" and whole[0].startswith("<SUMMARY>") and "</REASONING>" in whole[0]
+    if reply == "no stages here":
+        assert whole == ("", reply)
+
+
+def test_request_checks_name_the_field_and_fit_the_context():
+    limits = Limits(max_model_len=100, default_max_tokens=64)
+    with pytest.raises(APIError) as e:
+        parse_chat_request({"model": "a", "messages": [{"role": "user", "content": 5}]}, limits)
+    assert e.value.param == "messages[0].content"
+    request = parse_chat_request({"model": "a", "messages": [{"role": "user", "content": "hi"}]}, limits)
+    check_length(request, 60, limits)
+    assert request.sampling.max_tokens == 40  # the default shrinks to what fits
+    given = parse_chat_request(
+        {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}, limits
+    )
+    with pytest.raises(APIError) as e:
+        check_length(given, 60, limits)
+    assert e.value.param == "max_tokens" and e.value.status == 400
+
+
+def test_the_queue_is_bounded(base, processor):
+    model, family = base
+    engine = Engine(
+        model, processor, family, max_batch=1, max_queue=2
+    )  # not started: nothing leaves the queue
+    item = {"input_ids": __import__("torch").tensor([1, 2, 3])}
+    for _ in range(2):
+        engine.submit(Job(item, "none", Sampling(), emit=lambda e: None))
+    with pytest.raises(QueueFull):
+        engine.submit(Job(item, "none", Sampling(), emit=lambda e: None))
+
+
+def test_a_full_queue_is_a_503_with_retry_after(base, processor):
+    from cotune.serve import completions
+    from cotune.serve.state import ServerState
+
+    model, family = base
+    engine = Engine(model, processor, family, max_batch=1, max_queue=1)
+    state = ServerState(engine=engine, base_id="tiny")
+    request = parse_chat_request({"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}, Limits())
+    item = {"input_ids": __import__("torch").tensor([1, 2, 3])}
+
+    async def two():
+        completions.submit(state, request, "none", item)
+        completions.submit(state, request, "none", item)
+
+    with pytest.raises(APIError) as e:
+        asyncio.run(two())
+    assert e.value.status == 503 and e.value.headers["Retry-After"] == "1"
