@@ -87,3 +87,32 @@ def test_a_full_queue_is_a_503_with_retry_after(base, processor):
     with pytest.raises(APIError) as e:
         asyncio.run(two())
     assert e.value.status == 503 and e.value.headers["Retry-After"] == "1"
+
+
+def test_a_request_past_its_time_limit_ends_with_504_and_leaves_the_batch(base, processor):
+    import torch
+
+    model, family = base
+    engine = Engine(model, processor, family)
+    events: list[dict] = []
+    item = {"input_ids": torch.tensor([128000, 882, 271, 300, 301])}
+    job = Job(item, "none", Sampling(max_tokens=50, temperature=0), emit=events.append, timeout_s=3600)
+    engine.submit(job)
+    engine._admit()
+    engine._step()
+    assert len(engine.choices) == 1 and engine.rows is not None
+    job.timeout_s = 0.0
+    engine._step()
+    assert engine.choices == [] and engine.rows is None
+    assert events[-1]["type"] == "error" and events[-1]["status"] == 504
+
+
+def test_serve_takes_the_use_commands_options(tmp_path):
+    from cotune.config import parse_args
+
+    argv = ["--model_name", "m", "--adapter", "a=x", "--adapter", "b=y", "--quantization", "4bit"]
+    argv += ["--api-key", "K", "--host", "0.0.0.0", "--reasoning-parser", "llava-cot", "--port", "9001"]
+    cfg = parse_args("serve", argv).options
+    assert cfg.adapter == ["a=x", "b=y"] and cfg.quantization == "4bit"
+    assert (cfg.serve.api_key, cfg.serve.host, cfg.serve.port) == ("K", "0.0.0.0", 9001)
+    assert cfg.serve.reasoning_parser == "llava-cot"

@@ -37,6 +37,11 @@ from cotune.serve.sampling import Sampling, StopText, pick, token_logprobs
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
+def _timeout(job) -> dict:
+    message = f"the request ran past its time limit of {job.timeout_s:g} s (--request_timeout)"
+    return {"type": "error", "status": 504, "message": message, "code": "timeout"}
+
+
 class QueueFull(Exception):
     """The waiting queue is at its limit (the HTTP layer answers 503 with Retry-After)."""
 
@@ -187,6 +192,9 @@ class Engine:
                 self.metrics.queue_depth = len(self.waiting)
             if job.cancelled.is_set():
                 continue
+            if job.expired():
+                self._emit(job, _timeout(job))
+                continue
             try:
                 rows, logits = self._prefill(job)
             except Exception as e:
@@ -309,8 +317,7 @@ class Engine:
                 self.metrics.add("requests_cancelled", 1)
             elif job.expired():
                 choice.done = True
-                message = f"the request ran past its time limit of {job.timeout_s:g} s"
-                self._emit(job, {"type": "error", "status": 504, "message": message, "code": "timeout"})
+                self._emit(job, _timeout(job))
         self._drop_finished()
 
     def _drop_finished(self) -> None:

@@ -71,7 +71,7 @@ def build_state(cfg: Any) -> ServerState:
     limits = Limits(
         max_images=serve.max_images,
         max_image_pixels=serve.max_image_pixels,
-        max_n=serve.max_n,
+        max_n=min(serve.max_n, serve.max_batch_size),  # n rows must fit in one batch
         max_model_len=serve.max_model_len or int(text_config.max_position_embeddings),
         default_max_tokens=serve.default_max_tokens,
         allowed_media_dir=serve.allowed_media_dir,
