@@ -13,7 +13,7 @@ tokens/s, p50/p95 latency per concurrency, the server's peak resident memory (Vm
 size, and ends with the line ``serve_throughput_ratio=<tokens/s at 16 / at 1> p95_latency_s=<at 16>``.
 
 Usage:
-    python bench/serve.py [--requests 32] [--clients 16] [--max-tokens 48]
+    python bench/serve.py [--requests 32] [--clients 16] [--max-tokens 48] [--device cpu]
 """
 
 from __future__ import annotations
@@ -91,8 +91,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, adapters: dict[str, str], port: int) -> subprocess.Popen:
+def start_server(model_dir: Path, adapters: dict[str, str], port: int, device: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "cotune", "serve", "--model_name", str(model_dir), "--port", str(port)]
+    command += ["--device", device, "--torch_dtype", "fp32"]
     command += [a for name, path in adapters.items() for a in ("--adapter", f"{name}={path}")]
     command += ["--api_key", KEY, "--max_batch_size", "32"]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -160,6 +161,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--device", default="cpu", help="where the server runs the model (fp32)")
     args = parser.parse_args()
     import httpx
 
@@ -172,7 +174,7 @@ def main() -> int:
         }
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        proc = start_server(model_dir, adapters, port)
+        proc = start_server(model_dir, adapters, port, args.device)
         try:
             wait_until_up(proc, url)
             headers = {"Authorization": f"Bearer {KEY}"}

@@ -1,5 +1,6 @@
 """cotune serve end to end: a real server on a free port (the tiny Mllama, two different adapters),
-talked to with the official openai client."""
+talked to with the official openai client. Server and reference run in fp32 on the CPU, where a
+batched row's greedy tokens equal the row's alone (bf16 on a GPU may break near-ties differently)."""
 
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def server(tiny_mllama, adapters):
         "--adapter", f"a={adapters['a']}", "--adapter", f"b={adapters['b']}",
         "--port", str(port), "--api_key", KEY, "--reasoning_parser", "llava-cot",
         "--max_model_len", "512", "--max_images", "2", "--max_image_pixels", "250000",
-        "--max_body_mb", "1", "--max_batch_size", "16",
+        "--max_body_mb", "1", "--max_batch_size", "16", "--device", "cpu", "--torch_dtype", "fp32",
     ]  # fmt: skip
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
@@ -100,7 +101,7 @@ def client(server):
 def reference(tiny_mllama, adapters):
     """The library's generation (what `cotune generate` runs) with the same adapters, in this process."""
     specs = parse_adapter_specs([f"a={adapters['a']}", f"b={adapters['b']}"])
-    model, processor, family = load_model_with_adapters(str(tiny_mllama), specs)
+    model, processor, family = load_model_with_adapters(str(tiny_mllama), specs, "fp32", "cpu")
 
     def answer(adapter: str, text: str, images: list, max_tokens: int) -> list[int]:
         item = encode_prompt(processor, family, [user_message(text, len(images))], images)
