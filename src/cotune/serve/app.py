@@ -23,6 +23,22 @@ from cotune.serve.state import ServerState
 OPEN_PATHS = ("/health",)
 
 
+class JobStream(StreamingResponse):
+    """A streamed reply that cancels its job however the response ends: the client going away ends
+    it with an exception, and the event generator's own ``finally`` would wait for the garbage
+    collector."""
+
+    def __init__(self, job, content, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.job = job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancelled.set()  # a no-op once the job is done
+
+
 def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
@@ -44,7 +60,7 @@ async def read_json(request: Request, limit: int) -> Any:
         chunks.append(chunk)
     try:
         return json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise APIError(400, "the body is not valid JSON", None, "invalid_json") from None
 
 
@@ -76,7 +92,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
-        return error_response(APIError(error.status_code, str(error.detail), None, "not_found"))
+        code = "not_found" if error.status_code == 404 else None
+        return error_response(APIError(error.status_code, str(error.detail), None, code))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception):
@@ -117,7 +134,8 @@ def create_app(state: ServerState) -> FastAPI:
             return await run_search(state, body, adapter, item, images)
         job, events = completions.submit(state, body, adapter, item)
         if body.stream:
-            return StreamingResponse(
+            return JobStream(
+                job,
                 completions.stream(state, body, job, events),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},

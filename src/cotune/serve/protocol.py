@@ -77,12 +77,12 @@ def _number(body: dict, name: str, default: float, low: float, high: float, inte
     return value
 
 
-def _bool(body: dict, name: str) -> bool:
+def _bool(body: dict, name: str, prefix: str = "") -> bool:
     value = body.get(name, False)
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise APIError(400, f"'{name}' must be true or false", name)
+        raise APIError(400, f"'{prefix}{name}' must be true or false", prefix + name)
     return value
 
 
@@ -188,7 +188,7 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
         sampling=sampling,
         n=_number(body, "n", 1, 1, limits.max_n, integer=True),
         stream=_bool(body, "stream"),
-        include_usage=bool(options and _bool(options, "include_usage")),
+        include_usage=bool(options and _bool(options, "include_usage", "stream_options.")),
         max_tokens_given=bool(max_tokens),
         search=search,
         beam_size=beam_size,
