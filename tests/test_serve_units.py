@@ -116,3 +116,25 @@ def test_serve_takes_the_use_commands_options(tmp_path):
     assert cfg.adapter == ["a=x", "b=y"] and cfg.quantization == "4bit"
     assert (cfg.serve.api_key, cfg.serve.host, cfg.serve.port) == ("K", "0.0.0.0", 9001)
     assert cfg.serve.reasoning_parser == "llava-cot"
+
+
+def test_each_image_is_encoded_once_per_request_whatever_n_and_the_reply_length(base, processor, prompt):
+    from cotune.infer.generate import encode_prompt
+
+    model, family = base
+    messages, images = prompt
+    calls = []
+    hook = model.model.vision_model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        engine = Engine(model, processor, family)
+        events: list[dict] = []
+        item = encode_prompt(processor, family, messages, images)
+        engine.submit(Job(item, "none", Sampling(max_tokens=6, temperature=0), emit=events.append, n=2))
+        while not any(e["type"] == "done" for e in events):
+            engine._admit()
+            if engine.choices:
+                engine._step()
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+    assert sum(e["type"] == "finish" for e in events) == 2

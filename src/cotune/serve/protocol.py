@@ -59,7 +59,7 @@ class ChatRequest:
     n: int = 1
     stream: bool = False
     include_usage: bool = False
-    max_tokens_given: bool = False
+    max_tokens_given: str = ""  # the field that set max_tokens, if one did
     search: str = "none"
     beam_size: int = 4
     extra: dict = field(default_factory=dict)
@@ -189,7 +189,7 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
         n=_number(body, "n", 1, 1, limits.max_n, integer=True),
         stream=_bool(body, "stream"),
         include_usage=bool(options and _bool(options, "include_usage", "stream_options.")),
-        max_tokens_given=bool(max_tokens),
+        max_tokens_given=given if max_tokens else "",
         search=search,
         beam_size=beam_size,
     )
@@ -209,8 +209,8 @@ def check_length(request: ChatRequest, prompt_tokens: int, limits: Limits) -> No
         if request.max_tokens_given:
             raise APIError(
                 400,
-                f"prompt ({prompt_tokens} tokens) + max_tokens ({request.sampling.max_tokens}) is over the "
+                f"prompt ({prompt_tokens} tokens) + {request.max_tokens_given} ({request.sampling.max_tokens}) is over the "
                 f"context of {limits.max_model_len} tokens",
-                "max_tokens",
+                request.max_tokens_given,
             )
         request.sampling.max_tokens = room
