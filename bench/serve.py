@@ -10,7 +10,8 @@ an image) three ways through that one server:
 
 Every concurrent answer must equal its sequential one (exit 1 otherwise). It prints generated
 tokens/s, p50/p95 latency per concurrency, the server's peak resident memory (VmHWM) and peak batch
-size, and ends with the line ``serve_throughput_ratio=<tokens/s at 16 / at 1> p95_latency_s=<at 16>``.
+size (and tokens per second of the server's CPU time, which other load on the machine barely
+moves), and ends with the line ``serve_throughput_ratio=<tokens/s at 16 / at 1> p95_latency_s=<at 16>``.
 
 Usage:
     python bench/serve.py [--requests 32] [--clients 16] [--max-tokens 48] [--device cpu]
@@ -115,8 +116,14 @@ def wait_until_up(proc: subprocess.Popen, url: str, timeout: float = 120) -> Non
     raise RuntimeError(f"the server did not come up in {timeout:.0f} s")
 
 
-def run(client, bodies: list[dict], clients: int) -> dict:
-    """Sends ``bodies`` from ``clients`` threads; answers, latencies, tokens/s."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (a figure the machine's other load barely moves)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run(client, bodies: list[dict], clients: int, pid: int) -> dict:
+    """Sends ``bodies`` from ``clients`` threads; answers, latencies, tokens/s, tokens per server CPU-s."""
 
     def one(body: dict) -> tuple[str, int, float]:
         start = time.perf_counter()
@@ -129,10 +136,10 @@ def run(client, bodies: list[dict], clients: int) -> dict:
             time.perf_counter() - start,
         )
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds(pid)
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(one, bodies))
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, cpu_seconds(pid) - cpu
     latencies = sorted(r[2] for r in results)
     tokens = sum(r[1] for r in results)
     return {
@@ -140,6 +147,7 @@ def run(client, bodies: list[dict], clients: int) -> dict:
         "tokens": tokens,
         "elapsed": elapsed,
         "tokens_per_s": tokens / elapsed,
+        "tokens_per_cpu_s": tokens / max(cpu, 1e-9),
         "p50": statistics.median(latencies),
         "p95": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))],
     }
@@ -180,8 +188,8 @@ def main() -> int:
             headers = {"Authorization": f"Bearer {KEY}"}
             with httpx.Client(base_url=url, headers=headers, timeout=600) as client:
                 bodies = requests_for(args.requests, args.max_tokens)
-                run(client, bodies[:3], 1)  # warm-up
-                results = {c: run(client, bodies, c) for c in sorted({1, 4, args.clients})}
+                run(client, bodies[:3], 1, proc.pid)  # warm-up
+                results = {c: run(client, bodies, c, proc.pid) for c in sorted({1, 4, args.clients})}
                 metrics = client.get("/metrics").text
             peak_mib = peak_rss_mib(proc.pid)
         finally:
@@ -200,7 +208,8 @@ def main() -> int:
         same = sum(a == b for a, b in zip(r["answers"], sequential["answers"]))
         mismatches += len(r["answers"]) - same
         print(
-            f"{clients:>8} {r['tokens']:>7} {r['elapsed']:>8.2f} {r['tokens_per_s']:>9.1f} {r['p50']:>7.3f} "
+            f"{clients:>8} {r['tokens']:>7} {r['elapsed']:>8.2f} {r['tokens_per_s']:>9.1f} "
+            f"{r['tokens_per_cpu_s']:>10.1f} {r['p50']:>7.3f} "
             f"{r['p95']:>7.3f} {same:>6}/{len(r['answers'])}"
         )
     print(
