@@ -66,6 +66,7 @@ def server(tiny_mllama, adapters):
         "--port", str(port), "--api_key", KEY, "--reasoning_parser", "llava-cot",
         "--max_model_len", "512", "--max_images", "2", "--max_image_pixels", "250000",
         "--max_body_mb", "1", "--max_batch_size", "16", "--device", "cpu", "--torch_dtype", "fp32",
+        "--num_threads", "1",
     ]  # fmt: skip
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"

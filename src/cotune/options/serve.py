@@ -45,11 +45,19 @@ class ServeOptions:
         0, "Longest prompt + max_tokens in tokens (0: the model's max_position_embeddings)."
     )
     default_max_tokens: int = opt(256, "Reply length when a request gives no max_tokens.", positive=True)
+    num_threads: int = opt(
+        0,
+        "CPU threads for the model's operations (torch.set_num_threads; 0: torch's default, one per core). "
+        "On a small or shared machine 1 often serves fastest: a small operation split over threads waits "
+        "for the slowest of them at every step.",
+    )
     request_timeout: float = opt(
         600.0, "Seconds a request may take from arrival to its last token (504 beyond).", positive=True
     )
 
 
 def check_serve(obj: ServeOptions, prefix: str) -> None:
+    if obj.num_threads < 0:
+        raise ConfigError(f"option '{prefix}num_threads' must be 0 or positive; got {obj.num_threads}")
     if obj.max_model_len < 0:
         raise ConfigError(f"option '{prefix}max_model_len' must be 0 or positive; got {obj.max_model_len}")

@@ -32,7 +32,7 @@ from cotune.infer.generate import model_device_dtype
 from cotune.models.families import ModelFamily
 from cotune.serve.batch import Rows, merge, repeat_rows, select
 from cotune.serve.metrics import Metrics
-from cotune.serve.sampling import Sampling, StopText, pick, token_logprobs
+from cotune.serve.sampling import Sampling, StopText, greedy, pick, token_logprobs
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -203,8 +203,9 @@ class Engine:
             self.metrics.add("prompt_tokens", job.prompt_tokens)
             choices = [self._new_choice(job, k) for k in range(job.n)]
             rows = repeat_rows(rows, job.n)
+            best = greedy(logits)[0]
             for choice, row_logits in zip(choices, logits.expand(job.n, -1)):
-                self._accept(choice, row_logits)
+                self._accept(choice, row_logits, best)
             self.rows = merge(self.rows, rows)
             self.choices += choices
             self._drop_finished()
@@ -261,14 +262,15 @@ class Engine:
         )  # fmt: skip
         rows.advance()
         logits = out.logits[:, -1].float()
-        for choice, row_logits in zip(self.choices, logits):
-            self._accept(choice, row_logits)
+        for choice, row_logits, best in zip(self.choices, logits, greedy(logits)):
+            self._accept(choice, row_logits, best)
         self._drop_finished()
 
-    def _accept(self, choice: Choice, logits: torch.Tensor) -> None:
-        """Picks the row's next token and tells its client; ends the row where the reply ends."""
+    def _accept(self, choice: Choice, logits: torch.Tensor, best: int) -> None:
+        """Picks the row's next token (``best``: its greedy one) and tells its client; ends the row
+        where the reply ends."""
         sampling = choice.job.sampling
-        token = pick(logits, sampling, choice.generator)
+        token = pick(logits, sampling, choice.generator, best)
         if token in self.eos:
             return self._finish(choice, "stop")
         choice.last, choice.count = token, choice.count + 1

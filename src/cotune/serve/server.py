@@ -61,6 +61,10 @@ def build_state(cfg: Any) -> ServerState:
             raise ConfigError(
                 f"--adapter {spec.name}: a name of letters, digits, '.', '_', '-' other than {base_id}"
             )
+    if serve.num_threads:
+        import torch
+
+        torch.set_num_threads(serve.num_threads)
     model, processor, family = load_model_with_adapters(
         cfg.model_name, specs, cfg.torch_dtype, cfg.device, cfg.tokenizer_name,
         cfg.quantization, cfg.quantization_config,
