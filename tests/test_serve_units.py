@@ -138,3 +138,22 @@ def test_each_image_is_encoded_once_per_request_whatever_n_and_the_reply_length(
         hook.remove()
     assert len(calls) == 1
     assert sum(e["type"] == "finish" for e in events) == 2
+
+
+def test_files_only_inside_the_allowed_media_dir(tmp_path):
+    from PIL import Image
+
+    from cotune.serve.media import load_image_url
+
+    media, outside = tmp_path / "media", tmp_path / "secret.png"
+    media.mkdir()
+    Image.new("RGB", (8, 8)).save(media / "a.png")
+    Image.new("RGB", (8, 8)).save(outside)
+    assert load_image_url("file://a.png", "p", 10_000, str(media)).size == (8, 8)
+    assert load_image_url(str(media / "a.png"), "p", 10_000, str(media)).size == (8, 8)
+    for url in ("../secret.png", str(outside), "file:///etc/passwd", "http://x/a.png"):
+        with pytest.raises(APIError) as e:
+            load_image_url(url, "p", 10_000, str(media))
+        assert e.value.status == 400 and e.value.param == "p"
+    with pytest.raises(APIError):  # no media dir: no file at all
+        load_image_url(str(media / "a.png"), "p", 10_000, "")
