@@ -280,6 +280,7 @@ BAD = [  # (name, body or raw bytes, status, param)
     ("stop", {"model": "a", "messages": _user(TEXT), "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("top_logprobs alone", {"model": "a", "messages": _user(TEXT), "top_logprobs": 2}, 400, "top_logprobs"),
     ("search", {"model": "a", "messages": _user(TEXT), "search": "beam"}, 400, "search"),
+    ("search streamed", {"model": "a", "messages": _user(TEXT), "search": "stage", "stream": True}, 400, "stream"),
     ("system with image", {"model": "a", "messages": [{"role": "system", "content": "be nice"}, *_user(_image(_png((8, 8))), TEXT)]}, 400, "messages"),
     ("deep json", b"[" * 100_000 + b"]" * 100_000, 400, None),
     ("include_usage", {"model": "a", "messages": _user(TEXT), "stream_options": {"include_usage": "yes"}}, 400, "stream_options.include_usage"),

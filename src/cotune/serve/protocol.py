@@ -195,6 +195,8 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     )
     if search != "none" and request.n != 1:
         raise APIError(400, "a search returns one choice: n must be 1", "n")
+    if search != "none" and request.stream:
+        raise APIError(400, "a search answers once it has chosen: stream must be false", "stream")
     return request
 
 
