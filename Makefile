@@ -34,8 +34,11 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests bench
 
 bench: $(STAMP)
-	$(PY) -c 'import accelerate' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
+	$(PY) -c 'import accelerate, fastapi, uvicorn, httpx' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/data.py
+	$(PY) bench/serve.py
+	test -f demo_out/run/adapter/adapter_config.json || $(PY) -m cotune demo --workdir demo_out || true  # an adapter for the next bench
+	$(PY) bench/stage_search.py
 	$(PY) bench/qlora_memory.py  # cotune QLoRA vs bf16 LoRA peak memory, 1.3 B model cached under ~/.cache/cotune
 	$(PY) bench/train_bench.py  # last: its last line is the LoRA throughput/memory ratio line, after the QLoRA one
 

@@ -134,6 +134,7 @@ def test_every_verb_takes_its_sections_from_the_registry():
         "chat",
         "eval",
         "merge",
+        "serve",
         "plan",
         "tiny-model",
         "synth-data",

@@ -53,6 +53,7 @@ LAYERS = [
     ("verb: train", ("cotune.train",)),
     ("verb: infer", ("cotune.infer",)),
     ("verb: eval", ("cotune.eval",)),
+    ("verb: serve", ("cotune.serve",)),
     ("verb: plan", ("cotune.plan",)),
     ("verb: demo", ("cotune.run_demo",)),
     ("command line", ("cotune.cli", "cotune.__main__")),

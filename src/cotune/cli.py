@@ -26,6 +26,8 @@ verbs:
                                              multi-turn chat; /adapter NAME switches adapter
   eval --model_name BASE --adapter DIR --data test.jsonl
                                              base vs adapters: loss, format, accuracy, per stage
+  serve --model_name BASE [--adapter NAME=DIR ...] [--port 8000] [--api_key KEY]
+                                             OpenAI-compatible server: many adapters, one base, batched
   plan [--option value ...] --gpu_memory 16GB
                                              train's options: the memory one GPU needs (config.json only)
   merge --model_name BASE --adapter DIR --output DIR
@@ -148,6 +150,15 @@ def cmd_merge(argv: list[str]) -> int:
     return run_merge_command(parsed.options)
 
 
+def cmd_serve(argv: list[str]) -> int:
+    parsed = _options("serve", argv)
+    if parsed is None:
+        return 0
+    from cotune.serve.server import run_serve_command
+
+    return run_serve_command(parsed.options)
+
+
 def cmd_plan(argv: list[str]) -> int:
     parsed = _options("plan", argv)
     if parsed is None:
@@ -172,6 +183,7 @@ VERBS = {
     "chat": cmd_chat,
     "eval": cmd_eval,
     "merge": cmd_merge,
+    "serve": cmd_serve,
     "plan": cmd_plan,
     "data": cmd_data,
 }

@@ -63,6 +63,7 @@ from cotune.options.parse import (
 )
 from cotune.options.plan import PlanOptions
 from cotune.options.quant import QuantizationConfig, QuantizationOptions
+from cotune.options.serve import ServeOptions, check_serve
 from cotune.options.tracking import (
     ProfilingOptions,
     TrackingOptions,
@@ -118,6 +119,7 @@ SECTIONS = {
         Section("decoding", "generation", DecodingOptions),
         Section("eval", "eval", EvalOptions),
         Section("merge", "merge", MergeOptions),
+        Section("serve", "serve", ServeOptions, check_serve),
         Section("demo", "demo", DemoOptions),
         Section("preview", "preview", PreviewOptions),
         Section("tiny-model", "tiny_model", TinyModelOptions),
@@ -178,6 +180,10 @@ VERBS = {
     "merge": Verb(
         ("model", "dtype", "adapters", "quantization", "quantization_config", *_READ, "merge"),
         "cotune merge [CONFIG.yaml] --model_name BASE --adapter DIR --output DIR [--torch_dtype bf16]",
+    ),
+    "serve": Verb(
+        (*_USE, "serve"),
+        "cotune serve [CONFIG.yaml] --model_name BASE [--adapter NAME=DIR ...] [--port 8000] [--api_key KEY]",
     ),
     "plan": Verb((*_TRAIN, "plan"), "cotune plan [CONFIG.yaml] [--option value ...] [--gpu_memory 16GB]"),
     "tiny-model": Verb(
