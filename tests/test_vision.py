@@ -20,7 +20,11 @@ from cotune.run_demo import DEMO_CONFIG, DEMO_DATA
 from cotune.train.loop import finetune
 
 # the demo's pictures (one large shape on a one-tile picture), every question on the colour
-COLOUR_ONLY = {**{k: v for k, v in DEMO_DATA.items() if k != "n_train"}, "tasks": ("colour",), "follow_up_rate": 0.0}
+COLOUR_ONLY = {
+    **{k: v for k, v in DEMO_DATA.items() if k != "n_train"},
+    "tasks": ("colour",),
+    "follow_up_rate": 0.0,
+}
 
 
 def test_derangement_never_keeps_a_sample_in_place():

@@ -90,7 +90,9 @@ def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def random_scene(rng: random.Random, max_shapes: int = 4, positions: tuple[str, ...] = tuple(POSITIONS)) -> Scene:
+def random_scene(
+    rng: random.Random, max_shapes: int = 4, positions: tuple[str, ...] = tuple(POSITIONS)
+) -> Scene:
     """Draws a scene description: background and 1-``max_shapes`` shapes, all different in kind, colour and place.
 
     ``positions`` are the places a shape may take (at least ``max_shapes`` of ``POSITIONS``).
