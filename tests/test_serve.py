@@ -5,6 +5,7 @@ batched row's greedy tokens equal the row's alone (bf16 on a GPU may break near-
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import socket
@@ -53,21 +54,24 @@ def adapters(tiny_mllama, tmp_path_factory):
     }
 
 
-@pytest.fixture(scope="module")
-def server(tiny_mllama, adapters):
-    """The server's base URL; stopped by PID at the end of the module."""
+@contextlib.contextmanager
+def running_server(model_dir, *args: str):
+    """A `cotune serve` subprocess on a free port, yielding its base URL; stopped by PID on exit."""
     port = free_port()
     src = str(Path(__import__("cotune").__file__).parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     env.pop("COTUNE_API_KEY", None)
     command = [
-        sys.executable, "-m", "cotune", "serve", "--model_name", str(tiny_mllama),
-        "--adapter", f"a={adapters['a']}", "--adapter", f"b={adapters['b']}",
-        "--port", str(port), "--api_key", KEY, "--reasoning_parser", "llava-cot",
-        "--max_model_len", "512", "--max_images", "2", "--max_image_pixels", "250000",
-        "--max_body_mb", "1", "--max_batch_size", "16", "--device", "cpu", "--torch_dtype", "fp32",
-        "--num_threads", "1",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "cotune",
+        "serve",
+        "--model_name",
+        str(model_dir),
+        "--port",
+        str(port),
+        *args,
+    ]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -91,6 +95,19 @@ def server(tiny_mllama, adapters):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_mllama, adapters):
+    """The server's base URL; stopped by PID at the end of the module."""
+    with running_server(
+        tiny_mllama, "--adapter", f"a={adapters['a']}", "--adapter", f"b={adapters['b']}",
+        "--api_key", KEY, "--reasoning_parser", "llava-cot",
+        "--max_model_len", "512", "--max_images", "2", "--max_image_pixels", "250000",
+        "--max_body_mb", "1", "--max_batch_size", "16", "--device", "cpu", "--torch_dtype", "fp32",
+        "--num_threads", "1",
+    ) as url:  # fmt: skip
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -351,3 +368,34 @@ def test_serve_refuses_a_public_bind_without_a_key(tiny_mllama, monkeypatch, cap
     monkeypatch.delenv("COTUNE_API_KEY", raising=False)
     assert main(["serve", "--model_name", str(tiny_mllama), "--host", "0.0.0.0"]) == 2
     assert "--api_key" in capsys.readouterr().err
+
+
+def test_a_4bit_base_serves_an_adapter_as_the_library_answers_on_it(tiny_mllama, adapters, shapes):
+    """--quantization 4bit: the server loads the base through the same path as generate (bitsandbytes
+    NF4 linears), and its greedy answer with an adapter equals the library's on that 4-bit base."""
+    import bitsandbytes as bnb
+
+    specs = parse_adapter_specs([f"a={adapters['a']}"])
+    model, processor, family = load_model_with_adapters(
+        str(tiny_mllama), specs, "fp32", "cpu", quantization="4bit"
+    )
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    image = sorted(Path(shapes["images"]).glob("*.png"))[0]
+    item = encode_prompt(processor, family, [user_message("How many shapes are there?", 1)], [str(image)])
+    with use_adapter(model, "a"):
+        want = generate_ids(model, processor, family, [item], max_new_tokens=10)[0]
+    args = (
+        "--adapter",
+        f"a={adapters['a']}",
+        "--quantization",
+        "4bit",
+        "--torch_dtype",
+        "fp32",
+        "--device",
+        "cpu",
+    )
+    with running_server(tiny_mllama, *args, "--num_threads", "1") as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=60, max_retries=0)
+        got = ask(client, "a", "How many shapes are there?", [image], 10, temperature=0)
+    assert got.choices[0].message.content == processor.tokenizer.decode(want, skip_special_tokens=True)
+    assert got.usage.completion_tokens == len(want)

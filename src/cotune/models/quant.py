@@ -24,7 +24,8 @@ def bnb_config(family: ModelFamily, quantization: str, options: Any, base_dtype:
     Args:
         family: keeps its ``unquantized_modules`` in ``base_dtype``.
         quantization: '4bit' or '8bit'.
-        options: a ``QuantizationConfig`` (quant_type, use_double_quant, compute_dtype, quant_storage).
+        options: a ``QuantizationConfig`` (quant_type, use_double_quant, compute_dtype, quant_storage);
+            None: its defaults (nf4, double quantization).
         base_dtype: the dtype of the unquantized parts; also the compute dtype when it is 'auto'.
 
     Raises:
@@ -39,7 +40,9 @@ def bnb_config(family: ModelFamily, quantization: str, options: Any, base_dtype:
     from transformers import BitsAndBytesConfig
 
     from cotune.models.load import DTYPES
+    from cotune.options.quant import QuantizationConfig
 
+    options = options if options is not None else QuantizationConfig()
     skip = list(family.unquantized_modules)
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
