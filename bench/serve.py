@@ -27,9 +27,7 @@ import argparse
 import base64
 import io
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -90,36 +88,19 @@ def requests_for(n: int, max_tokens: int) -> list[dict]:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(
-    model_dir: Path, adapters: dict[str, str], port: int, device: str, threads: int
-) -> subprocess.Popen:
-    command = [sys.executable, "-m", "cotune", "serve", "--model_name", str(model_dir), "--port", str(port)]
-    command += ["--device", device, "--torch_dtype", "fp32", "--num_threads", str(threads)]
-    command += [a for name, path in adapters.items() for a in ("--adapter", f"{name}={path}")]
-    command += ["--api_key", KEY, "--max_batch_size", "32"]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def wait_until_up(proc: subprocess.Popen, url: str, timeout: float = 120) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"the server did not come up in {timeout:.0f} s")
+def server_args(model_dir: Path, adapters: dict[str, str], device: str, threads: int) -> list[str]:
+    args = [
+        "--model_name",
+        str(model_dir),
+        "--device",
+        device,
+        "--torch_dtype",
+        "fp32",
+        "--num_threads",
+        str(threads),
+    ]
+    args += [a for name, path in adapters.items() for a in ("--adapter", f"{name}={path}")]
+    return args + ["--api_key", KEY, "--max_batch_size", "32"]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -183,17 +164,15 @@ def main() -> int:
     import httpx
 
     from cotune.demo.tiny import build_tiny_mllama
+    from cotune.serve.launch import serve_subprocess
 
     with tempfile.TemporaryDirectory(prefix="cotune-serve-bench-") as tmp:
         model_dir = build_tiny_mllama(Path(tmp) / "tiny", seed=0)
         adapters = {
             name: make_adapter(model_dir, Path(tmp) / name, seed=k + 1) for k, name in enumerate(ADAPTERS)
         }
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        proc = start_server(model_dir, adapters, port, args.device, args.threads)
-        try:
-            wait_until_up(proc, url)
+        server = serve_subprocess(server_args(model_dir, adapters, args.device, args.threads), timeout=120)
+        with server as (url, proc):
             headers = {"Authorization": f"Bearer {KEY}"}
             with httpx.Client(base_url=url, headers=headers, timeout=600) as client:
                 bodies = requests_for(args.requests, args.max_tokens)
@@ -201,12 +180,6 @@ def main() -> int:
                 results = {c: run(client, bodies, c, proc.pid) for c in sorted({1, 4, args.clients})}
                 metrics = client.get("/metrics").text
             peak_mib = peak_rss_mib(proc.pid)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
     sequential = results[1]
     print(
         f"{args.requests} requests over {len(ADAPTERS)} adapters, {args.max_tokens} tokens each, greedy, "

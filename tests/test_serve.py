@@ -8,9 +8,6 @@ import base64
 import contextlib
 import io
 import os
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +17,7 @@ import pytest
 
 from cotune.infer.adapters import load_model_with_adapters, parse_adapter_specs, use_adapter
 from cotune.infer.generate import encode_prompt, generate_ids, user_message
+from cotune.serve.launch import serve_subprocess
 from helpers import make_adapter
 
 openai = pytest.importorskip("openai")
@@ -27,12 +25,6 @@ pytest.importorskip("fastapi")
 
 KEY = "test-key-123"
 BASE = "tiny-mllama"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def data_url(path_or_image) -> str:
@@ -56,45 +48,11 @@ def adapters(tiny_mllama, tmp_path_factory):
 
 @contextlib.contextmanager
 def running_server(model_dir, *args: str):
-    """A `cotune serve` subprocess on a free port, yielding its base URL; stopped by PID on exit."""
-    port = free_port()
-    src = str(Path(__import__("cotune").__file__).parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    env.pop("COTUNE_API_KEY", None)
-    command = [
-        sys.executable,
-        "-m",
-        "cotune",
-        "serve",
-        "--model_name",
-        str(model_dir),
-        "--port",
-        str(port),
-        *args,
-    ]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        else:
-            raise RuntimeError("the server did not come up in 90 s")
+    """A `cotune serve` subprocess on a free port, yielding its base URL; stopped by PID on exit. A
+    COTUNE_API_KEY in the environment is not passed on: each test says which key it serves with."""
+    env = {k: v for k, v in os.environ.items() if k != "COTUNE_API_KEY"}
+    with serve_subprocess(["--model_name", str(model_dir), *args], env=env) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
