@@ -11,6 +11,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory):
+    """The prepared-data cache of every test (and its subprocesses): a session folder, never ~/.cache."""
+    folder = tmp_path_factory.mktemp("data-cache")
+    os.environ["COTUNE_DATA_CACHE"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_mllama(tmp_path_factory):
     from cotune.demo.tiny import build_tiny_mllama

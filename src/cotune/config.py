@@ -35,12 +35,15 @@ import yaml
 
 from cotune.options.data import (
     AugmentConfig,
+    DataCacheOptions,
     DataOptions,
     SplitOptions,
     SystemPromptOptions,
     TestFileOptions,
+    ValidationSubsetOptions,
     check_augment,
     check_split,
+    check_validation_subset,
 )
 from cotune.options.fields import (
     AdapterOptions,
@@ -107,6 +110,8 @@ SECTIONS = {
         Section("system prompt", "data", SystemPromptOptions),
         Section("held-out file", "data", TestFileOptions),
         Section("validation split", "data", SplitOptions, check_split),
+        Section("validation subset", "data", ValidationSubsetOptions, check_validation_subset),
+        Section("data cache", "data", DataCacheOptions),
         Section("augmentation", "data.augment", AugmentConfig, check_augment),
         Section("fsdp", "fsdp_config", FsdpConfig),
         Section("quantization", "", QuantizationOptions),
@@ -149,6 +154,7 @@ class Verb:
 _TRAIN = ("model", "dtype", "training", "seed", "lora", "custom_dataset", "data", "system prompt")
 _TRAIN += ("held-out file", "validation split", "augmentation", "fsdp", "quantization", "quantization_config")
 _TRAIN += ("tracking", "wandb", "profiling")
+_TRAIN += ("validation subset", "data cache")
 _USE = ("model", "dtype", "device", "adapters", "quantization", "quantization_config")
 _GENERATE = (*_USE, "seed", "system prompt", "prompt", "generation", "decoding")
 _READ = ("data", "system prompt", "held-out file")  # records read and rendered as training does

@@ -129,7 +129,18 @@ def _conversation_text(sample: Any) -> str:
     )
 
 
-def augment_conflicts(aug: Any, samples: list) -> list[str]:
+# bit of ``mention_flags`` per setting whose check looks for words in the conversation
+_MENTION_BITS = {"hue": 1, "hflip": 2}
+
+
+def mention_flags(sample: Any) -> int:
+    """Which of the words ``augment_conflicts`` looks for the sample's conversation holds, as bits
+    (the data cache keeps them so that the check needs no text)."""
+    text = _conversation_text(sample)
+    return (1 if _COLOUR_WORDS.search(text) else 0) | (2 if _SIDE_WORDS.search(text) else 0)
+
+
+def augment_conflicts(aug: Any, samples: list, flags: Any = None) -> list[str]:
     """Augmentation settings that change what the data's questions ask about, each as a sentence.
 
     A hue jitter over ``SAFE_HUE`` recolours the picture under a question about colour; a horizontal
@@ -139,6 +150,7 @@ def augment_conflicts(aug: Any, samples: list) -> list[str]:
     Args:
         aug: the ``data.augment`` section (``AugmentConfig``); nothing is reported when it is off.
         samples: the training samples (``records.Sample``).
+        flags: their ``mention_flags``, when the samples carry no text (from the data cache).
 
     Returns:
         One sentence per conflicting setting, with the number of samples it touches and the first.
@@ -152,7 +164,10 @@ def augment_conflicts(aug: Any, samples: list) -> list[str]:
         checks.append(("hflip", aug.hflip, _SIDE_WORDS, "left and right", "set it to 0"))
     out = []
     for name, value, words, what, fix in checks:
-        hits = [s for s in samples if words.search(_conversation_text(s))]
+        if flags is None:
+            hits = [s for s in samples if words.search(_conversation_text(s))]
+        else:
+            hits = [s for s, f in zip(samples, flags) if int(f) & _MENTION_BITS[name]]
         if hits:
             out.append(
                 f"data.augment.{name} {value:g} changes {what} in the picture, and {len(hits)} of "

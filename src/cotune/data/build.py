@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import os
+import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +20,9 @@ from cotune.data.batching import (
     packed_pad_fraction,
     pad_fraction,
 )
+from cotune.data.cache import prepare_file
 from cotune.data.cookbook import cookbook_dataset
-from cotune.data.dataset import SFTDataset, encode_samples
+from cotune.data.dataset import Encoded, EncodeStats, SFTDataset, encode_samples
 from cotune.data.records import DataError, Problem, Sample, load_samples, report_problems, split_train_test
 from cotune.models.families import ModelFamily
 
@@ -35,7 +38,7 @@ class DataBundle:
     cookbook: bool = False
 
 
-def _loader(dataset, sampler, collate, workers: int) -> torch.utils.data.DataLoader:
+def _loader(dataset, sampler, collate, workers: int, pin: bool = False) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -43,6 +46,7 @@ def _loader(dataset, sampler, collate, workers: int) -> torch.utils.data.DataLoa
         num_workers=workers,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        pin_memory=pin,
     )
 
 
@@ -79,83 +83,37 @@ def build_data(
     world_size: int = 1,
     augment: Callable | None = None,
     log: Callable[[str], None] = print,
+    device_type: str = "cpu",
 ) -> DataBundle:
     """Reads, validates, splits, tokenizes and batches the data named by ``cfg``.
 
     Bad records are reported with file:line and skipped, or, with ``data.on_error: raise``, all of
     them are listed in one error before any training starts. Training images are augmented when
-    ``data.augment.enabled`` (or by ``augment``); validation images never are.
+    ``data.augment.enabled`` (or by ``augment``); validation images never are. With ``data.cache``
+    each file is prepared once (``cache.prepare_file``: the processes share the work) and
+    memory-mapped. ``device_type`` 'cuda' gives the loaders worker processes and pinned memory.
     """
-    tokenizer = processor.tokenizer
     if is_cookbook(cfg):
         return _build_cookbook(cfg, processor, family, rank, world_size, log)
     d = cfg.data
-    samples, problems = load_data_file(cfg, cfg.dataset, log)
-    total = len(samples) + len(problems)
-    if d.test_file:
-        val_samples, val_problems = load_data_file(cfg, d.test_file, log)
-        problems += val_problems
-        total += len(val_samples) + len(val_problems)
-        train_samples = samples
-    else:
-        train_samples, val_samples = split_train_test(samples, d.test_split_ratio, d.split_seed)
-    train_enc, p1, s1 = encode_samples(train_samples, processor, family, d.max_seq_len, d.overlength)
-    val_enc, p2, s2 = encode_samples(val_samples, processor, family, d.max_seq_len, d.overlength)
-    problems += p1 + p2
-    report_problems(problems, d.on_error, total, log=log if rank == 0 else (lambda s: None))
-    if not train_enc:
+    splits = encode_splits(cfg, processor, family, rank, world_size, log)
+    report_problems(splits.problems, d.on_error, splits.total, log=log if rank == 0 else (lambda s: None))
+    if not len(splits.train):
         raise DataError(f"no usable training samples in {cfg.dataset}")
-    report = [
-        f"train: {s1.describe(d.max_seq_len)}",
-        f"validation: {s2.describe(d.max_seq_len)}"
-        + ("" if d.test_file else f" (seeded split of {cfg.dataset})"),
-    ]
-    if problems:
-        report.append(f"skipped {len(problems)} records (see the list above)")
-
-    image_id = family.image_token_id(tokenizer)
-    collate = PaddingCollator(tokenizer.pad_token_id, family, image_id)
+    report = splits.report
     augment = augment or build_augmenter(cfg)
     if augment is not None:
         report.append(f"augmentation of training images: {_describe_augment(d.augment)}")
-        report += [f"warning: {c}" for c in augment_conflicts(d.augment, train_samples)]
-    train_ds = SFTDataset(train_enc, processor, family, augment=augment)
-    lengths = train_ds.lengths
-    grouped_sampler = LengthGroupedBatchSampler(
-        lengths, cfg.batch_size_training, seed=cfg.seed, rank=rank, world_size=world_size, keys=True
-    )
-    plain = LengthGroupedBatchSampler(lengths, cfg.batch_size_training, seed=cfg.seed, group_by_length=False)
-    grouped = pad_fraction(lengths, grouped_sampler.global_batches())
-    ungrouped = pad_fraction(lengths, plain.global_batches())
-    if cfg.batching_strategy == "packing":
-        train_collate = PackingCollator(tokenizer.pad_token_id, family, image_id)
-        train_sampler = PackedBatchSampler(
-            lengths,
-            cfg.batch_size_training,
-            cfg.context_length,
-            seed=cfg.seed,
-            rank=rank,
-            world_size=world_size,
-            has_images=[bool(e.images) for e in train_enc],
-        )
-        batches = train_sampler.global_batches()
-        n_rows = sum(len(b) for b in batches)
-        report.append(
-            f"packing: {len(lengths)} samples in {n_rows} rows of up to {cfg.context_length} tokens "
-            f"({len(lengths) / max(n_rows, 1):.1f} per row); padding {packed_pad_fraction(lengths, batches):.1%} "
-            f"of tokens (padding one sample per row: {grouped:.1%} with length grouping, {ungrouped:.1%} without)"
-        )
-        too_long = sum(n > cfg.context_length for n in lengths)
-        if too_long:
-            report.append(
-                f"warning: {too_long} samples are longer than context_length={cfg.context_length}: "
-                "each gets a row of its own (raise context_length to at least data.max_seq_len)"
-            )
-    else:
-        train_collate, train_sampler = collate, grouped_sampler
-        report.append(f"padding: {grouped:.1%} of tokens with length grouping ({ungrouped:.1%} without)")
+        report += [
+            f"warning: {c}" for c in augment_conflicts(d.augment, splits.train_samples, splits.train_flags)
+        ]
+    workers, pin = loader_settings(cfg.num_workers_dataloader, device_type)
+    train_ds = SFTDataset(splits.train, processor, family, augment=augment)
+    train_sampler, train_collate = train_batching(cfg, train_ds, processor, family, rank, world_size, report)
     val = None
-    if cfg.run_validation and val_enc:
+    if cfg.run_validation and len(splits.val):
+        val_enc, line = validation_subset(splits.val, getattr(d, "val_max_samples", 0), d.split_seed)
+        report.append(line)
         val_ds = SFTDataset(val_enc, processor, family)
         val_sampler = LengthGroupedBatchSampler(
             val_ds.lengths,
@@ -164,9 +122,171 @@ def build_data(
             rank=rank,
             world_size=world_size,
         )
-        val = _loader(val_ds, val_sampler, collate, cfg.num_workers_dataloader)
-    train = _loader(train_ds, train_sampler, train_collate, cfg.num_workers_dataloader)
+        val = _loader(val_ds, val_sampler, _padding_collator(processor, family), workers, pin)
+    report.append(f"loader: {workers} worker processes" + (", pinned memory" if pin else ""))
+    train = _loader(train_ds, train_sampler, train_collate, workers, pin)
     return DataBundle(train=train, val=val, train_sampler=train_sampler, report=report)
+
+
+@dataclass
+class Splits:
+    """The encoded training and validation samples, and what became of the others."""
+
+    train: Sequence[Encoded]
+    val: Sequence[Encoded]
+    problems: list[Problem]
+    total: int  # records read, usable or not
+    report: list[str]
+    train_samples: list[Sample]  # for the augmentation check (without text when from the cache)
+    train_flags: Any = None  # their ``augment.mention_flags`` when they carry no text
+
+
+class _ReadFile:
+    """A data file read into memory (``data.cache`` off, or images that are not files): the same
+    questions as a cache entry (``cache.EncodedFile``) answered from its samples."""
+
+    def __init__(
+        self, samples: list[Sample], problems: list[Problem], processor: Any, family: ModelFamily, d: Any
+    ):
+        self._samples, self.problems = samples, problems
+        self.processor, self.family, self.d = processor, family, d
+
+    def samples(self) -> list[Sample]:
+        return self._samples
+
+    def select(self, positions: list[int]) -> tuple[list[Encoded], list[Problem], EncodeStats]:
+        d = self.d
+        return encode_samples(
+            [self._samples[k] for k in positions], self.processor, self.family, d.max_seq_len, d.overlength
+        )
+
+    def flags(self, positions: list[int]) -> None:
+        return None
+
+
+def prepared_file(
+    cfg: Any, path: str, processor: Any, family: ModelFamily, rank: int, world_size: int, log
+) -> Any:
+    """One data file, read, checked and ready to encode: a cache entry (built once, each process
+    its share, when missing) or, without the cache, the file read in this process."""
+    d = cfg.data
+    if getattr(d, "cache", False):
+        entry = prepare_file(path, d, processor, family, d.cache_dir, rank, world_size, log)
+        if entry is not None:
+            return entry
+        log(f"{path}: not cached (its images are not files); read in every process")
+    samples, problems = load_data_file(cfg, path, log if rank == 0 else None)
+    return _ReadFile(samples, problems, processor, family, d)
+
+
+def encode_splits(cfg: Any, processor: Any, family: ModelFamily, rank: int, world_size: int, log) -> Splits:
+    """The training and validation samples: the test file's, or a seeded split of the data file's."""
+    d = cfg.data
+    main = prepared_file(cfg, cfg.dataset, processor, family, rank, world_size, log)
+    everything = main.samples()
+    total, problems = len(everything) + len(main.problems), list(main.problems)
+    if d.test_file:
+        held = prepared_file(cfg, d.test_file, processor, family, rank, world_size, log)
+        total += len(held.samples()) + len(held.problems)
+        problems += held.problems
+        train_pos = list(range(len(everything)))
+        val_pos, val_source = list(range(len(held.samples()))), held
+    else:
+        train_s, val_s = split_train_test(everything, d.test_split_ratio, d.split_seed)
+        index = {id(s): k for k, s in enumerate(everything)}
+        train_pos, val_pos, val_source = [index[id(s)] for s in train_s], [index[id(s)] for s in val_s], main
+    train, p1, s1 = main.select(train_pos)
+    val, p2, s2 = val_source.select(val_pos)
+    report = [
+        f"train: {s1.describe(d.max_seq_len)}",
+        f"validation: {s2.describe(d.max_seq_len)}"
+        + ("" if d.test_file else f" (seeded split of {cfg.dataset})"),
+    ]
+    problems += p1 + p2
+    if problems:
+        report.append(f"skipped {len(problems)} records (see the list above)")
+    train_samples = [everything[k] for k in train_pos]
+    return Splits(train, val, problems, total, report, train_samples, main.flags(train_pos))
+
+
+def validation_subset(encoded: Sequence[Encoded], limit: int, seed: int) -> tuple[Sequence[Encoded], str]:
+    """A seeded subset of at most ``limit`` validation samples (0: all), in their order, and the
+    report's line about it."""
+    n = len(encoded)
+    if not limit or n <= limit:
+        return encoded, f"validation on all {n} held-out samples"
+    picked = sorted(random.Random(seed).sample(range(n), limit))
+    subset = encoded.subset(picked) if hasattr(encoded, "subset") else [encoded[i] for i in picked]
+    return subset, (
+        f"validation on a seeded subset of {limit} of the {n} held-out samples, the same at every "
+        "validation (data.val_max_samples; 0: all)"
+    )
+
+
+def loader_settings(requested: int, device_type: str) -> tuple[int, bool]:
+    """(worker processes, pinned memory) of the loaders: ``requested`` workers when >= 0; else, on a
+    GPU, the CPUs of this process's share of the node less one (at most 8), on CPU none."""
+    pin = device_type == "cuda"
+    if requested >= 0:
+        return requested, pin
+    if not pin:
+        return 0, False
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_process = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(8, per_process - 1)), True
+
+
+def _padding_collator(processor: Any, family: ModelFamily) -> PaddingCollator:
+    tokenizer = processor.tokenizer
+    return PaddingCollator(tokenizer.pad_token_id, family, family.image_token_id(tokenizer))
+
+
+def train_batching(
+    cfg: Any,
+    train_ds: SFTDataset,
+    processor: Any,
+    family: ModelFamily,
+    rank: int,
+    world_size: int,
+    report: list[str],
+) -> tuple[Any, Any]:
+    """The training sampler and collator (padded, length-grouped batches, or packed rows), with the
+    padding they cost added to ``report``."""
+    lengths = train_ds.lengths
+    grouped_sampler = LengthGroupedBatchSampler(
+        lengths, cfg.batch_size_training, seed=cfg.seed, rank=rank, world_size=world_size, keys=True
+    )
+    plain = LengthGroupedBatchSampler(lengths, cfg.batch_size_training, seed=cfg.seed, group_by_length=False)
+    grouped = pad_fraction(lengths, grouped_sampler.global_batches())
+    ungrouped = pad_fraction(lengths, plain.global_batches())
+    if cfg.batching_strategy != "packing":
+        report.append(f"padding: {grouped:.1%} of tokens with length grouping ({ungrouped:.1%} without)")
+        return grouped_sampler, _padding_collator(processor, family)
+    tokenizer = processor.tokenizer
+    collate = PackingCollator(tokenizer.pad_token_id, family, family.image_token_id(tokenizer))
+    sampler = PackedBatchSampler(
+        lengths,
+        cfg.batch_size_training,
+        cfg.context_length,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world_size,
+        has_images=train_ds.has_images,
+    )
+    batches = sampler.global_batches()
+    n_rows = sum(len(b) for b in batches)
+    report.append(
+        f"packing: {len(lengths)} samples in {n_rows} rows of up to {cfg.context_length} tokens "
+        f"({len(lengths) / max(n_rows, 1):.1f} per row); padding {packed_pad_fraction(lengths, batches):.1%} "
+        f"of tokens (padding one sample per row: {grouped:.1%} with length grouping, {ungrouped:.1%} without)"
+    )
+    too_long = sum(n > cfg.context_length for n in lengths)
+    if too_long:
+        report.append(
+            f"warning: {too_long} samples are longer than context_length={cfg.context_length}: "
+            "each gets a row of its own (raise context_length to at least data.max_seq_len)"
+        )
+    return sampler, collate
 
 
 def _describe_augment(a: Any) -> str:
@@ -218,7 +338,7 @@ def _build_cookbook(cfg, processor, family, rank, world_size, log) -> DataBundle
             rank=rank,
             world_size=world_size,
         )
-        val = _loader(val_ds, val_sampler, collate, cfg.num_workers_dataloader)
+        val = _loader(val_ds, val_sampler, collate, max(0, cfg.num_workers_dataloader))
         report.append(f"validation: {len(val_ds)} records (split '{cfg.custom_dataset.test_split}')")
-    train = _loader(train_ds, sampler, collate, cfg.num_workers_dataloader)
+    train = _loader(train_ds, sampler, collate, max(0, cfg.num_workers_dataloader))
     return DataBundle(train=train, val=val, train_sampler=sampler, report=report, cookbook=True)

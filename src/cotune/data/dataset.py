@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -19,7 +19,7 @@ from cotune.models.families import ModelFamily
 class Encoded:
     """A tokenized sample; its images are decoded only when the item is fetched."""
 
-    input_ids: list[int]
+    input_ids: list[int]  # or an int64 array (from the data cache)
     labels: list[int]
     images: list[Any]
     id: str
@@ -28,7 +28,7 @@ class Encoded:
 
     @property
     def n_label_tokens(self) -> int:
-        return sum(1 for lab in self.labels if lab != IGNORE_INDEX)
+        return sum(1 for lab in self.labels if int(lab) != IGNORE_INDEX)
 
 
 @dataclass
@@ -47,6 +47,62 @@ class EncodeStats:
             f"{self.kept} samples kept (longest {self.max_len} tokens); over max_seq_len={max_seq_len}: "
             f"{self.truncated} truncated, {self.dropped} dropped"
         )
+
+
+# What became of a sample at tokenization (``encode_one``); the cache stores it per sample.
+KEPT, TRUNCATED, DROPPED, UNRENDERABLE, NO_LABELS = 0, 1, 2, 3, 4
+
+
+class EncodeResult(NamedTuple):
+    """One sample through the max_seq_len policy: its tokens (when kept) or why not."""
+
+    status: int  # KEPT, TRUNCATED (kept), DROPPED, UNRENDERABLE or NO_LABELS
+    input_ids: list[int]
+    labels: list[int]
+    rendered_len: int  # tokens before the policy; -1 when it could not be rendered
+    reason: str = ""  # the problem, when not kept
+
+
+def encode_one(
+    sample: Sample, processor: Any, family: ModelFamily, max_seq_len: int, overlength: str = "drop"
+) -> EncodeResult:
+    """Tokenizes one sample and applies the max_seq_len policy (see ``encode_samples``)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    image_id = family.image_token_id(tokenizer)
+    try:
+        ids, labels = tokenize_conversation(
+            processor, sample.messages, family.image_token, family.tokens_per_image(processor)
+        )
+    except (ValueError, TemplateError) as e:
+        # the record's content: spans that cannot be located, or the template's raise_exception
+        # (Mllama's refuses a system message with images); any other error is a bug and stops the run
+        return EncodeResult(UNRENDERABLE, [], [], -1, f"cannot render with the chat template: {e}")
+    n, status = len(ids), KEPT
+    if n > max_seq_len:
+        if overlength == "drop":
+            return EncodeResult(DROPPED, [], [], n, f"{n} tokens > max_seq_len={max_seq_len} (dropped)")
+        n_image_tokens = ids.count(image_id)
+        ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+        if ids.count(image_id) != n_image_tokens or all(lab == IGNORE_INDEX for lab in labels):
+            reason = f"truncated to {max_seq_len} tokens nothing is left to learn"
+            return EncodeResult(DROPPED, [], [], n, reason)
+        status = TRUNCATED
+    if all(lab == IGNORE_INDEX for lab in labels):
+        return EncodeResult(NO_LABELS, [], [], n, "no assistant tokens to learn from")
+    return EncodeResult(status, ids, labels, n)
+
+
+def encode_stats(statuses: Any, rendered: Any, label_tokens: list[int], max_len: int) -> EncodeStats:
+    """The report's counts from per-sample statuses and rendered lengths (lists or arrays)."""
+    statuses = [int(x) for x in statuses]
+    return EncodeStats(
+        kept=sum(x in (KEPT, TRUNCATED) for x in statuses),
+        truncated=statuses.count(TRUNCATED),
+        dropped=statuses.count(DROPPED),
+        max_len=max_len,
+        lengths=[int(n) for n in rendered if n >= 0],
+        label_tokens=[int(n) for n in label_tokens],
+    )
 
 
 def encode_samples(
@@ -69,40 +125,20 @@ def encode_samples(
     Returns:
         The encoded samples, the problems of those removed, and counts for the report.
     """
-    tokenizer = getattr(processor, "tokenizer", processor)
-    image_id = family.image_token_id(tokenizer)
-    per_image = family.tokens_per_image(processor)
-    encoded, problems, stats = [], [], EncodeStats()
+    encoded, problems, results = [], [], []
     for s in samples:
-        try:
-            ids, labels = tokenize_conversation(processor, s.messages, family.image_token, per_image)
-        except (ValueError, TemplateError) as e:
-            # the record's content: spans that cannot be located, or the template's raise_exception
-            # (Mllama's refuses a system message with images); any other error is a bug and stops the run
-            problems.append(Problem(s.where, f"cannot render with the chat template: {e}"))
-            continue
-        stats.lengths.append(len(ids))
-        if len(ids) > max_seq_len:
-            n_image_tokens = ids.count(image_id)
-            if overlength == "drop":
-                stats.dropped += 1
-                problems.append(Problem(s.where, f"{len(ids)} tokens > max_seq_len={max_seq_len} (dropped)"))
-                continue
-            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-            if ids.count(image_id) != n_image_tokens or all(lab == IGNORE_INDEX for lab in labels):
-                stats.dropped += 1
-                problems.append(
-                    Problem(s.where, f"truncated to {max_seq_len} tokens nothing is left to learn")
-                )
-                continue
-            stats.truncated += 1
-        if all(lab == IGNORE_INDEX for lab in labels):
-            problems.append(Problem(s.where, "no assistant tokens to learn from"))
-            continue
-        encoded.append(Encoded(ids, labels, s.images, s.id, s.where, s.meta))
-        stats.label_tokens.append(encoded[-1].n_label_tokens)
-        stats.max_len = max(stats.max_len, len(ids))
-    stats.kept = len(encoded)
+        r = encode_one(s, processor, family, max_seq_len, overlength)
+        results.append(r)
+        if r.status in (KEPT, TRUNCATED):
+            encoded.append(Encoded(r.input_ids, r.labels, s.images, s.id, s.where, s.meta))
+        else:
+            problems.append(Problem(s.where, r.reason))
+    stats = encode_stats(
+        [r.status for r in results],
+        [r.rendered_len for r in results],
+        [e.n_label_tokens for e in encoded],
+        max((len(e.input_ids) for e in encoded), default=0),
+    )
     return encoded, problems, stats
 
 
@@ -123,7 +159,8 @@ class SFTDataset(torch.utils.data.Dataset):
     """Map-style dataset of encoded samples; images are decoded and preprocessed per item.
 
     Args:
-        encoded: output of ``encode_samples``.
+        encoded: output of ``encode_samples``, or a ``cache.EncodedRows`` (memory-mapped arrays,
+            shared by DataLoader workers rather than copied).
         processor: the checkpoint's processor (its image processor is used).
         family: the model family.
         augment: optional ``(image, index, epoch, k) -> image`` applied to the k-th decoded image of
@@ -132,7 +169,7 @@ class SFTDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        encoded: list[Encoded],
+        encoded: Sequence[Encoded],
         processor: Any,
         family: ModelFamily,
         augment: Callable[..., Any] | None = None,
@@ -147,7 +184,15 @@ class SFTDataset(torch.utils.data.Dataset):
 
     @property
     def lengths(self) -> list[int]:
+        if hasattr(self.encoded, "lengths"):  # cache.EncodedRows: from its arrays, no object per sample
+            return self.encoded.lengths
         return [len(e.input_ids) for e in self.encoded]
+
+    @property
+    def has_images(self) -> list[bool]:
+        if hasattr(self.encoded, "has_images"):
+            return self.encoded.has_images
+        return [bool(e.images) for e in self.encoded]
 
     def __getitem__(self, key: int | ItemKey) -> dict | None:
         key = ItemKey(int(key)) if not isinstance(key, tuple) else ItemKey(*key)

@@ -93,6 +93,25 @@ def load_samples(
     Returns:
         The usable samples and the problems of the others, each with file:line and reason.
     """
+    if image_check not in ("decode", "header"):
+        raise ValueError(f"data.image_check must be 'decode' or 'header', not '{image_check}'")
+    samples, problems = read_samples(path, image_root, system_prompt, fmt, columns, log)
+    samples, image_problems = check_sample_images(samples, workers=workers, decode=image_check == "decode")
+    problems += image_problems
+    problems.sort(key=lambda p: problem_order(p.where))
+    return samples, problems
+
+
+def read_samples(
+    path: str | Path,
+    image_root: str = "",
+    system_prompt: str = "",
+    fmt: str = "auto",
+    columns: dict | None = None,
+    log=None,
+) -> tuple[list[Sample], list[Problem]]:
+    """The first half of ``load_samples``: records parsed and their structure checked, images not
+    yet looked at (``data.cache`` checks each process's share of them)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file '{path}' not found")
@@ -101,13 +120,7 @@ def load_samples(
         if log is not None:
             log(f"{path.name}: format '{fmt}' detected ({why}); set data.format to override")
     root = Path(image_root) if image_root else (path if path.is_dir() else path.parent)
-    samples, problems = read_records(path, fmt, root, system_prompt, columns)
-    if image_check not in ("decode", "header"):
-        raise ValueError(f"data.image_check must be 'decode' or 'header', not '{image_check}'")
-    samples, image_problems = check_sample_images(samples, workers=workers, decode=image_check == "decode")
-    problems += image_problems
-    problems.sort(key=lambda p: problem_order(p.where))
-    return samples, problems
+    return read_records(path, fmt, root, system_prompt, columns)
 
 
 def report_problems(problems: list[Problem], on_error: str, total: int, log=print) -> None:

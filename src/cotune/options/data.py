@@ -72,6 +72,40 @@ class SplitOptions:
     split_seed: int = opt(42, "Seed of the train/test split.")
 
 
+@dataclass
+class ValidationSubsetOptions:
+    """How much of the held-out data training validates on."""
+
+    val_max_samples: int = opt(
+        256,
+        "Training validates (at step 0, every eval_every_steps and each epoch's end) on a seeded "
+        "subset of at most this many held-out samples, the same one each time (0: all of them; "
+        "cotune eval scores the whole test file).",
+    )
+
+
+@dataclass
+class DataCacheOptions:
+    """The prepared (read, checked, tokenized) data kept on disk for every process and later run."""
+
+    cache: bool = opt(
+        True,
+        "Prepare each data file once into a memory-mapped cache entry, reused by every process "
+        "and later run while the file, the processor and the data settings are unchanged.",
+    )
+    cache_dir: str = opt(
+        "",
+        "Folder of the prepared-data cache (default: $COTUNE_DATA_CACHE, else ~/.cache/cotune/data, "
+        "shared by all runs).",
+    )
+
+
+def check_validation_subset(s: Any, prefix: str) -> None:
+    """Raises ConfigError for a negative subset size."""
+    if s.val_max_samples < 0:
+        raise ConfigError(f"option '{prefix}val_max_samples' must be >= 0 (0: all); got {s.val_max_samples}")
+
+
 def check_split(s: Any, prefix: str) -> None:
     """Raises ConfigError unless the held-out fraction is in (0, 1)."""
     if not 0.0 < s.test_split_ratio < 1.0:

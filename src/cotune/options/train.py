@@ -39,7 +39,11 @@ class TrainingOptions:
     )
     max_eval_step: int = opt(0, "Validate on at most this many batches (0: all).")
     eval_every_steps: int = opt(0, "Also validate every N optimizer steps (0: only at epoch end).")
-    num_workers_dataloader: int = opt(0, "DataLoader worker processes.")
+    num_workers_dataloader: int = opt(
+        -1,
+        "DataLoader worker processes (-1: on a GPU the CPUs per process less one, at most 8, with "
+        "pinned memory; on CPU 0, the training process itself).",
+    )
     lr: float = opt(1e-4, "Peak learning rate.")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     scheduler: str = opt(

@@ -296,7 +296,9 @@ def build_training_data(
     Returns:
         The data, the optimizer steps of an epoch, and those of the run (``max_train_step`` included).
     """
-    data = build_data(cfg, processor, family, dist.rank, dist.world_size, log=log)
+    data = build_data(
+        cfg, processor, family, dist.rank, dist.world_size, log=log, device_type=dist.device.type
+    )
     for line in data.report:
         log(f"data: {line}")
     steps_per_epoch = optimizer_steps_per_epoch(len(data.train), cfg.gradient_accumulation_steps)

@@ -1,0 +1,498 @@
+"""The encoded dataset, prepared once per data file and memory-mapped by every process and later run.
+
+Reading, checking and tokenizing 100k LLaVA-CoT records takes minutes and, held as Python lists,
+gigabytes per process. ``prepare_file`` does it once: the samples' verdicts (read and image
+problems, what tokenization made of each), their token ids and label masks, lengths, image paths
+and record positions are written as flat numpy arrays to ``<cache_dir>/<key>/`` and opened with
+``mmap_mode='r'``: every process of a job, every DataLoader worker and every later run reads the
+same pages from the OS page cache instead of holding its own copy.
+
+Why ``.npy`` files rather than Arrow: the data are a few flat integer columns, which
+``np.load(mmap_mode='r')`` maps in microseconds with nothing to install; strings (paths, record
+positions) are stored the same way, as UTF-8 bytes plus offsets.
+
+The key (``cache_key``) hashes the data file (path, size, modification time; every file's for a
+folder), the processor (tokenizer, chat template, image token and tokens per image) and every
+option that changes the encoding, so a changed file or setting builds a new entry. An entry is
+written into a temporary folder and renamed into place when complete: a process killed while
+writing leaves no half entry (and its temporary folder is removed by a later build after a day).
+
+Within one job (``torchrun``) each process reads the file, checks the images of and tokenizes its
+contiguous share of the records, writes it as a shard; the first process concatenates the shards
+(in order, so the result equals one process's) and renames the entry into place while the others
+wait at a barrier.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import time
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cotune.data.augment import mention_flags
+from cotune.data.chat import IGNORE_INDEX
+from cotune.data.dataset import KEPT, TRUNCATED, Encoded, EncodeStats, encode_one, encode_stats
+from cotune.data.records import check_sample_images, read_samples
+from cotune.data.sample import Problem, Sample
+from cotune.models.families import ModelFamily
+
+CACHE_VERSION = 1
+CACHE_ENV = "COTUNE_DATA_CACHE"  # overrides the default folder (tests point it at a temporary one)
+STALE_SECONDS = 24 * 3600  # a temporary folder this old is a killed build's
+_STRINGS = ("where", "id", "images", "meta")  # per-sample string columns
+
+
+def default_cache_dir() -> Path:
+    """``$COTUNE_DATA_CACHE``, else ``$XDG_CACHE_HOME/cotune/data``, else ``~/.cache/cotune/data``.
+
+    One folder shared by every run (like ``HF_HOME``): a sweep of learning rates or a restart in a
+    new output folder reuses the preparation; the key keeps different data or settings apart.
+    """
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cotune" / "data"
+
+
+def file_fingerprint(path: str | Path) -> dict:
+    """What identifies a data file's content cheaply: path, size, modification time (of every file
+    under a folder)."""
+    path = Path(path).resolve()
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                st = os.stat(os.path.join(root, name))
+                digest.update(
+                    f"{os.path.relpath(os.path.join(root, name), path)}|{st.st_size}|{st.st_mtime_ns}\n".encode()
+                )
+        return {"path": str(path), "folder": digest.hexdigest()}
+    st = path.stat()
+    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def processor_fingerprint(processor: Any, family: ModelFamily) -> str:
+    """A hash of everything in the processor that changes token ids: the tokenizer (its whole
+    definition), the chat template, the family's image token and tokens per image."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest.update(
+        backend.to_str().encode()
+        if backend is not None
+        else repr(sorted(tokenizer.get_vocab().items())).encode()
+    )
+    template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
+    parts = [type(tokenizer).__name__, str(template), family.name, family.image_token]
+    parts += [
+        str(family.tokens_per_image(processor)),
+        str(tokenizer.bos_token_id),
+        str(tokenizer.pad_token_id),
+    ]
+    digest.update("\n".join(parts).encode())
+    return digest.hexdigest()
+
+
+def encoding_settings(d: Any) -> dict:
+    """The ``data`` options that change what a file encodes to."""
+    return {
+        "format": d.format,
+        "image_root": str(Path(d.image_root).resolve()) if d.image_root else "",
+        "system_prompt": d.system_prompt,
+        "columns": dict(sorted(d.columns.items())),
+        "image_check": d.image_check,
+        "max_seq_len": d.max_seq_len,
+        "overlength": d.overlength,
+    }
+
+
+def cache_key(path: str | Path, d: Any, processor_hash: str) -> str:
+    """The entry's name: a hash of the file, the processor and the encoding settings."""
+    inputs = {"version": CACHE_VERSION, "file": file_fingerprint(path), "settings": encoding_settings(d)}
+    inputs["processor"] = processor_hash
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
+
+
+# ----------------------------------------------------------------------------- writing a shard
+
+
+class _Strings:
+    """A growing column of strings: UTF-8 bytes and offsets."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.offsets = array("q", [0])
+
+    def append(self, text: str) -> None:
+        self.data += text.encode()
+        self.offsets.append(len(self.data))
+
+
+@dataclass
+class Shard:
+    """One process's share of a file, in the columns of an entry (see ``EncodedFile``)."""
+
+    problems: list[Problem]  # records unusable when read or checked
+    encode_problems: dict[int, str]  # position among the checked samples -> why not kept
+    status: array
+    rendered: array
+    mentions: array
+    token_offsets: array
+    ids: array
+    labels: array
+    strings: dict[str, _Strings]
+
+    @classmethod
+    def empty(cls) -> Shard:
+        return cls([], {}, array("b"), array("i"), array("B"), array("q", [0]), array("i"), array("B"),
+                   {name: _Strings() for name in _STRINGS})  # fmt: skip
+
+    def add(self, sample: Sample, processor: Any, family: ModelFamily, d: Any) -> None:
+        """Encodes ``sample`` (an image-checked one) and appends it."""
+        r = encode_one(sample, processor, family, d.max_seq_len, d.overlength)
+        position = len(self.status)
+        self.status.append(r.status)
+        self.rendered.append(r.rendered_len)
+        self.mentions.append(mention_flags(sample))
+        for name, value in zip(_STRINGS, _sample_strings(sample)):
+            self.strings[name].append(value)
+        if r.status not in (KEPT, TRUNCATED):
+            self.encode_problems[position] = r.reason
+            return
+        mask = [lab != IGNORE_INDEX for lab in r.labels]
+        if any(lab != tok for lab, tok, m in zip(r.labels, r.input_ids, mask) if m):
+            raise AssertionError("a label differs from its token: the cache stores labels as a mask")
+        self.ids.extend(r.input_ids)
+        self.labels.extend(mask)
+        self.token_offsets.append(len(self.ids))
+
+    def save(self, folder: Path, info: dict) -> None:
+        folder.mkdir(parents=True)
+        for name in ("status", "rendered", "mentions", "token_offsets", "ids", "labels"):
+            np.save(folder / f"{name}.npy", np.frombuffer(getattr(self, name), dtype=_DTYPES[name]))
+        for name, column in self.strings.items():
+            np.save(folder / f"{name}.bytes.npy", np.frombuffer(bytes(column.data), dtype=np.uint8))
+            np.save(folder / f"{name}.offsets.npy", np.frombuffer(column.offsets, dtype=np.int64))
+        info = info | {
+            "problems": [[p.where, p.reason] for p in self.problems],
+            "encode_problems": {str(k): v for k, v in self.encode_problems.items()},
+        }
+        (folder / "info.json").write_text(json.dumps(info))
+
+
+_DTYPES = {"status": np.int8, "rendered": np.int32, "mentions": np.uint8, "token_offsets": np.int64,
+           "ids": np.int32, "labels": np.uint8}  # fmt: skip
+
+
+def _sample_strings(sample: Sample) -> tuple[str, str, str, str]:
+    return sample.where, str(sample.id), "\0".join(sample.images), json.dumps(sample.meta)
+
+
+def share_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The contiguous ``[lo, hi)`` of ``n`` records that process ``rank`` prepares."""
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+def build_shard(
+    samples: list[Sample], problems: list[Problem], processor: Any, family: ModelFamily, d: Any, log=None
+) -> Shard:
+    """Checks the images of ``samples`` (one process's share) and encodes those that pass."""
+    from tqdm.auto import tqdm
+
+    good, image_problems = check_sample_images(samples, d.image_workers, decode=d.image_check == "decode")
+    shard = Shard.empty()
+    shard.problems = problems + image_problems
+    for s in tqdm(
+        good, desc="tokenizing", unit="record", disable=log is None or len(good) < 2000, dynamic_ncols=True
+    ):
+        shard.add(s, processor, family, d)
+    return shard
+
+
+def merge_shards(folder: Path, world_size: int, meta: dict) -> None:
+    """Concatenates ``folder/shard-<k>`` (k < world_size) into the entry's files, in order, then
+    writes ``meta.json`` (last: an entry without it is incomplete) and removes the shards."""
+    shards = [folder / f"shard-{k}" for k in range(world_size)]
+    infos = [json.loads((s / "info.json").read_text()) for s in shards]
+    for name in ("status", "rendered", "mentions", "ids", "labels"):
+        np.save(folder / f"{name}.npy", np.concatenate([np.load(s / f"{name}.npy") for s in shards]))
+    _concat_offsets(folder, "token_offsets", shards)
+    for name in _STRINGS:
+        np.save(
+            folder / f"{name}.bytes.npy", np.concatenate([np.load(s / f"{name}.bytes.npy") for s in shards])
+        )
+        _concat_offsets(folder, f"{name}.offsets", shards)
+    problems, encode_problems, before = [], {}, 0
+    for s, info in zip(shards, infos):
+        problems += info["problems"]
+        encode_problems |= {str(int(k) + before): v for k, v in info["encode_problems"].items()}
+        before += len(np.load(s / "status.npy", mmap_mode="r"))
+    meta = meta | {"problems": problems, "encode_problems": encode_problems, "samples": before}
+    meta["shares"] = [{k: v for k, v in i.items() if k in ("rank", "records", "seconds")} for i in infos]
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+    for s in shards:
+        shutil.rmtree(s)
+
+
+def _concat_offsets(folder: Path, name: str, shards: list[Path]) -> None:
+    parts, base = [np.zeros(1, dtype=np.int64)], 0
+    for s in shards:
+        offsets = np.load(s / f"{name}.npy")
+        parts.append(offsets[1:] + base)
+        base += int(offsets[-1])
+    np.save(folder / f"{name}.npy", np.concatenate(parts))
+
+
+# ----------------------------------------------------------------------------- reading an entry
+
+
+class EncodedFile:
+    """An entry, memory-mapped: per checked sample (the records that passed reading and the image
+    check, in file order) its tokenization status, rendered length and strings; per kept sample its
+    token ids and label mask. Pickles as its folder, so a spawned DataLoader worker maps it again
+    rather than receiving a copy."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.meta = json.loads((self.folder / "meta.json").read_text())
+        arrays = {n: np.load(self.folder / f"{n}.npy", mmap_mode="r") for n in (*_DTYPES, *(
+            f"{s}.{part}" for s in _STRINGS for part in ("bytes", "offsets")))}  # fmt: skip
+        self.arrays = arrays
+        self.status = arrays["status"]
+        kept = self.status <= TRUNCATED
+        self.row_of = np.cumsum(kept, dtype=np.int64) - 1  # position -> token row (valid where kept)
+        self.problems = [Problem(w, r) for w, r in self.meta["problems"]]
+        self.encode_problems = {int(k): v for k, v in self.meta["encode_problems"].items()}
+
+    def __getstate__(self) -> dict:
+        return {"folder": str(self.folder)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["folder"])
+
+    def __len__(self) -> int:
+        return len(self.status)
+
+    def string(self, name: str, position: int) -> str:
+        offsets = self.arrays[f"{name}.offsets"]
+        return bytes(self.arrays[f"{name}.bytes"][offsets[position] : offsets[position + 1]]).decode()
+
+    def images(self, position: int) -> list[str]:
+        joined = self.string("images", position)
+        return joined.split("\0") if joined else []
+
+    def tokens(self, position: int) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, labels) of a kept sample, as int64 arrays."""
+        row = int(self.row_of[position])
+        lo, hi = self.arrays["token_offsets"][row : row + 2]
+        ids = self.arrays["ids"][lo:hi].astype(np.int64)
+        return ids, np.where(self.arrays["labels"][lo:hi] != 0, ids, IGNORE_INDEX)
+
+    def samples(self) -> list[Sample]:
+        """The checked samples without their messages (id, images, where, meta): what the train/test
+        split looks at."""
+        return [
+            Sample(
+                self.string("id", k),
+                [],
+                self.images(k),
+                self.string("where", k),
+                json.loads(self.string("meta", k)),
+            )
+            for k in range(len(self))
+        ]
+
+    def flags(self, positions: list[int]) -> np.ndarray:
+        """The samples' ``augment.mention_flags``."""
+        return self.arrays["mentions"][np.asarray(positions, dtype=np.int64)]
+
+    def select(self, positions: np.ndarray) -> tuple[EncodedRows, list[Problem], EncodeStats]:
+        """The samples at ``positions`` (checked-sample order) as ``encode_samples`` would return
+        them: the kept ones, the problems of the others, the report's counts."""
+        positions = np.asarray(positions, dtype=np.int64)
+        status = self.status[positions]
+        kept = positions[status <= TRUNCATED]
+        problems = [Problem(self.string("where", int(k)), self.encode_problems[int(k)])
+                    for k in positions[status > TRUNCATED]]  # fmt: skip
+        rows = EncodedRows(self, kept)
+        labels = self.arrays["labels"]
+        offsets = self.arrays["token_offsets"]
+        n_labels = [int(labels[offsets[r] : offsets[r + 1]].sum()) for r in self.row_of[kept]]
+        stats = encode_stats(
+            status, self.arrays["rendered"][positions], n_labels, max(rows.lengths, default=0)
+        )
+        return rows, problems, stats
+
+
+class EncodedRows:
+    """A sequence of ``Encoded`` over an entry's kept samples at ``positions``: what ``SFTDataset``
+    indexes, without a Python object per sample until one is fetched."""
+
+    def __init__(self, file: EncodedFile, positions: np.ndarray) -> None:
+        self.file = file
+        self.positions = np.asarray(positions, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> Encoded:
+        k = int(self.positions[i])
+        ids, labels = self.file.tokens(k)
+        meta = json.loads(self.file.string("meta", k))
+        return Encoded(
+            ids, labels, self.file.images(k), self.file.string("id", k), self.file.string("where", k), meta
+        )
+
+    @property
+    def lengths(self) -> list[int]:
+        rows = self.file.row_of[self.positions]
+        offsets = self.file.arrays["token_offsets"]
+        return (offsets[rows + 1] - offsets[rows]).tolist()
+
+    @property
+    def has_images(self) -> list[bool]:
+        offsets = self.file.arrays["images.offsets"]
+        return (offsets[self.positions + 1] > offsets[self.positions]).tolist()
+
+    def subset(self, indices: list[int]) -> EncodedRows:
+        return EncodedRows(self.file, self.positions[np.asarray(indices, dtype=np.int64)])
+
+
+# ----------------------------------------------------------------------------- preparing a file
+
+
+def _collective(world_size: int) -> bool:
+    return world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _barrier(world_size: int) -> None:
+    if _collective(world_size):
+        torch.distributed.barrier()
+
+
+def _first_decides(value: Any, world_size: int) -> Any:
+    """The first process's ``value``, on every process (so all take the same road)."""
+    if not _collective(world_size):
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def remove_stale(root: Path, older_than: float = STALE_SECONDS) -> None:
+    """Removes the temporary folders of builds killed more than ``older_than`` seconds ago."""
+    for tmp in root.glob("*.tmp-*"):
+        try:
+            if time.time() - tmp.stat().st_mtime > older_than:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def prepare_file(
+    path: str | Path,
+    d: Any,
+    processor: Any,
+    family: ModelFamily,
+    cache_dir: str | Path = "",
+    rank: int = 0,
+    world_size: int = 1,
+    log=print,
+) -> EncodedFile | None:
+    """The encoded entry of one data file: opened when it exists, else built (each process its
+    share) and then opened. Every process of the job calls it.
+
+    Args:
+        path: the data file or folder.
+        d: the ``data`` options (format, columns, image root and check, max_seq_len, overlength ...).
+        processor, family: the model's processor and family.
+        cache_dir: where entries live ('' for ``default_cache_dir()``).
+        rank, world_size: this process among the job's (a job without a process group: 0, 1).
+        log: where the first process says what it did.
+
+    Returns:
+        The entry, or None when the file's images are not files (bytes in a table): those samples
+        are read again each run.
+    """
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    if not _collective(world_size):
+        rank, world_size = 0, 1
+    final = root / cache_key(path, d, processor_fingerprint(processor, family))
+    token = _first_decides("" if (final / "meta.json").exists() else secrets.token_hex(4), world_size)
+    say = log if rank == 0 else (lambda s: None)
+    if not token:
+        entry = EncodedFile(final)
+        say(entry.meta.get("format_line") or f"{Path(path).name}: format '{d.format}'")
+        say(f"{Path(path).name}: prepared data read from the cache {final} (built {entry.meta['built']})")
+        return entry
+    tmp = final.with_name(f"{final.name}.tmp-{token}")
+    if rank == 0:
+        _make_root(root)
+        remove_stale(root)
+    start = time.perf_counter()
+    lines = write_share(path, d, processor, family, tmp, rank, world_size, say)
+    if lines is None:
+        return None
+    _barrier(world_size)
+    if rank == 0:
+        meta = {"version": CACHE_VERSION, "source": str(Path(path).resolve()), "built": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "format_line": lines[0] if lines else "", "settings": encoding_settings(d)}  # fmt: skip
+        merge_shards(tmp, world_size, meta)
+        _publish(tmp, final)
+        say(
+            f"{Path(path).name}: prepared in {time.perf_counter() - start:.1f} s by {world_size} process(es) into {final}"
+        )
+    _barrier(world_size)
+    return EncodedFile(final)
+
+
+def write_share(
+    path: str | Path, d: Any, processor: Any, family: ModelFamily, tmp: Path, rank: int, world_size: int, log
+) -> list[str] | None:
+    """Process ``rank``'s part of a build: reads the file, checks the images of and encodes its
+    share of the records, writes ``tmp/shard-<rank>``. Returns what reading said (the detected
+    format), or None when the images are not files (nothing written)."""
+    start, lines = time.perf_counter(), []
+    samples, problems = read_samples(path, d.image_root, d.system_prompt, d.format, d.columns, lines.append)
+    for line in lines:
+        log(line)
+    if not all(isinstance(ref, str) for s in samples for ref in s.images):
+        return None  # every process sees the same records, so all return here
+    lo, hi = share_bounds(len(samples), rank, world_size)
+    mine, problems = samples[lo:hi], problems if rank == 0 else []  # reading's problems: once
+    del samples  # the other shares' records are not kept
+    shard = build_shard(mine, problems, processor, family, d, log=log)
+    shard.save(
+        tmp / f"shard-{rank}", {"rank": rank, "records": hi - lo, "seconds": time.perf_counter() - start}
+    )
+    return lines
+
+
+def _make_root(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(
+            f"cannot create the data cache folder {root}: {e} (set data.cache_dir, or data.cache false)"
+        ) from e
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Renames the complete entry into place; another job that got there first wins."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not (final / "meta.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)

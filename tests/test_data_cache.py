@@ -1,0 +1,170 @@
+"""The prepared-data cache (``cotune.data.cache``): the same batches, problems and adapter as reading
+the data in memory; shares of several processes merge into the one-process entry; a changed file
+or setting builds a new entry, a killed build leaves none."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from cotune.config import load_config
+from cotune.data import cache
+from cotune.data.build import build_data, encode_splits, loader_settings
+from cotune.data.check import check_data
+from cotune.data.records import problem_order
+from cotune.models.families import MLLAMA
+from cotune.train.loop import finetune
+
+
+def options(data, cache_dir, *extra):
+    return [("dataset", str(data)), ("data.cache_dir", str(cache_dir)), *extra]
+
+
+@pytest.fixture(scope="module")
+def messy(shapes, tmp_path_factory):
+    """The shapes training records plus bad ones: a broken line, a missing image, a file that is not
+    an image, a reply too long for max_seq_len=300, a record with no reply."""
+    folder = tmp_path_factory.mktemp("messy")
+    shutil.copytree(shapes["images"], folder / shapes["images"].name)
+    (folder / "not_an_image.png").write_text("hello")
+    lines = shapes["train"].read_text().splitlines()
+    good = json.loads(lines[0])
+    long = dict(
+        good, id="long", conversations=[good["conversations"][0], {"from": "gpt", "value": "word " * 400}]
+    )
+    bad = [
+        "{not json",
+        json.dumps(dict(good, id="missing", image="nowhere.png")),
+        json.dumps(dict(good, id="notimage", image="not_an_image.png")),
+        json.dumps(long),
+        json.dumps(dict(good, id="noreply", conversations=good["conversations"][:1])),
+    ]
+    path = folder / "train.jsonl"
+    path.write_text("\n".join(lines[:6] + bad + lines[6:]) + "\n")
+    return path
+
+
+def batches(loader):
+    return [{k: v for k, v in b.items()} for b in loader]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]) if isinstance(x[k], torch.Tensor) else x[k] == y[k], k
+
+
+def test_cached_batches_equal_in_memory_and_a_changed_file_or_setting_rebuilds(processor, messy, tmp_path):
+    extra = [("data.max_seq_len", "300"), ("data.val_max_samples", "1"), ("batching_strategy", "packing")]
+    extra += [("context_length", "600"), ("data.image_check", "header")]
+    said = []
+    cached = build_data(
+        load_config(None, options(messy, tmp_path / "c", *extra)), processor, MLLAMA, log=said.append
+    )
+    plain = build_data(
+        load_config(None, options(messy, tmp_path / "c", ("data.cache", "False"), *extra)),
+        processor,
+        MLLAMA,
+        log=said.append,
+    )
+    assert cached.report == plain.report
+    assert any("seeded subset of 1 of the 2" in line for line in cached.report)
+    assert_same_batches(batches(cached.train), batches(plain.train))
+    assert_same_batches(batches(cached.val), batches(plain.val))
+    assert len(list((tmp_path / "c").iterdir())) == 1 and any("prepared in" in s for s in said)
+
+    said.clear()
+    build_data(load_config(None, options(messy, tmp_path / "c", *extra)), processor, MLLAMA, log=said.append)
+    assert any("read from the cache" in s for s in said) and not any("prepared in" in s for s in said)
+    os.utime(messy, ns=(os.stat(messy).st_atime_ns, os.stat(messy).st_mtime_ns + 10**9))  # the file changed
+    build_data(load_config(None, options(messy, tmp_path / "c", *extra)), processor, MLLAMA, log=said.append)
+    extra[0] = ("data.max_seq_len", "400")  # a setting that changes the encoding
+    build_data(load_config(None, options(messy, tmp_path / "c", *extra)), processor, MLLAMA, log=said.append)
+    assert len(list((tmp_path / "c").iterdir())) == 3
+
+
+def test_problems_are_those_of_data_check(processor, messy, tmp_path):
+    cfg = load_config(None, options(messy, tmp_path / "c", ("data.max_seq_len", "300")))
+    splits = encode_splits(cfg, processor, MLLAMA, 0, 1, log=lambda s: None)
+    report = check_data(cfg, messy, processor, MLLAMA, log=lambda s: None)
+    assert len(report.problems) == 5
+    key = lambda p: problem_order(p.where)  # noqa: E731
+    assert [str(p) for p in sorted(splits.problems, key=key)] == [str(p) for p in report.problems]
+
+
+def test_two_shares_merge_into_the_one_process_entry(processor, messy, tmp_path):
+    cfg = load_config(None, options(messy, tmp_path / "c", ("data.max_seq_len", "300")))
+    whole = cache.prepare_file(messy, cfg.data, processor, MLLAMA, tmp_path / "one", log=lambda s: None)
+    merged = tmp_path / "two" / "entry"
+    for rank in (0, 1):
+        cache.write_share(messy, cfg.data, processor, MLLAMA, merged, rank, 2, log=lambda s: None)
+    cache.merge_shards(merged, 2, {})
+    two = cache.EncodedFile(merged)
+    assert sorted(whole.arrays) == sorted(two.arrays)
+    for name, values in whole.arrays.items():
+        assert np.array_equal(values, two.arrays[name]), name
+    assert whole.problems == two.problems and whole.encode_problems == two.encode_problems
+    first, second = [s["records"] for s in two.meta["shares"]]
+    assert second - first in (0, 1) and first + second == len(whole) + 2  # with the 2 of bad images
+
+
+def test_a_killed_build_leaves_no_entry_and_pickles_stay_small(processor, messy, tmp_path, monkeypatch):
+    cfg = load_config(None, options(messy, tmp_path / "c"))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache, "merge_shards", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cache.prepare_file(messy, cfg.data, processor, MLLAMA, tmp_path / "c", log=lambda s: None)
+    assert [p.name.split(".")[1][:3] for p in (tmp_path / "c").iterdir()] == ["tmp"]  # no entry
+    monkeypatch.undo()
+    entry = cache.prepare_file(messy, cfg.data, processor, MLLAMA, tmp_path / "c", log=lambda s: None)
+    cache.remove_stale(tmp_path / "c", older_than=0)
+    assert [p.name for p in (tmp_path / "c").iterdir()] == [entry.folder.name]
+
+    rows = cache.EncodedRows(entry, np.flatnonzero(entry.status <= 1))
+    copy = pickle.loads(pickle.dumps(rows))  # a spawned DataLoader worker maps the files again
+    assert len(pickle.dumps(rows)) < 2000
+    assert np.array_equal(copy[3].input_ids, rows[3].input_ids) and copy[3].images == rows[3].images
+
+
+def test_loader_defaults_use_workers_and_pinned_memory_on_a_gpu_only(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert loader_settings(-1, "cuda") == (7, True)
+    assert loader_settings(-1, "cpu") == (0, False)
+    assert loader_settings(3, "cpu") == (3, False)
+
+
+@pytest.mark.slow
+def test_training_from_the_cache_gives_the_same_losses_and_adapter(tiny_mllama, shapes, tmp_path):
+    def run(name, use_cache):
+        cfg = load_config(
+            None,
+            [("model_name", str(tiny_mllama)), ("dataset", str(shapes["train"])), ("output_dir", str(tmp_path / name)),
+             ("data.cache", str(use_cache)), ("data.cache_dir", str(tmp_path / "c")), ("batch_size_training", "2"),
+             ("max_train_step", "2"), ("num_epochs", "1"), ("lr", "1e-2"), ("keep_last_checkpoints", "0"),
+             ("data.val_max_samples", "1"),
+             ("progress", "False"), ("data.max_seq_len", "512")],
+        )  # fmt: skip
+        finetune(cfg, log=lambda s: None)
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        from safetensors.torch import load_file
+
+        adapter = next((tmp_path / name).rglob("adapter_model.safetensors"))
+        return [r.get("loss", r.get("eval_loss")) for r in rows], load_file(adapter)
+
+    losses, adapter = run("cached", True)
+    plain_losses, plain_adapter = run("plain", False)
+    assert losses == plain_losses and len(losses) >= 4  # the step-0 validation, 2 steps, the last one
+    assert adapter.keys() == plain_adapter.keys()
+    assert all(torch.equal(adapter[k], plain_adapter[k]) for k in adapter)
