@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cotune.config import load_config
-from cotune.data import cache
+from cotune.data import cache, prepared
 from cotune.data.build import build_data, encode_splits, loader_settings
 from cotune.data.check import check_data
 from cotune.data.records import problem_order
@@ -107,7 +107,7 @@ def test_two_shares_merge_into_the_one_process_entry(processor, messy, tmp_path)
     for rank in (0, 1):
         cache.write_share(messy, cfg.data, processor, MLLAMA, merged, rank, 2, log=lambda s: None)
     cache.merge_shards(merged, 2, {})
-    two = cache.EncodedFile(merged)
+    two = prepared.EncodedFile(merged)
     assert sorted(whole.arrays) == sorted(two.arrays)
     for name, values in whole.arrays.items():
         assert np.array_equal(values, two.arrays[name]), name
@@ -131,7 +131,7 @@ def test_a_killed_build_leaves_no_entry_and_pickles_stay_small(processor, messy,
     cache.remove_stale(tmp_path / "c", older_than=0)
     assert [p.name for p in (tmp_path / "c").iterdir()] == [entry.folder.name]
 
-    rows = cache.EncodedRows(entry, np.flatnonzero(entry.status <= 1))
+    rows = prepared.EncodedRows(entry, np.flatnonzero(entry.status <= 1))
     copy = pickle.loads(pickle.dumps(rows))  # a spawned DataLoader worker maps the files again
     assert len(pickle.dumps(rows)) < 2000
     assert np.array_equal(copy[3].input_ids, rows[3].input_ids) and copy[3].images == rows[3].images

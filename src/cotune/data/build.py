@@ -143,7 +143,7 @@ class Splits:
 
 class _ReadFile:
     """A data file read into memory (``data.cache`` off, or images that are not files): the same
-    questions as a cache entry (``cache.EncodedFile``) answered from its samples."""
+    questions as a cache entry (``prepared.EncodedFile``) answered from its samples."""
 
     def __init__(
         self, samples: list[Sample], problems: list[Problem], processor: Any, family: ModelFamily, d: Any

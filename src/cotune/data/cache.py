@@ -41,7 +41,8 @@ import torch
 
 from cotune.data.augment import mention_flags
 from cotune.data.chat import IGNORE_INDEX
-from cotune.data.dataset import KEPT, TRUNCATED, Encoded, EncodeStats, encode_one, encode_stats
+from cotune.data.dataset import KEPT, TRUNCATED, encode_one
+from cotune.data.prepared import DTYPES, STRINGS, EncodedFile
 from cotune.data.records import check_sample_images, read_samples
 from cotune.data.sample import Problem, Sample
 from cotune.models.families import ModelFamily
@@ -49,7 +50,6 @@ from cotune.models.families import ModelFamily
 CACHE_VERSION = 1
 CACHE_ENV = "COTUNE_DATA_CACHE"  # overrides the default folder (tests point it at a temporary one)
 STALE_SECONDS = 24 * 3600  # a temporary folder this old is a killed build's
-_STRINGS = ("where", "id", "images", "meta")  # per-sample string columns
 
 
 def default_cache_dir() -> Path:
@@ -82,9 +82,15 @@ def file_fingerprint(path: str | Path) -> dict:
     return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+_FINGERPRINTS: dict[tuple, tuple[Any, str]] = {}  # (id(processor), family) -> (processor, hash)
+
+
 def processor_fingerprint(processor: Any, family: ModelFamily) -> str:
     """A hash of everything in the processor that changes token ids: the tokenizer (its whole
     definition), the chat template, the family's image token and tokens per image."""
+    known = _FINGERPRINTS.get((id(processor), family.name))
+    if known is not None and known[0] is processor:
+        return known[1]
     tokenizer = getattr(processor, "tokenizer", processor)
     digest = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -101,6 +107,7 @@ def processor_fingerprint(processor: Any, family: ModelFamily) -> str:
         str(tokenizer.pad_token_id),
     ]
     digest.update("\n".join(parts).encode())
+    _FINGERPRINTS[(id(processor), family.name)] = (processor, digest.hexdigest())
     return digest.hexdigest()
 
 
@@ -156,7 +163,7 @@ class Shard:
     @classmethod
     def empty(cls) -> Shard:
         return cls([], {}, array("b"), array("i"), array("B"), array("q", [0]), array("i"), array("B"),
-                   {name: _Strings() for name in _STRINGS})  # fmt: skip
+                   {name: _Strings() for name in STRINGS})  # fmt: skip
 
     def add(self, sample: Sample, processor: Any, family: ModelFamily, d: Any) -> None:
         """Encodes ``sample`` (an image-checked one) and appends it."""
@@ -165,7 +172,7 @@ class Shard:
         self.status.append(r.status)
         self.rendered.append(r.rendered_len)
         self.mentions.append(mention_flags(sample))
-        for name, value in zip(_STRINGS, _sample_strings(sample)):
+        for name, value in zip(STRINGS, _sample_strings(sample)):
             self.strings[name].append(value)
         if r.status not in (KEPT, TRUNCATED):
             self.encode_problems[position] = r.reason
@@ -180,7 +187,7 @@ class Shard:
     def save(self, folder: Path, info: dict) -> None:
         folder.mkdir(parents=True)
         for name in ("status", "rendered", "mentions", "token_offsets", "ids", "labels"):
-            np.save(folder / f"{name}.npy", np.frombuffer(getattr(self, name), dtype=_DTYPES[name]))
+            np.save(folder / f"{name}.npy", np.frombuffer(getattr(self, name), dtype=DTYPES[name]))
         for name, column in self.strings.items():
             np.save(folder / f"{name}.bytes.npy", np.frombuffer(bytes(column.data), dtype=np.uint8))
             np.save(folder / f"{name}.offsets.npy", np.frombuffer(column.offsets, dtype=np.int64))
@@ -189,10 +196,6 @@ class Shard:
             "encode_problems": {str(k): v for k, v in self.encode_problems.items()},
         }
         (folder / "info.json").write_text(json.dumps(info))
-
-
-_DTYPES = {"status": np.int8, "rendered": np.int32, "mentions": np.uint8, "token_offsets": np.int64,
-           "ids": np.int32, "labels": np.uint8}  # fmt: skip
 
 
 def _sample_strings(sample: Sample) -> tuple[str, str, str, str]:
@@ -228,7 +231,7 @@ def merge_shards(folder: Path, world_size: int, meta: dict) -> None:
     for name in ("status", "rendered", "mentions", "ids", "labels"):
         np.save(folder / f"{name}.npy", np.concatenate([np.load(s / f"{name}.npy") for s in shards]))
     _concat_offsets(folder, "token_offsets", shards)
-    for name in _STRINGS:
+    for name in STRINGS:
         np.save(
             folder / f"{name}.bytes.npy", np.concatenate([np.load(s / f"{name}.bytes.npy") for s in shards])
         )
@@ -252,121 +255,6 @@ def _concat_offsets(folder: Path, name: str, shards: list[Path]) -> None:
         parts.append(offsets[1:] + base)
         base += int(offsets[-1])
     np.save(folder / f"{name}.npy", np.concatenate(parts))
-
-
-# ----------------------------------------------------------------------------- reading an entry
-
-
-class EncodedFile:
-    """An entry, memory-mapped: per checked sample (the records that passed reading and the image
-    check, in file order) its tokenization status, rendered length and strings; per kept sample its
-    token ids and label mask. Pickles as its folder, so a spawned DataLoader worker maps it again
-    rather than receiving a copy."""
-
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
-        self.meta = json.loads((self.folder / "meta.json").read_text())
-        arrays = {n: np.load(self.folder / f"{n}.npy", mmap_mode="r") for n in (*_DTYPES, *(
-            f"{s}.{part}" for s in _STRINGS for part in ("bytes", "offsets")))}  # fmt: skip
-        self.arrays = arrays
-        self.status = arrays["status"]
-        kept = self.status <= TRUNCATED
-        self.row_of = np.cumsum(kept, dtype=np.int64) - 1  # position -> token row (valid where kept)
-        self.problems = [Problem(w, r) for w, r in self.meta["problems"]]
-        self.encode_problems = {int(k): v for k, v in self.meta["encode_problems"].items()}
-
-    def __getstate__(self) -> dict:
-        return {"folder": str(self.folder)}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["folder"])
-
-    def __len__(self) -> int:
-        return len(self.status)
-
-    def string(self, name: str, position: int) -> str:
-        offsets = self.arrays[f"{name}.offsets"]
-        return bytes(self.arrays[f"{name}.bytes"][offsets[position] : offsets[position + 1]]).decode()
-
-    def images(self, position: int) -> list[str]:
-        joined = self.string("images", position)
-        return joined.split("\0") if joined else []
-
-    def tokens(self, position: int) -> tuple[np.ndarray, np.ndarray]:
-        """(input_ids, labels) of a kept sample, as int64 arrays."""
-        row = int(self.row_of[position])
-        lo, hi = self.arrays["token_offsets"][row : row + 2]
-        ids = self.arrays["ids"][lo:hi].astype(np.int64)
-        return ids, np.where(self.arrays["labels"][lo:hi] != 0, ids, IGNORE_INDEX)
-
-    def samples(self) -> list[Sample]:
-        """The checked samples without their messages (id, images, where, meta): what the train/test
-        split looks at."""
-        return [
-            Sample(
-                self.string("id", k),
-                [],
-                self.images(k),
-                self.string("where", k),
-                json.loads(self.string("meta", k)),
-            )
-            for k in range(len(self))
-        ]
-
-    def flags(self, positions: list[int]) -> np.ndarray:
-        """The samples' ``augment.mention_flags``."""
-        return self.arrays["mentions"][np.asarray(positions, dtype=np.int64)]
-
-    def select(self, positions: np.ndarray) -> tuple[EncodedRows, list[Problem], EncodeStats]:
-        """The samples at ``positions`` (checked-sample order) as ``encode_samples`` would return
-        them: the kept ones, the problems of the others, the report's counts."""
-        positions = np.asarray(positions, dtype=np.int64)
-        status = self.status[positions]
-        kept = positions[status <= TRUNCATED]
-        problems = [Problem(self.string("where", int(k)), self.encode_problems[int(k)])
-                    for k in positions[status > TRUNCATED]]  # fmt: skip
-        rows = EncodedRows(self, kept)
-        labels = self.arrays["labels"]
-        offsets = self.arrays["token_offsets"]
-        n_labels = [int(labels[offsets[r] : offsets[r + 1]].sum()) for r in self.row_of[kept]]
-        stats = encode_stats(
-            status, self.arrays["rendered"][positions], n_labels, max(rows.lengths, default=0)
-        )
-        return rows, problems, stats
-
-
-class EncodedRows:
-    """A sequence of ``Encoded`` over an entry's kept samples at ``positions``: what ``SFTDataset``
-    indexes, without a Python object per sample until one is fetched."""
-
-    def __init__(self, file: EncodedFile, positions: np.ndarray) -> None:
-        self.file = file
-        self.positions = np.asarray(positions, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def __getitem__(self, i: int) -> Encoded:
-        k = int(self.positions[i])
-        ids, labels = self.file.tokens(k)
-        meta = json.loads(self.file.string("meta", k))
-        return Encoded(
-            ids, labels, self.file.images(k), self.file.string("id", k), self.file.string("where", k), meta
-        )
-
-    @property
-    def lengths(self) -> list[int]:
-        rows = self.file.row_of[self.positions]
-        offsets = self.file.arrays["token_offsets"]
-        return (offsets[rows + 1] - offsets[rows]).tolist()
-
-    @property
-    def has_images(self) -> list[bool]:
-        offsets = self.file.arrays["images.offsets"]
-        return (offsets[self.positions + 1] > offsets[self.positions]).tolist()
-
-    def subset(self, indices: list[int]) -> EncodedRows:
-        return EncodedRows(self.file, self.positions[np.asarray(indices, dtype=np.int64)])
 
 
 # ----------------------------------------------------------------------------- preparing a file

@@ -42,7 +42,7 @@ def render_with_reply_spans(processor: Any, messages: list[dict]) -> tuple[str, 
         if message["role"] != "assistant":
             continue
         before = _render(processor, messages[:k], add_generation_prompt=True)
-        upto = _render(processor, messages[: k + 1])
+        upto = full if k == len(messages) - 1 else _render(processor, messages[: k + 1])  # the same call
         if not upto.startswith(before) or not full.startswith(upto):
             raise ValueError("the chat template renders a conversation prefix differently from the whole")
         spans.append((len(before), len(upto)))

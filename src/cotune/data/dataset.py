@@ -159,7 +159,7 @@ class SFTDataset(torch.utils.data.Dataset):
     """Map-style dataset of encoded samples; images are decoded and preprocessed per item.
 
     Args:
-        encoded: output of ``encode_samples``, or a ``cache.EncodedRows`` (memory-mapped arrays,
+        encoded: output of ``encode_samples``, or a ``prepared.EncodedRows`` (memory-mapped arrays,
             shared by DataLoader workers rather than copied).
         processor: the checkpoint's processor (its image processor is used).
         family: the model family.
@@ -184,7 +184,7 @@ class SFTDataset(torch.utils.data.Dataset):
 
     @property
     def lengths(self) -> list[int]:
-        if hasattr(self.encoded, "lengths"):  # cache.EncodedRows: from its arrays, no object per sample
+        if hasattr(self.encoded, "lengths"):  # prepared.EncodedRows: from its arrays, no object per sample
             return self.encoded.lengths
         return [len(e.input_ids) for e in self.encoded]
 
