@@ -141,7 +141,7 @@ def rank_main(argv: list[str]) -> None:
         return stats
 
     def build_training_data(*args, **kwargs):
-        before, start = _rss_gib(), time.time()
+        before, start, cpu = _rss_gib(), time.time(), _cpu_s()
         record["model_s"] = start - t0
         out = real_data(*args, **kwargs)
         after = _rss_gib()
@@ -150,7 +150,7 @@ def rank_main(argv: list[str]) -> None:
             after[0] - before[0],
             after[1] - before[1],
         )
-        record["data_peak_gib"] = _peak_gib()
+        record["data_peak_gib"], record["data_cpu_s"] = _peak_gib(), _cpu_s() - cpu
         return out
 
     loop.train_step, loop.build_training_data = train_step, build_training_data
@@ -207,10 +207,10 @@ def describe(label: str, result: dict) -> str:
     first = max(r["first_step_s"] for r in ranks)
     peak = max(r["peak_gib"] for r in ranks)
     cpu = max(r["first_step_cpu_s"] for r in ranks)
-    data_s = max(r["data_s"] for r in ranks)
+    data_s, data_cpu = max(r["data_s"] for r in ranks), max(r["data_cpu_s"] for r in ranks)
     rss, anon = max(r["data_rss_gib"] for r in ranks), max(r["data_anon_gib"] for r in ranks)
     line = (
-        f"{label:<22} first step {first:6.1f} s ({cpu:5.1f} CPU s; data {data_s:5.1f} s); peak {peak:.2f} "
+        f"{label:<22} first step {first:6.1f} s ({cpu:5.1f} CPU s); data {data_s:5.1f} s ({data_cpu:5.1f} CPU s); peak {peak:.2f} "
         f"GiB/process, data +{rss:.2f} GiB resident (+{anon:.2f} private)"
     )
     shares = result["shares"]
@@ -280,18 +280,21 @@ def main() -> None:
 
 
 def verdict(n: int, figures: dict) -> str:
-    """The closing line: the targets (for N = 100,000 on the 2-core machine) and whether they were met."""
-    ok, parts = True, []
+    """The closing line: the first step's seconds (wall, and CPU of the busiest process, which a
+    shared machine's load does not inflate) against the targets for N = 100,000 on 2 cores."""
+    ok_wall, ok_cpu, parts = True, True, []
     for (procs, state), result in sorted(figures.items()):
         first = max(r["first_step_s"] for r in result["ranks"])
+        cpu = max(r["first_step_cpu_s"] for r in result["ranks"])
         data = max(r["data_rss_gib"] for r in result["ranks"])
-        ok &= first <= TARGETS[state] and data <= TARGETS["data_gib"]
-        parts.append(f"{procs}p {state} {first:.0f} s")
-    met = "met" if ok else "NOT met"
+        ok_wall &= first <= TARGETS[state] and data <= TARGETS["data_gib"]
+        ok_cpu &= cpu <= TARGETS[state] and data <= TARGETS["data_gib"]
+        parts.append(f"{procs}p {state} {first:.0f} s ({cpu:.0f} CPU s)")
+    met = "met" if ok_wall else ("met in CPU seconds only" if ok_cpu else "NOT met")
+    load = os.getloadavg()[0]
     return (
-        f"data_scale N={n}: first step "
-        + ", ".join(parts)
-        + f"; targets (120 s cold, 30 s warm, 2 GiB) {met}"
+        f"data_scale N={n}: first step " + ", ".join(parts) + f"; targets (120 s cold, 30 s warm, "
+        f"2 GiB data per process) {met} (load average {load:.1f} on {os.cpu_count()} CPUs)"
     )
 
 

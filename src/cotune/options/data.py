@@ -77,10 +77,10 @@ class ValidationSubsetOptions:
     """How much of the held-out data training validates on."""
 
     val_max_samples: int = opt(
-        256,
+        64,
         "Training validates (at step 0, every eval_every_steps and each epoch's end) on a seeded "
-        "subset of at most this many held-out samples, the same one each time (0: all of them; "
-        "cotune eval scores the whole test file).",
+        "subset of at most this many held-out samples, the same ones each time, so losses compare "
+        "sample for sample (0: all of them; cotune eval scores the whole test file).",
     )
 
 
