@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PY) bench/serve.py
 	test -f demo_out/run/adapter/adapter_config.json || $(PY) -m cotune demo --workdir demo_out || true  # an adapter for the next bench
 	$(PY) bench/stage_search.py
+	$(PY) bench/data_scale.py  # LLaVA-CoT-100k scale: 100,000 records and JPEGs (kept in /tmp/cotune_data_scale), first step cold/warm, 1 and 2 processes
 	$(PY) bench/qlora_memory.py  # cotune QLoRA vs bf16 LoRA peak memory, 1.3 B model cached under ~/.cache/cotune
 	$(PY) bench/train_bench.py  # last: its last line is the LoRA throughput/memory ratio line, after the QLoRA one
 
