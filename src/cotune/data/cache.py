@@ -313,6 +313,8 @@ def prepare_file(
         The entry, or None when the file's images are not files (bytes in a table): those samples
         are read again each run.
     """
+    if not Path(path).exists():
+        raise FileNotFoundError(f"data file '{path}' not found")
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     if not _collective(world_size):
         rank, world_size = 0, 1
