@@ -168,3 +168,26 @@ def test_training_from_the_cache_gives_the_same_losses_and_adapter(tiny_mllama, 
     assert losses == plain_losses and len(losses) >= 4  # the step-0 validation, 2 steps, the last one
     assert adapter.keys() == plain_adapter.keys()
     assert all(torch.equal(adapter[k], plain_adapter[k]) for k in adapter)
+
+
+def test_the_scale_bench_writes_distinct_photos_and_four_stage_replies(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    from cotune.data.check import stage_problem
+    from cotune.data.records import load_samples
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        import data_scale
+    finally:
+        sys.path.pop(0)
+    train, test = data_scale.write_dataset(tmp_path, 4)
+    samples, problems = load_samples(train)
+    assert not problems and len(samples) == 3 and len(load_samples(test)[0]) == 1
+    pictures = [Image.open(s.images[0]) for s in samples]
+    assert all(p.size == (640, 480) and p.format == "JPEG" for p in pictures)
+    assert len({p.tobytes() for p in pictures}) == 3
+    assert all(stage_problem(s.messages[-1]["content"][0]["text"]) is None for s in samples)
