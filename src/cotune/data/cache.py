@@ -227,6 +227,12 @@ def merge_shards(folder: Path, world_size: int, meta: dict) -> None:
     """Concatenates ``folder/shard-<k>`` (k < world_size) into the entry's files, in order, then
     writes ``meta.json`` (last: an entry without it is incomplete) and removes the shards."""
     shards = [folder / f"shard-{k}" for k in range(world_size)]
+    missing = [s.name for s in shards if not (s / "info.json").exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder}: the shares of {', '.join(missing)} are missing: the data cache folder must be "
+            "shared by every process of the job (set data.cache_dir to a shared folder, or data.cache false)"
+        )
     infos = [json.loads((s / "info.json").read_text()) for s in shards]
     for name in ("status", "rendered", "mentions", "ids", "labels"):
         np.save(folder / f"{name}.npy", np.concatenate([np.load(s / f"{name}.npy") for s in shards]))
