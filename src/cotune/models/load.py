@@ -11,16 +11,8 @@ from typing import Any
 
 import torch
 
+from cotune.models.dtypes import DTYPES
 from cotune.models.families import ModelFamily, family_for
-
-DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
 
 
 def _offline() -> None:
@@ -85,7 +77,13 @@ def load_base_model(
     _offline()
     from transformers import AutoConfig, AutoModelForImageTextToText
 
+    from cotune.models.quant import keep_bitsandbytes_out, let_bitsandbytes_in
+
     path = check_model_dir(path)
+    if quantization:
+        let_bitsandbytes_in()
+    else:
+        keep_bitsandbytes_out()
     config = AutoConfig.from_pretrained(str(path))
     family = family_for(config)
     attention = "sdpa" if sdpa else "eager"
