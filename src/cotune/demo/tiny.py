@@ -45,6 +45,7 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
+from cotune.demo.real_layout import write_real_layout
 from cotune.demo.synthetic import sample_texts
 
 BOS_ID, PAD_ID, IMAGE_ID = 128000, 128004, 128256
@@ -346,6 +347,7 @@ def build_tiny_mllama(
     vision_width: int = 64,
     dtype: torch.dtype = torch.float32,
     intermediate_size: int | None = None,
+    real_layout: bool = False,
 ) -> Path:
     """Writes a tiny random Llama-3.2-Vision (Mllama) checkpoint and its processor to ``out_dir``.
 
@@ -370,6 +372,9 @@ def build_tiny_mllama(
         image_size: Tile side in pixels.
         dtype: Dtype the weights are stored in.
         intermediate_size: Text MLP width (default ``2 * hidden_size``).
+        real_layout: lay the tokenizer, generation and template files out as Llama-3.2-11B-Vision-
+            Instruct's are (no pad token that transformers reads, an eos list, Meta's template
+            quirks): ``cotune.demo.real_layout``.
 
     Returns:
         ``out_dir`` as a ``Path``.
@@ -408,7 +413,8 @@ def build_tiny_mllama(
         size={"height": image_size, "width": image_size}, max_image_tiles=4
     )
     processor = MllamaProcessor(image_processor, tokenizer, chat_template=MLLAMA_CHAT_TEMPLATE)
-    return _save(model, processor, Path(out_dir))
+    path = _save(model, processor, Path(out_dir))
+    return write_real_layout(path) if real_layout else path
 
 
 def build_tiny_llava(
