@@ -32,6 +32,7 @@ def _load(cfg: Any):
         cfg.model_name, specs, cfg.torch_dtype, cfg.device, cfg.tokenizer_name,
         cfg.quantization, cfg.quantization_config,
     )  # fmt: skip
+    processor.date_string = cfg.data.date_string  # the template's date, as training rendered it
     return specs, model, processor, family
 
 

@@ -24,12 +24,34 @@ def _offline() -> None:
 
 
 def check_model_dir(path: str | Path) -> Path:
-    """Raises a clear error unless ``path`` is a local checkpoint directory with a config.json."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
+    """The local checkpoint directory ``path`` names: a directory with a config.json, or a Hub name
+    (``org/model``) already downloaded to the Hugging Face cache (``HF_HUB_CACHE``, else ``HF_HOME/hub``).
+
+    Raises:
+        FileNotFoundError: neither, with what to do (cotune never downloads).
+    """
+    if not (Path(path) / "config.json").is_file():
+        cached = _hub_snapshot(str(path))
+        if cached is not None:
+            return cached
         hint = " (cotune loads local checkpoints only; download it first, or run 'cotune tiny-model DIR')"
         raise FileNotFoundError(f"model directory '{path}' has no config.json{hint}")
-    return path
+    return Path(path)
+
+
+def _hub_snapshot(name: str) -> Path | None:
+    """The cached snapshot of Hub repository ``name``, read from the cache the environment names now."""
+    if name.count("/") != 1 or Path(name).exists():
+        return None
+    from huggingface_hub import snapshot_download
+
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub")
+    try:
+        snapshot = Path(snapshot_download(name, cache_dir=cache, local_files_only=True))
+    except Exception:  # not in the cache (huggingface_hub raises several kinds)
+        return None
+    return snapshot if (snapshot / "config.json").is_file() else None
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
