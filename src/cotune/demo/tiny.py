@@ -335,6 +335,44 @@ def _init_seeded(
         return model.to(dtype)
 
 
+def _mllama_config(
+    hidden_size: int,
+    num_layers: int,
+    cross_attention_layers: tuple[int, ...],
+    vocab_size: int,
+    image_size: int,
+    vision_width: int,
+    intermediate_size: int | None,
+) -> MllamaConfig:
+    """The tiny Mllama's config (see ``build_tiny_mllama`` for the shapes)."""
+    intermediate_layers = [0, 1]
+    vision = MllamaVisionConfig(
+        hidden_size=vision_width,
+        num_hidden_layers=2,
+        num_global_layers=1,
+        attention_heads=4,
+        intermediate_size=2 * vision_width,
+        image_size=image_size,
+        patch_size=8,
+        max_num_tiles=4,
+        intermediate_layers_indices=intermediate_layers,
+        vision_output_dim=vision_width * (len(intermediate_layers) + 1),  # final + intermediate features
+    )
+    text = MllamaTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        cross_attention_layers=list(cross_attention_layers),
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_IDS,
+        pad_token_id=PAD_ID,
+    )
+    return MllamaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID)
+
+
 def build_tiny_mllama(
     out_dir: str | Path,
     seed: int = 0,
@@ -372,39 +410,15 @@ def build_tiny_mllama(
         image_size: Tile side in pixels.
         dtype: Dtype the weights are stored in.
         intermediate_size: Text MLP width (default ``2 * hidden_size``).
-        real_layout: lay the tokenizer, generation and template files out as Llama-3.2-11B-Vision-
-            Instruct's are (no pad token that transformers reads, an eos list, Meta's template
-            quirks): ``cotune.demo.real_layout``.
+        real_layout: tokenizer, generation and template files as Llama-3.2-11B-Vision-Instruct's
+            (``cotune.demo.real_layout``).
 
     Returns:
         ``out_dir`` as a ``Path``.
     """
-    intermediate_layers = [0, 1]
-    vision = MllamaVisionConfig(
-        hidden_size=vision_width,
-        num_hidden_layers=2,
-        num_global_layers=1,
-        attention_heads=4,
-        intermediate_size=2 * vision_width,
-        image_size=image_size,
-        patch_size=8,
-        max_num_tiles=4,
-        intermediate_layers_indices=intermediate_layers,
-        vision_output_dim=vision_width * (len(intermediate_layers) + 1),  # final + intermediate features
-    )
-    text = MllamaTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=intermediate_size or 2 * hidden_size,
-        cross_attention_layers=list(cross_attention_layers),
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_IDS,
-        pad_token_id=PAD_ID,
-    )
-    config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID)
+    config = _mllama_config(
+        hidden_size, num_layers, cross_attention_layers, vocab_size, image_size, vision_width, intermediate_size
+    )  # fmt: skip
     tokenizer = build_tiny_tokenizer()
     model = _init_seeded(
         MllamaForConditionalGeneration, config, seed, dtype, _unreachable_ids(tokenizer), MLLAMA_GATES
@@ -415,6 +429,35 @@ def build_tiny_mllama(
     processor = MllamaProcessor(image_processor, tokenizer, chat_template=MLLAMA_CHAT_TEMPLATE)
     path = _save(model, processor, Path(out_dir))
     return write_real_layout(path) if real_layout else path
+
+
+def _llava_config(
+    vocab_size: int, image_token_id: int, hidden_size: int, num_layers: int, image_size: int
+) -> LlavaConfig:
+    """The tiny LLaVA's config (see ``build_tiny_llava`` for the shapes)."""
+    text = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=2 * hidden_size,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_IDS,
+        pad_token_id=PAD_ID,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=image_size, patch_size=8, projection_dim=32,
+    )  # fmt: skip
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_token_id,
+        image_seq_length=(image_size // 8) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
 
 
 def build_tiny_llava(
@@ -446,28 +489,12 @@ def build_tiny_llava(
     tokenizer = build_tiny_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": [LLAVA_IMAGE_TOKEN]})
     tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=2 * hidden_size,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_IDS,
-        pad_token_id=PAD_ID,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        image_size=image_size, patch_size=8, projection_dim=32,
-    )  # fmt: skip
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN),
-        image_seq_length=(image_size // 8) ** 2,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
+    config = _llava_config(
+        len(tokenizer),
+        tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN),
+        hidden_size,
+        num_layers,
+        image_size,
     )
     model = _init_seeded(LlavaForConditionalGeneration, config, seed, dtype, _unreachable_ids(tokenizer))
     image_processor = CLIPImageProcessorPil(

@@ -176,13 +176,10 @@ def load_base_model(
     _offline()
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from cotune.models.quant import keep_bitsandbytes_out, let_bitsandbytes_in
+    from cotune.models.quant import bitsandbytes_for
 
     path = check_model_dir(path)
-    if quantization:
-        let_bitsandbytes_in()
-    else:
-        keep_bitsandbytes_out()
+    bitsandbytes_for(quantization)
     config = AutoConfig.from_pretrained(str(path))
     family = family_for(config)
     attention = "sdpa" if sdpa else "eager"

@@ -122,6 +122,14 @@ def quantized_layer_counts(model: torch.nn.Module) -> dict[str, int]:
     return counts
 
 
+def bitsandbytes_for(quantization: str) -> None:
+    """Before a base is loaded: bitsandbytes in the process for a quantized one, kept out otherwise."""
+    if quantization:
+        let_bitsandbytes_in()
+    else:
+        keep_bitsandbytes_out()
+
+
 def keep_bitsandbytes_out() -> None:
     """For a process whose base is not quantized: peft loads as if bitsandbytes were not installed.
 
