@@ -567,8 +567,10 @@ def log_step(run: Run, state: LoopState, stats: StepStats, meter: Throughput, ba
         )
         if stats.grad_norm is not None:
             record["grad_norm"] = stats.grad_norm
-        run.metrics.write(**record)
         memory = torch.cuda.max_memory_allocated() / 2**30 if run.dist.device.type == "cuda" else None
+        if memory is not None:
+            record["max_memory_gib"] = round(memory, 3)
+        run.metrics.write(**record)
         run.trackers.log(
             {"train/loss": stats.loss, "train/lr": stats.lr, "train/grad_norm": stats.grad_norm,
              "train/tokens_per_s": tps, "train/epoch": state.epoch, "train/max_memory_gib": memory},
