@@ -68,7 +68,7 @@ if [ "$NGPU" -gt 1 ]; then many=(--low_cpu_fsdp=True); fi  # one host copy of th
 # LoRA, FSDP over every visible GPU
 "$PY" bench/gpu_fsdp.py run fsdp_lora --work "$WORK" --out "$OUT" --device "$DEVICE" --timeout "$LIMIT" -- \
   "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" -m cotune train "${common[@]}" \
-  --enable_fsdp=True "${many[@]}" --output_dir="$WORK/runs/fsdp_lora" "$@"
+  --enable_fsdp=True ${many[@]+"${many[@]}"} --output_dir="$WORK/runs/fsdp_lora" "$@"
 
 # QLoRA on one GPU
 CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-0} "$PY" bench/gpu_fsdp.py run qlora --work "$WORK" --out "$OUT" \

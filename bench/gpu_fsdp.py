@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -178,12 +179,13 @@ def run(args: argparse.Namespace) -> int:
     log = Path(args.work) / f"{args.name}.log"
     start = time.perf_counter()
     with open(log, "w") as sink:
-        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+        # a session of its own: on time-out torchrun's workers go too, and free the GPUs
+        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
         first = first_step_seconds(out_dir / "metrics.jsonl", proc, start, args.timeout)
         try:
             code = proc.wait(timeout=max(1.0, args.timeout - (time.perf_counter() - start)))
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             code = 124
     tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:])

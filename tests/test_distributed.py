@@ -463,3 +463,12 @@ def test_two_torchrun_agents_hybrid_sharding_match_one_process(reference_runs, t
     one = reference_runs["one"]
     _assert_same_metrics(_metrics(out), _metrics(one), rel=1e-4)
     _assert_same_adapter(_adapter(out), _adapter(one), atol=1e-5)
+
+
+def test_a_gpu_process_group_has_a_cpu_backend_for_offloaded_tensors():
+    """fsdp_config.cpu_offload keeps shards and gradients in host memory; clipping and the adapter
+    gather run collectives on them, which NCCL alone cannot (the CPU path is the offload test above)."""
+    from cotune.train.distributed import process_group_backend
+
+    assert process_group_backend(torch.device("cuda", 0)) == "cpu:gloo,cuda:nccl"
+    assert process_group_backend(torch.device("cpu")) == "gloo"

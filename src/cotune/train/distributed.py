@@ -70,7 +70,7 @@ def init_distributed(fsdp: bool = False) -> DistInfo:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    backend = process_group_backend(device)
     if not dist.is_initialized():
         if world > 1:
             dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
@@ -79,6 +79,11 @@ def init_distributed(fsdp: bool = False) -> DistInfo:
     return DistInfo(
         rank=rank, world_size=world, local_rank=local, device=device, local_world_size=local_world
     )
+
+
+def process_group_backend(device: torch.device) -> str:
+    """gloo on CPU; on a GPU nccl for GPU tensors and gloo for the CPU tensors of ``cpu_offload``."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
 def launch_torchrun(argv: list[str], nproc_per_node: int) -> int:

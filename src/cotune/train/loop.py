@@ -263,17 +263,7 @@ def build_model(
         peft_model = add_lora(model, family, cfg.lora_config, from_checkpoint=cfg.from_peft_checkpoint)
     else:  # a full fine-tune: the model's own weights, those the freeze options leave
         peft_model = choose_trainable(model, cfg)
-    if keeps_master_weights(cfg, base_dtype):  # fp32 master weights; autocast / FSDP compute in base_dtype
-        for p in peft_model.parameters():
-            p.data = p.data.float() if p.requires_grad else p.data
-        log(
-            f"full fine-tune in {base_dtype}: trainable weights kept in fp32 (master weights), compute in {base_dtype}"
-        )
-    elif not cfg.use_peft and cfg.pure_bf16 and cfg.fsdp_config.optimizer != "anyprecision":
-        log(
-            "warning: pure_bf16 full fine-tune with AdamW: updates smaller than half a bf16 step are lost; add "
-            "--fsdp_config.optimizer anyprecision (Kahan-compensated) or drop --pure_bf16 (fp32 master weights)"
-        )
+        set_master_weights(peft_model, cfg, base_dtype, log)
     if cfg.gradient_checkpointing and not sharded:  # under FSDP: wrap_fsdp checkpoints the same layers
         distributed.checkpoint_activations(layer_modules(peft_model, family))  # text and vision layers
     peft_model.train()
@@ -283,6 +273,24 @@ def build_model(
         f"model: {cfg.model_name} ({family.name}, {base_dtype}{', ' + cfg.quantization if cfg.quantization else ''}); {what} {trainable:,} of {total:,} parameters"
     )
     return peft_model, family, base_dtype, from_rank0
+
+
+def set_master_weights(
+    model: torch.nn.Module, cfg: TrainConfig, base_dtype: torch.dtype, log: Callable[[str], None]
+) -> None:
+    """A full fine-tune of a bf16 base: its trainable weights become fp32 master weights (the compute
+    stays in ``base_dtype``: autocast, or FSDP's mixed precision); ``pure_bf16`` with AdamW is warned of."""
+    if keeps_master_weights(cfg, base_dtype):
+        for p in model.parameters():
+            p.data = p.data.float() if p.requires_grad else p.data
+        log(
+            f"full fine-tune in {base_dtype}: trainable weights kept in fp32 (master weights), compute in {base_dtype}"
+        )
+    elif cfg.pure_bf16 and cfg.fsdp_config.optimizer != "anyprecision":
+        log(
+            "warning: pure_bf16 full fine-tune with AdamW: updates smaller than half a bf16 step are lost; add "
+            "--fsdp_config.optimizer anyprecision (Kahan-compensated) or drop --pure_bf16 (fp32 master weights)"
+        )
 
 
 def choose_trainable(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
