@@ -87,7 +87,7 @@ _FINGERPRINTS: dict[tuple, tuple[Any, str]] = {}  # (id(processor), family) -> (
 
 def processor_fingerprint(processor: Any, family: ModelFamily) -> str:
     """A hash of everything in the processor that changes token ids: the tokenizer (its whole
-    definition), the chat template, the family's image token and tokens per image."""
+    definition), the chat template and its date, the family's image token and tokens per image."""
     known = _FINGERPRINTS.get((id(processor), family.name))
     if known is not None and known[0] is processor:
         return known[1]
@@ -101,6 +101,7 @@ def processor_fingerprint(processor: Any, family: ModelFamily) -> str:
     )
     template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
     parts = [type(tokenizer).__name__, str(template), family.name, family.image_token]
+    parts.append(str(getattr(processor, "date_string", "")))  # written into image-less conversations
     parts += [
         str(family.tokens_per_image(processor)),
         str(tokenizer.bos_token_id),
