@@ -264,3 +264,45 @@ def test_cli_takes_data_and_refuses_a_missing_file(tmp_path):
     from cotune.cli import main
 
     assert main(["studio", "--data", str(tmp_path / "nope.jsonl")]) == 2
+
+
+def test_decisions_and_uploads_over_http(client, files):
+    import base64
+
+    state = client.get("/api/review/1").json()
+    assert state["attempts"] and state["items"][0]["image_url"].startswith("/api/image/")
+    made = client.post("/api/review/1", json={"key": "r2#0", "decision": "reject"})
+    assert made.status_code == 200 and made.json()["counts"]["reject"] == 1
+    assert client.post("/api/review/1", json={"key": "r2#0", "decision": "maybe"}).status_code == 400
+    assert client.post("/api/review/1", json={"key": "r2#0", "decision": "undo"}).json()["decided"] == 0
+    png = (files["data"].parent / files["records"][0]["image"]).read_bytes()
+    up = client.post(
+        "/api/chat/upload", json={"data": "data:image/png;base64," + base64.b64encode(png).decode()}
+    )
+    assert up.status_code == 200 and up.json()["width"] > 0
+    bad = client.post("/api/chat/upload", json={"data": base64.b64encode(b"not a picture").decode()})
+    assert bad.status_code == 422 and "cannot be decoded" in bad.json()["detail"]
+
+
+@pytest.mark.slow
+def test_chat_through_cotune_serve_answers_as_the_local_model(tmp_path, tiny_mllama, shapes):
+    """The chat's two back ends, one picture and question: a running ``cotune serve`` (OpenAI API,
+    streamed) and the local model (``cotune generate``'s ``respond``) give the same greedy reply."""
+    from cotune.data.images import load_image
+    from cotune.serve.launch import serve_subprocess
+    from cotune.studio.chat import LocalChat, ServeChat
+    from cotune.studio.command import chat_backend
+    from helpers import make_adapter
+
+    adapter = make_adapter(tiny_mllama, tmp_path / "run" / "adapter", seed=5)
+    picture = load_image(sorted((Path(shapes["test"]).parent / "images").glob("*.png"))[0])
+    overrides = [("model_name", str(tiny_mllama)), ("adapter", f"ad={adapter}"), ("max_new_tokens", 12)]
+    parsed = load_options("studio", overrides=overrides)
+    local = chat_backend(parsed.options, parsed.given, [], log=lambda s: None)
+    assert isinstance(local, LocalChat) and local.names() == ["none", "ad"]
+    want = "".join(local.answer("What colour is it?", picture, "ad")).strip()
+    with serve_subprocess(["--model_name", str(tiny_mllama), "--adapter", f"ad={adapter}"]) as (url, _):
+        served = ServeChat(url, cfg=parsed.options)
+        assert "ad" in served.names()
+        got = "".join(served.answer("What colour is it?", picture, "ad")).strip()
+    assert got == want and want

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fastapi import HTTPException, Request  # module level: FastAPI reads the routes' annotations here
+
 from cotune.studio.safety import Folders, Refused, picture_png, png_bytes
 
 STATIC = Path(__file__).parent / "static"
@@ -51,8 +53,6 @@ class Studio:
 
 
 def _pick(items: list, k: int, what: str):
-    from fastapi import HTTPException
-
     if not 0 <= k < len(items):
         raise HTTPException(404, f"no {what} {k}")
     return items[k]
@@ -60,7 +60,7 @@ def _pick(items: list, k: int, what: str):
 
 def build_app(studio: Studio):
     """The FastAPI app over ``studio``."""
-    from fastapi import FastAPI, HTTPException, Request
+    from fastapi import FastAPI
     from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
     app = FastAPI(title="cotune studio", docs_url=None, redoc_url=None, openapi_url=None)
@@ -127,7 +127,6 @@ def build_app(studio: Studio):
 
 
 def _data_routes(app, studio: Studio) -> None:
-    from fastapi import HTTPException
     from fastapi.responses import Response
 
     @app.get("/api/data/{k}")
@@ -153,8 +152,6 @@ def _data_routes(app, studio: Studio) -> None:
 
 
 def _run_routes(app, studio: Studio) -> None:
-    from fastapi import HTTPException
-
     @app.get("/api/runs")
     def runs() -> list:
         return [r.summary() for r in studio.runs]
@@ -169,8 +166,6 @@ def _run_routes(app, studio: Studio) -> None:
 
 
 def _review_routes(app, studio: Studio) -> None:
-    from fastapi import HTTPException, Request
-
     @app.get("/api/review/{k}")
     def review(k: int) -> dict:
         return _pick(studio.queues, k, "review queue").state()
@@ -186,8 +181,6 @@ def _review_routes(app, studio: Studio) -> None:
 
 
 def _chat_routes(app, studio: Studio, StreamingResponse) -> None:
-    from fastapi import HTTPException, Request
-
     @app.get("/api/chat/models")
     def models() -> dict:
         if studio.chat is None:
@@ -249,8 +242,6 @@ def _chat_routes(app, studio: Studio, StreamingResponse) -> None:
 
 def _chat_picture(studio: Studio, body: dict):
     """The picture a chat request names: an upload, a picture under the folders, or none."""
-    from fastapi import HTTPException
-
     from cotune.data.images import load_image
 
     if body.get("upload"):

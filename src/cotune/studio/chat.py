@@ -65,6 +65,11 @@ class LocalChat:
     def describe(self) -> str:
         return f"local model {self.cfg.model_name}"
 
+    def warm(self) -> None:
+        """Loads the model now (the studio starts this in a thread, so the first question does not wait)."""
+        with self._lock:
+            self._model()
+
     def _model(self) -> tuple:
         if self._loaded is None:
             from cotune.infer.adapters import load_model_with_adapters

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,8 @@ def run_studio_command(cfg: Any, given: list[tuple[str, Any]] = (), log=print) -
     url = f"http://{host}:{port}/" + (f"?token={studio.token}" if studio.token else "")
     log(f"cotune studio: {url}  (data {len(studio.data)}, runs {len(studio.runs)}, "
         f"chat: {studio.chat.describe() if studio.chat else 'none'}); Ctrl+C stops it")  # fmt: skip
+    if isinstance(studio.chat, LocalChat):  # loads while the user looks at the data
+        threading.Thread(target=studio.chat.warm, daemon=True).start()
     if s.open_browser:
         import webbrowser
 

@@ -18,7 +18,10 @@ function el(tag, attrs, ...children) {
 async function api(path, options) {
   const response = await fetch(path, options);
   const body = await response.json().catch(() => ({}));
-  if (!response.ok) throw new Error(body.detail || body.error || response.statusText);
+  if (!response.ok) {
+    const why = body.detail || body.error || response.statusText;
+    throw new Error(typeof why === "string" ? why : JSON.stringify(why));
+  }
   return body;
 }
 
@@ -37,7 +40,7 @@ function stagesView(stages, text) {
 }
 
 function picture(url, cls) {
-  return url ? el("img", { class: cls || "picture", src: url, alt: "picture", loading: "lazy" }) : el("div", { class: "muted" }, "(no picture)");
+  return url ? el("img", { class: cls || "picture", src: url, alt: "picture" }) : el("div", { class: "muted" }, "(no picture)");
 }
 
 function chooser(label, items, current, onchange) {

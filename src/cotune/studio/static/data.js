@@ -3,7 +3,7 @@
 Studio.dataState = { file: 0, answer: "", problem: "", text: "", offset: 0 };
 
 function recordCard(k, r) {
-  const card = el("div", { class: "card record", "data-index": r.index },
+  const card = el("div", { class: "card record", "data-index": r.index, "data-id": r.id },
     el("div", { class: "head" }, el("span", {}, r.where), el("span", {}, "id " + r.id),
       r.answer ? el("span", {}, "answer: ", el("b", {}, r.answer)) : null),
     el("div", { class: "pictures" }, r.images.map((u) => picture(u))),
