@@ -195,8 +195,12 @@ def test_answers_page_side_by_side_with_filters(browser, url, files, shots):
         "run",
     ]
     assert [v.text for v in first.find_elements(By.CSS_SELECTOR, ".verdict")] == ["right", "right"]
-    _wait(browser, lambda d: all(d.execute_script(DECODED, ".answer img.picture, img.eval-picture")))
+    _wait(browser, lambda d: all(d.execute_script(DECODED, ".answer img.picture")))
     browser.save_screenshot(str(shots / "answers.png"))
+    browser.find_element(By.CSS_SELECTOR, "details.eval-tables summary").click()
+    _wait(browser, lambda d: d.execute_script(DECODED, "img.eval-picture") == [True])  # a confusion matrix
+    table = browser.find_element(By.CSS_SELECTOR, "table.metrics").text
+    assert "answer accuracy" in table and "25.0%" in table
     browser.find_element(By.ID, "filter-wrong").click()
     _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".answer")) == n - 1)
     browser.find_element(By.ID, "filter-wrong").click()

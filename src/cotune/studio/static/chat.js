@@ -23,7 +23,7 @@ Studio.pages.chat = async function (root) {
   let pictures = [];
   if (Studio.overview.data.length) {
     const d = await api("/api/data/0?limit=24");
-    pictures = (d.records || []).flatMap((r) => r.images.slice(0, 1)).filter(Boolean);
+    pictures = (d.records || []).filter((r) => !r.problems.length).flatMap((r) => r.images.slice(0, 1)).filter(Boolean);
   }
   const shown = el("div", { id: "chat-picture" }, s.preview ? el("img", { class: "picture", src: s.preview }) : el("span", { class: "muted" }, "no picture"));
   const setPicture = (preview, upload, image) => { s.preview = preview; s.upload = upload; s.image = image; fill(shown, el("img", { class: "picture", src: preview })); };

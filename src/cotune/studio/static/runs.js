@@ -118,7 +118,8 @@ Studio.pages.answers = async function (root) {
           (m.reply_shuffled.match(/<CONCLUSION>([\s\S]*?)<\/CONCLUSION>/) || [null, m.reply_shuffled])[1].trim()) : null,
         el("details", {}, el("summary", {}, "reply"), stagesView(m.stages, m.reply)));
     })))));
-  fill(root, el("h2", {}, "Answers"), bar, markdownTables(a.table),
-    el("div", { class: "thumbs" }, a.pictures.map((u) => el("img", { src: u, class: "eval-picture", style: "width:auto;height:260px" }))),
+  fill(root, el("h2", {}, "Answers"), bar,
+    el("details", { class: "eval-tables" }, el("summary", {}, "eval.md: the metrics, per model" + (a.pictures.length ? " (and the pictures eval wrote)" : "")),
+      markdownTables(a.table), el("div", { class: "thumbs" }, a.pictures.map((u) => el("img", { src: u, class: "eval-picture", style: "width:auto;height:260px" })))),
     el("p", { class: "muted" }, `${rows.length} of ${a.rows.length} samples` + (rows.length > 100 ? " (first 100 shown)" : "")), cards);
 };
