@@ -66,7 +66,7 @@ def cmd_train(argv: list[str]) -> int:
     from cotune.train.loop import finetune
 
     if os.environ.get("RANK", "0") == "0":  # before the process group exists: the first process says it
-        for note in cookbook_notes(parsed.given):
+        for note in cookbook_notes(parsed.given, argv):
             print(note)
     finetune(cfg)
     return 0

@@ -319,6 +319,7 @@ def run_eval(cfg: Any, specs: list[AdapterSpec], log=print) -> dict[str, Any]:
         cfg.model_name, specs, cfg.torch_dtype, cfg.device, cfg.tokenizer_name,
         cfg.quantization, cfg.quantization_config,
     )  # fmt: skip
+    processor.date_string = d.date_string  # the template's date, as training rendered it
     samples, problems = load_data_file(cfg, d.test_file, log)
     report_problems(problems, d.on_error, len(samples) + len(problems), log=log)
     if e.limit:
