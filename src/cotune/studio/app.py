@@ -198,13 +198,16 @@ def _chat_routes(app, studio: Studio, StreamingResponse) -> None:
     async def upload(request: Request) -> dict:
         from cotune.data.images import load_image
 
+        if int(request.headers.get("content-length") or 0) > MAX_UPLOAD_BYTES:  # before reading it
+            raise HTTPException(413, f"a picture may be at most {MAX_UPLOAD_BYTES // 2**20} MiB")
         body = await request.body()
         if len(body) > MAX_UPLOAD_BYTES:
             raise HTTPException(413, f"a picture may be at most {MAX_UPLOAD_BYTES // 2**20} MiB")
-        data = json.loads(body).get("data", "")
         try:
-            picture = load_image(base64.b64decode(data.split(",", 1)[-1], validate=True))
-        except ValueError as e:  # the one decoder's reason: not a picture, too large, ...
+            data = str(json.loads(body).get("data", ""))
+            encoded = base64.b64decode(data.split(",", 1)[-1], validate=True)
+            picture = load_image(encoded, name="the uploaded picture")
+        except (ValueError, AttributeError) as e:  # not JSON, not base64, or the one decoder's reason
             raise HTTPException(422, str(e)) from None
         key = uuid.uuid4().hex[:12]
         with studio._lock:
