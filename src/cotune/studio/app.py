@@ -61,7 +61,7 @@ def _pick(items: list, k: int, what: str):
 def build_app(studio: Studio):
     """The FastAPI app over ``studio``."""
     from fastapi import FastAPI
-    from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+    from fastapi.responses import JSONResponse
 
     app = FastAPI(title="cotune studio", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -88,6 +88,17 @@ def build_app(studio: Studio):
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok"}
+
+    _file_routes(app, studio)
+    _data_routes(app, studio)
+    _run_routes(app, studio)
+    _review_routes(app, studio)
+    _chat_routes(app, studio)
+    return app
+
+
+def _file_routes(app, studio: Studio) -> None:
+    from fastapi.responses import FileResponse, Response
 
     @app.get("/")
     def index():
@@ -118,12 +129,6 @@ def build_app(studio: Studio):
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
         return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=600"})
-
-    _data_routes(app, studio)
-    _run_routes(app, studio)
-    _review_routes(app, studio)
-    _chat_routes(app, studio, StreamingResponse)
-    return app
 
 
 def _data_routes(app, studio: Studio) -> None:
@@ -180,7 +185,9 @@ def _review_routes(app, studio: Studio) -> None:
             raise HTTPException(400, str(e)) from None
 
 
-def _chat_routes(app, studio: Studio, StreamingResponse) -> None:
+def _chat_routes(app, studio: Studio) -> None:
+    from fastapi.responses import StreamingResponse
+
     @app.get("/api/chat/models")
     def models() -> dict:
         if studio.chat is None:
@@ -228,19 +235,21 @@ def _chat_routes(app, studio: Studio, StreamingResponse) -> None:
         if search not in ("none", "stage", "best-of-n"):
             raise HTTPException(400, "search must be none, stage or best-of-n")
         names = [str(n) for n in body.get("models", [])] or ["none"]
+        lines = chat_lines(studio.chat, names, question, picture, search)
+        return StreamingResponse(lines, media_type="application/x-ndjson")
 
-        def lines():
-            for name in names:
-                text = []
-                try:
-                    for piece in studio.chat.answer(question, picture, name, search):
-                        text.append(piece)
-                        yield json.dumps({"model": name, "piece": piece}) + "\n"
-                    yield json.dumps({"model": name, "done": True, "text": "".join(text).strip()}) + "\n"
-                except Exception as e:  # one model's failure is shown in its column, the rest go on
-                    yield json.dumps({"model": name, "error": f"{type(e).__name__}: {e}"}) + "\n"
 
-        return StreamingResponse(lines(), media_type="application/x-ndjson")
+def chat_lines(chat, names: list[str], question: str, picture, search: str):
+    """The chat's stream: one JSON line per piece of each model's reply, then its whole reply (or error)."""
+    for name in names:
+        text = []
+        try:
+            for piece in chat.answer(question, picture, name, search):
+                text.append(piece)
+                yield json.dumps({"model": name, "piece": piece}) + "\n"
+            yield json.dumps({"model": name, "done": True, "text": "".join(text).strip()}) + "\n"
+        except Exception as e:  # one model's failure is shown in its column, the rest go on
+            yield json.dumps({"model": name, "error": f"{type(e).__name__}: {e}"}) + "\n"
 
 
 def _chat_picture(studio: Studio, body: dict):
