@@ -302,3 +302,25 @@ def test_chat_through_cotune_serve_answers_as_the_local_model(tmp_path, tiny_mll
         assert "ad" in served.names()
         got = "".join(served.answer("What colour is it?", picture, "ad")).strip()
     assert got == want and want
+
+
+def test_eval_writes_each_answer_with_shuffled_pictures_for_the_answers_page(base, processor, shapes):
+    """``predictions.jsonl``'s ``reply_shuffled_images`` (the Answers page's filter) is the reply to the
+    same prompt with the shuffled pictures, as ``generate`` gives it."""
+    from cotune.data.records import load_samples
+    from cotune.eval.ablation import with_shuffled_images
+    from cotune.eval.evaluate import evaluate_models, first_turn
+    from cotune.infer.generate import generate
+
+    model, family = base
+    samples = load_samples(shapes["test"])[0][:2]
+    results = evaluate_models(
+        model, processor, family, samples, ["none"], batch_size=2, max_new_tokens=4, log=lambda *_: None,
+        image_conditions=("true", "shuffled"),
+    )  # fmt: skip
+    rows = results["predictions"]["none"]
+    shuffled = with_shuffled_images(samples, 0)
+    want = generate(
+        model, processor, family, [(first_turn(s)[0], s.images) for s in shuffled], max_new_tokens=4
+    )
+    assert [r["reply_shuffled_images"] for r in rows] == want
