@@ -175,7 +175,7 @@ def setup(cfg: TrainConfig, log=print) -> Run:
     out = _prepare_output_dir(cfg, dist)
     resume_from = resume.checkpoint_to_resume(out, cfg.resume, dist.is_main)
 
-    processor = load_processor(cfg.tokenizer_name or cfg.model_name)
+    processor = load_processor(cfg.tokenizer_name or cfg.model_name, cfg.data.date_string)
     model, family, base_dtype, from_rank0 = build_model(cfg, dist, sharded, main_log)
     if dist.device.type == "cpu":  # tuned for the steps only: loading (4-bit quantization above all)
         trim_cpu_heap()  # frees temporaries that a tuned heap would keep for the whole run (GiBs)
