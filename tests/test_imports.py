@@ -55,6 +55,7 @@ LAYERS = [
     ("verb: eval", ("cotune.eval",)),
     ("verb: serve", ("cotune.serve",)),
     ("verb: plan", ("cotune.plan",)),
+    ("verb: studio", ("cotune.studio",)),
     ("verb: demo", ("cotune.run_demo",)),
     ("command line", ("cotune.cli", "cotune.__main__")),
 ]
