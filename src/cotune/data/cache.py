@@ -13,9 +13,10 @@ positions) are stored the same way, as UTF-8 bytes plus offsets.
 
 The key (``cache_key``) hashes the data file (path, size, modification time; every file's for a
 folder), the processor (tokenizer, chat template, image token and tokens per image) and every
-option that changes the encoding, so a changed file or setting builds a new entry. An entry is
-written into a temporary folder and renamed into place when complete: a process killed while
-writing leaves no half entry (and its temporary folder is removed by a later build after a day).
+option that changes the encoding (and the source of the modules that encode), so a changed file,
+setting or cotune builds a new entry. An entry is written into a temporary folder and renamed
+into place when complete: a process killed while writing leaves no half entry (and its temporary
+folder is removed by a later build after a day).
 
 Within one job (``torchrun``) each process reads the file, checks the images of and tokenizes its
 contiguous share of the records, writes it as a shard; the first process concatenates the shards
@@ -125,10 +126,19 @@ def encoding_settings(d: Any) -> dict:
     }
 
 
+def code_fingerprint() -> str:
+    """A hash of the modules that turn records into tokens (reading, checks, chat rendering and
+    masking, the max_seq_len policy): a cotune whose encoding changed builds new entries."""
+    digest = hashlib.sha256()
+    for name in ("formats", "sample", "records", "images", "chat", "dataset", "cache", "prepared"):
+        digest.update((Path(__file__).parent / f"{name}.py").read_bytes())
+    return digest.hexdigest()
+
+
 def cache_key(path: str | Path, d: Any, processor_hash: str) -> str:
-    """The entry's name: a hash of the file, the processor and the encoding settings."""
+    """The entry's name: a hash of the file, the processor, the encoding settings and the code."""
     inputs = {"version": CACHE_VERSION, "file": file_fingerprint(path), "settings": encoding_settings(d)}
-    inputs["processor"] = processor_hash
+    inputs["processor"], inputs["code"] = processor_hash, code_fingerprint()
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
 
 
