@@ -64,6 +64,7 @@ from cotune.options.parse import (
 from cotune.options.plan import PlanOptions
 from cotune.options.quant import QuantizationConfig, QuantizationOptions
 from cotune.options.serve import ServeOptions, check_serve
+from cotune.options.sources import ImportOptions, ReasonOptions, check_reason
 from cotune.options.tracking import (
     ProfilingOptions,
     TrackingOptions,
@@ -124,6 +125,8 @@ SECTIONS = {
         Section("preview", "preview", PreviewOptions),
         Section("tiny-model", "tiny_model", TinyModelOptions),
         Section("synth-data", "synth_data", SynthDataOptions),
+        Section("import", "source", ImportOptions),
+        Section("reason", "reason", ReasonOptions, check_reason),
     )
 }
 
@@ -159,8 +162,18 @@ VERBS = {
         (*_TRAIN, "demo"), "cotune demo [CONFIG.yaml] [--workdir DIR] [--n_eval N] [--option value ...]"
     ),
     "data": Verb(
-        ("model", "seed", "data", "system prompt", "augmentation", "preview"),
-        "cotune data check|preview [CONFIG.yaml] DATA [--option value ...]",
+        (
+            "model",
+            "seed",
+            "data",
+            "system prompt",
+            "held-out file",
+            "validation split",
+            "augmentation",
+            "preview",
+        )
+        + ("import", "reason"),
+        "cotune data check|preview|import|reason [CONFIG.yaml] DATA [--option value ...]",
         "DATA",
     ),
     "generate": Verb(

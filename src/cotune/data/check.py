@@ -269,6 +269,10 @@ DATA_USAGE = """usage:
       exit code 1 when any record would be skipped
   cotune data preview [CONFIG.yaml] DATA [--augment 8] [--samples 4] [--out preview.png]
       a PNG grid: a few samples, their augmentations (data.augment.* settings) and rendered text
+  cotune data import SOURCE --output DIR [--kind K] [--question T] [--labels L.csv] [--window W]
+      folders of pictures, tables, COCO/VQA, VLMEvalKit TSV, DICOM -> LLaVA-CoT JSONL + images
+  cotune data reason IN.jsonl --output OUT.jsonl --teacher_url URL [--teacher_model M] [--attempts K]
+      four-stage replies from a teacher, kept when their CONCLUSION gives the known answer
 """
 
 
