@@ -20,6 +20,7 @@ from typing import Any
 from cotune.data.augment import augment_conflicts
 from cotune.data.cot import STAGES, parse_stages
 from cotune.data.records import Problem, Sample, problem_order
+from cotune.data.split import check_split
 
 TAG_HINT = ("<SUMMARY>", "<CONCLUSION>")
 
@@ -45,6 +46,7 @@ class CheckReport:
     lengths: list[int] = field(default_factory=list)
     label_tokens: list[int] = field(default_factory=list)
     model_name: str = ""
+    split: str = ""  # the held-out side training would use: balance, near-duplicates (data/split.py)
 
     @property
     def exit_code(self) -> int:
@@ -126,6 +128,8 @@ def check_data(
     report.images_per_record = Counter(len(s.images) for s in samples)
     _cot_warnings(samples, report)
     report.warnings += [Problem(str(path), c) for c in augment_conflicts(cfg.data.augment, samples)]
+    report.split, duplicates = check_split(cfg, samples)
+    report.warnings += duplicates
     if processor is not None:
         d = cfg.data
         encoded, token_problems, stats = encode_samples(
@@ -178,6 +182,8 @@ def format_report(r: CheckReport) -> str:
         rows.append(("tokens", "not checked (give --model_name to render with the real processor)"))
     if r.cot:
         rows.append(("four-stage format", f"{r.cot_ok} of {r.cot_replies} replies follow it"))
+    if r.split:
+        rows += [("held out" if k == 0 else "", line) for k, line in enumerate(r.split.splitlines())]
     width = max(len(k) for k, _ in rows)
     lines = [f"  {k.ljust(width)}  {v}" for k, v in rows]
     if r.problems:

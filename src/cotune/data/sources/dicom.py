@@ -123,7 +123,7 @@ def dicom_to_8bit(
     colour = int(ds.get("SamplesPerPixel", 1)) == 3
     stack = pixels if n_frames > 1 else pixels[None]
     out = []
-    for k in frames_to_take(n_frames, frames):
+    for k in frames_to_take(n_frames, frames) if n_frames > 1 else [0]:
         frame = stack[k]
         if colour:  # RGB scans (photographs, some ultrasound) are shown as stored
             out.append((k, np.clip(frame, 0, 255).astype(np.uint8)))
