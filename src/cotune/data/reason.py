@@ -101,10 +101,11 @@ def judge(reply: str, job: Job) -> str:
     kind = (
         meta.get("answer_kind") if meta.get("answer_kind") in ("yes_no", "choice", "number", "text") else None
     )
-    question = record_question(job.sample)
-    kind = kind or answer_kind(job.answer, question, options)
+    kind = kind or answer_kind(job.answer, job.question, options)
     conclusion = parse_stages(reply)["CONCLUSION"]
-    ok = match_answer(conclusion, job.answer, kind=kind, question=question, options=options, aliases=aliases)
+    ok = match_answer(
+        conclusion, job.answer, kind=kind, question=job.question, options=options, aliases=aliases
+    )
     return "" if ok else "wrong answer"
 
 
@@ -305,7 +306,7 @@ def _per_class(jobs: list[Job], entries: list[dict]) -> dict[str, list[int]]:
     """answer -> [records, attempts, accepted attempts, records with an accepted attempt]."""
     answers = {j.sample.id: j.answer for j in jobs}
     table: dict[str, list[int]] = {}
-    for rid, answer in answers.items():
+    for answer in answers.values():
         table.setdefault(answer, [0, 0, 0, 0])[0] += 1
     accepted_ids = set()
     for e in entries:
