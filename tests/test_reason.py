@@ -176,7 +176,7 @@ def test_hint_and_prompt_file_go_into_the_prompt(circles, tmp_path):
     teacher = FakeTeacher()
     (tmp_path / "prompt.txt").write_text("MY OWN INSTRUCTIONS")
     try:
-        opts = _opts(teacher.url, hint_answer=True, prompt_file=str(tmp_path / "prompt.txt"), limit=2)
+        opts = _opts(teacher.url, hint_answer=True, prompt_file=str(tmp_path / "prompt.txt"), max_records=2)
         reason_records(circles, tmp_path / "out.jsonl", opts, log=lambda s: None)
     finally:
         teacher.close()

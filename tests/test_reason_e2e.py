@@ -55,7 +55,7 @@ def test_labelled_folder_to_a_reasoning_adapter(tiny_mllama, colour_run, tmp_pat
         "1",
     ]
     with serve_subprocess(serve) as (url, _):
-        opts = ReasonOptions(teacher_url=[f"{url}/v1"], teacher_model="teacher", temperature=0.0,
+        opts = ReasonOptions(teacher_url=[f"{url}/v1"], teacher_model="teacher", teacher_temperature=0.0,
                              max_tokens=120, concurrency=8)  # fmt: skip
         report = reason_records(train.records_file, out, opts, log=print)
     accept_rate = report.attempts[""] / sum(report.attempts.values())

@@ -242,7 +242,7 @@ def _ask_all(
 
     def ask(teacher: Teacher, job: Job):
         content = prompt_content(job, instruction, opts.hint_answer)
-        return teacher.ask(content, opts.max_tokens, opts.temperature, seed + job.attempt)
+        return teacher.ask(content, opts.max_tokens, opts.teacher_temperature, seed + job.attempt)
 
     jobs, results, stop = queue.Queue(), queue.Queue(), threading.Event()
     for job in todo:
@@ -347,7 +347,7 @@ def reason_records(
         raise DataError("no teacher: give --teacher_url http://HOST:PORT/v1 (and --teacher_model NAME)")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     journal = out_path.with_name(out_path.name.removesuffix(".jsonl") + ".attempts.jsonl")
-    jobs, problems = load_jobs(in_path, out_path, data or DataOptions(), opts.attempts, opts.limit, log)
+    jobs, problems = load_jobs(in_path, out_path, data or DataOptions(), opts.attempts, opts.max_records, log)
     report = ReasonReport(
         output=out_path, attempts_file=journal, records=len({j.sample.id for j in jobs}), problems=problems
     )

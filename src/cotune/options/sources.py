@@ -55,15 +55,17 @@ class ReasonOptions:
     hint_answer: bool = opt(False, "Put the known answer in the prompt as a hint (the record says so).")
     concurrency: int = opt(4, "Requests in flight per teacher.", positive=True)
     max_tokens: int = opt(1024, "Longest reply.", positive=True)
-    temperature: float = opt(0.7, "Sampling temperature (attempt k asks with seed+k).")
+    teacher_temperature: float = opt(0.7, "The teacher's sampling temperature (attempt k asks with seed+k).")
     timeout: float = opt(300.0, "Seconds one request may take.", positive=True)
     retries: int = opt(6, "Retries of a request on 429, 5xx, timeouts and lost connections (backoff).")
-    limit: int = opt(0, "Reason over the first N records only (0: all).")
+    max_records: int = opt(0, "Reason over the first N records only (0: all).")
 
 
 def check_reason(r: Any, prefix: str) -> None:
     """Raises ConfigError for a temperature or a retry count out of range."""
-    if not 0.0 <= r.temperature <= 2.0:
-        raise ConfigError(f"option '{prefix}temperature' must be in [0, 2]; got {r.temperature}")
+    if not 0.0 <= r.teacher_temperature <= 2.0:
+        raise ConfigError(
+            f"option '{prefix}teacher_temperature' must be in [0, 2]; got {r.teacher_temperature}"
+        )
     if r.retries < 0:
         raise ConfigError(f"option '{prefix}retries' must be 0 or more; got {r.retries}")
