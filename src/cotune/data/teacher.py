@@ -71,7 +71,10 @@ class Teacher:
     """
 
     def __init__(self, url: str, model: str = "", key: str = "", timeout: float = 300.0, retries: int = 6):
-        import httpx
+        try:
+            import httpx
+        except ImportError:
+            raise TeacherError("cotune data reason needs httpx: pip install 'cotune[teacher]'") from None
 
         self.url = url.rstrip("/").removesuffix("/chat/completions")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
