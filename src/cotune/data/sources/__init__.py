@@ -99,33 +99,33 @@ class ImportReport:
         return "\n".join(lines)
 
 
-def _items(kind: str, source: Path, opts: Any, data: Any, window: Any) -> tuple[Iterator, list[Problem], Any]:
-    """The reader's items, warnings found up front, and a callback for warnings found at the end."""
+def _items(kind: str, source: Path, opts: Any, data: Any, window: Any) -> tuple[Iterator, Callable | None]:
+    """The reader's items, and a callback for the warnings found once they are all read (or None)."""
     root = Path(data.image_root) if data.image_root else (source if source.is_dir() else source.parent)
     if kind == "folder":
         from cotune.data.sources.folder import read_folder
 
-        return read_folder(source, opts.classes, opts.question), [], None
+        return read_folder(source, opts.classes, opts.question), None
     if kind == "table":
         from cotune.data.sources.table import read_table
 
-        return read_table(source, root, data.columns, opts.question), [], None
+        return read_table(source, root, data.columns, opts.question), None
     if kind == "coco":
         from cotune.data.sources.coco import read_coco_captions
 
-        return read_coco_captions(source, root), [], None
+        return read_coco_captions(source, root), None
     if kind == "vqa":
         from cotune.data.sources.coco import read_vqa
 
-        return read_vqa(source, root, opts.annotations), [], None
+        return read_vqa(source, root, opts.annotations), None
     if kind == "vlmeval":
         from cotune.data.sources.vlmeval import read_vlmeval
 
-        return read_vlmeval(source), [], None
+        return read_vlmeval(source), None
     from cotune.data.sources.dicom import Labels, read_dicom, unused_labels
 
     labels = Labels(Path(opts.labels), data.columns, opts.label_key) if opts.labels else None
-    return read_dicom(source, labels, opts.question, window, opts.frames), [], lambda: unused_labels(labels)
+    return read_dicom(source, labels, opts.question, window, opts.frames), lambda: unused_labels(labels)
 
 
 def import_source(
@@ -164,8 +164,8 @@ def import_source(
         kind, why = detect_kind(source)
         log(f"{source}: kind '{kind}' detected ({why}); set --kind to override")
     window = parse_window(opts.window)
-    items, warnings, late_warnings = _items(kind, source, opts, data, window)
-    report = ImportReport(kind=kind, records_file=out / "data.jsonl", warnings=warnings)
+    items, late_warnings = _items(kind, source, opts, data, window)
+    report = ImportReport(kind=kind, records_file=out / "data.jsonl")
     marker = {"source": str(source.resolve()), "kind": kind, "options": vars(opts)}
     with atomic_dir(out) as tmp:
         writer = ImportWriter(tmp, window)
