@@ -369,9 +369,8 @@ def reason_records(
         for t in teachers:
             t.close()
     entries = read_journal(journal)
-    report.attempts = Counter(
-        e["why"] for e in entries if (e["id"], e["attempt"]) in {(j.sample.id, j.attempt) for j in jobs}
-    )
+    wanted = {(j.sample.id, j.attempt) for j in jobs}
+    report.attempts = Counter(e["why"] for e in entries if (e["id"], e["attempt"]) in wanted)
     records = _training_records(jobs, entries)
     write_jsonl_atomic(out_path, records)
     report.accepted_records = len(records)

@@ -11,8 +11,10 @@ a scan), found by a 64-bit difference hash (dHash: the picture in grey shrunk to
 pair of horizontal neighbours, brighter or not). It is written here in a few lines of numpy on PIL
 rather than taken from ``imagehash``: that library's pHash and wavelet hashes pull in scipy and
 PyWavelets, and its dHash is the same dozen lines; dHash survives resizing, recompression and
-brightness changes, which is what an accidental copy goes through. Two hashes within
-``NEAR_BITS`` bits of each other are near-duplicates; pairs are found through exact matches of
+brightness changes, which is what an accidental copy goes through. Two pictures are near-duplicates
+when their hashes are within ``NEAR_BITS`` bits and their 8x8 colour thumbnails within
+``THUMB_TOLERANCE`` levels (dHash sees brightness structure only: a red and a blue circle on white
+hash alike); pairs are found through exact matches of
 hash bands (if two 64-bit hashes differ in at most k bits, one of k+1 bands is identical), so
 the search is not a comparison of every train picture with every test picture.
 """
@@ -25,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from cotune.data.cot import parse_stages
 from cotune.data.images import load_image
@@ -171,7 +174,12 @@ def near_duplicates(
         return hashes[key]
 
     index: dict[tuple[int, int], list[tuple[int, np.ndarray, int]]] = defaultdict(list)
+    n_images = sum(len(s.images) for s in train) + sum(len(s.images) for s in test)
+    bar = tqdm(
+        total=n_images, desc="hashing pictures", unit="image", disable=n_images < 2000, dynamic_ncols=True
+    )
     for i, s in enumerate(train):
+        bar.update(len(s.images))
         for ref in s.images:
             found = hash_of(ref)
             if found is not None:
@@ -179,6 +187,7 @@ def near_duplicates(
                     index[band].append((*found, i))
     pairs = []
     for t in test:
+        bar.update(len(t.images))
         best: tuple[int, int] | None = None
         for ref in t.images:
             found = hash_of(ref)
@@ -193,6 +202,7 @@ def near_duplicates(
                         best = (d, i)
         if best is not None:
             pairs.append((train[best[1]], t, best[0]))
+    bar.close()
     return pairs
 
 
