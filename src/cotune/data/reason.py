@@ -68,6 +68,7 @@ class ReasonReport:
     accepted_records: int = 0
     attempts: Counter = field(default_factory=Counter)  # why -> count ('' = accepted), this run and earlier
     failed: int = 0  # requests that failed after every retry (asked again by a rerun)
+    last_failure: str = ""
     resumed: int = 0
     tokens: int = 0
     problems: list[Problem] = field(default_factory=list)
@@ -269,6 +270,7 @@ def _ask_all(
                 stop.set()
             elif error is not None:
                 report.failed += 1
+                report.last_failure = str(error)
             else:
                 entry = _entry(job, teacher, reply, opts.hint_answer)
                 _append(f, entry)
@@ -390,7 +392,8 @@ def format_reason_report(r: ReasonReport) -> str:
     ]
     if r.failed:
         lines.append(
-            f"failed: {r.failed} requests after every retry (run the same command again to ask them)"
+            f"failed: {r.failed} requests after every retry (run the same command again to ask them); "
+            f"the last: {r.last_failure}"
         )
     width = max((len(a) for a in r.per_class), default=6)
     lines.append(f"\n  {'answer'.ljust(width)}  records  attempts  accepted  rate   records kept")
