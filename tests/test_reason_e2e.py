@@ -54,9 +54,11 @@ def test_labelled_folder_to_a_reasoning_adapter(tiny_mllama, colour_run, tmp_pat
         "--num_threads",
         "1",
     ]
+    # the tiny teacher learnt bare questions, not LLaVA-CoT's instructions: its prompt is the question
+    (tmp_path / "prompt.txt").write_text("{question}")
     with serve_subprocess(serve) as (url, _):
         opts = ReasonOptions(teacher_url=[f"{url}/v1"], teacher_model="teacher", teacher_temperature=0.0,
-                             max_tokens=120, concurrency=8)  # fmt: skip
+                             max_tokens=120, concurrency=8, prompt_file=str(tmp_path / "prompt.txt"))  # fmt: skip
         report = reason_records(train.records_file, out, opts, log=print)
     accept_rate = report.attempts[""] / sum(report.attempts.values())
     print(

@@ -111,9 +111,13 @@ def judge(reply: str, job: Job) -> str:
 
 
 def prompt_content(job: Job, instruction: str, hint: bool) -> list[dict]:
-    """The user message's parts: the pictures, the instruction, the question (and the hint)."""
+    """The user message's parts: the pictures, then the instruction and the question (where the
+    instruction has ``{question}``, there; else after it), then the hint when asked for."""
     parts = [{"type": "image_url", "image_url": {"url": image_data_url(ref)}} for ref in job.sample.images]
-    text = f"{instruction.strip()}\n\nQuestion: {job.question}"
+    if "{question}" in instruction:  # a template: the question goes where it says
+        text = instruction.strip().replace("{question}", job.question)
+    else:
+        text = f"{instruction.strip()}\n\nQuestion: {job.question}"
     if hint:
         text += "\n\n" + HINT.format(answer=job.answer)
     return [*parts, {"type": "text", "text": text}]

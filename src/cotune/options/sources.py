@@ -50,7 +50,11 @@ class ReasonOptions:
     api_key_env: str = opt(
         "COTUNE_TEACHER_API_KEY", "Environment variable holding the teachers' key (else OPENAI_API_KEY)."
     )
-    prompt_file: str = opt("", "The generation prompt (default: cotune's, after LLaVA-CoT's).")
+    prompt_file: str = opt(
+        "",
+        "The generation prompt (default: cotune's, after LLaVA-CoT's); the question goes where it says "
+        "{question}, else after it.",
+    )
     attempts: int = opt(1, "Replies asked per record (each kept in the attempts file).", positive=True)
     hint_answer: bool = opt(False, "Put the known answer in the prompt as a hint (the record says so).")
     concurrency: int = opt(4, "Requests in flight per teacher.", positive=True)
