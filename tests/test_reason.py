@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from cotune.cli import main
-from cotune.data.reason import HINT, Job, judge, read_journal, reason_records
+from cotune.data.reason import HINT, Job, judge, prompt_content, read_journal, reason_records
 from cotune.data.sample import Sample
 from cotune.data.sources import import_source
 from cotune.demo.synthetic import COLOURS
@@ -186,6 +186,11 @@ def test_hint_and_prompt_file_go_into_the_prompt(circles, tmp_path):
         and "Question: What colour is the circle?" in teacher.prompts[0]
     )
     assert all(a["hinted"] for a in read_journal(tmp_path / "out.attempts.jsonl"))
+    # a template places the question itself
+    job = Job(Sample("x", [], meta={}), 0, "Is it red?", "yes", "a.png")
+    assert prompt_content(job, "<Q>{question}</Q> Think.", False) == [
+        {"type": "text", "text": "<Q>Is it red?</Q> Think."}
+    ]
 
 
 def test_a_refused_key_stops_with_one_clear_error(circles, tmp_path, capsys):
