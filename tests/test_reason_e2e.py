@@ -70,7 +70,7 @@ def test_labelled_folder_to_a_reasoning_adapter(tiny_mllama, colour_run, tmp_pat
 
     overrides = [
         ("model_name", str(tiny_mllama)), ("dataset", str(out)), ("data.test_file", str(test.records_file)),
-        ("output_dir", str(tmp_path / "student")), ("num_epochs", "4"), ("run_validation", "False"),
+        ("output_dir", str(tmp_path / "student")), ("num_epochs", "6"), ("run_validation", "False"),
         ("progress", "False"), ("keep_last_checkpoints", "0"),
     ]  # fmt: skip
     student = finetune(load_config(DEMO_CONFIG, overrides), log=lambda *_: None)
@@ -83,6 +83,9 @@ def test_labelled_folder_to_a_reasoning_adapter(tiny_mllama, colour_run, tmp_pat
     results = evaluate_models(model, processor, family, samples, ["student"], batch_size=24, max_new_tokens=120,
                               log=print)  # fmt: skip
     figures = results["models"]["student"]
+    right = {g: sum(p["score"] is not None and p["score"]["correct"] for p in results["predictions"]["student"] if p["gold"] == g)
+             for g in sorted(COLOURS)}  # fmt: skip
+    print(f"held-out pictures answered right, per colour (of 4 each): {right}")
     print(
         f"student on 24 held-out pictures: accuracy {figures['accuracy']:.0%}, four-stage {figures['format_rate']:.0%}"
     )

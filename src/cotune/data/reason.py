@@ -225,7 +225,7 @@ def _worker(
             return
         try:
             results.put((job, teacher, ask(teacher, job), None))
-        except (TeacherError, TeacherUnavailable, OSError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - any failure is reported by the writer, never lost in a thread
             results.put((job, teacher, None, e))
 
 
@@ -274,7 +274,11 @@ def _ask_all(
                 stop.set()
             elif error is not None:
                 report.failed += 1
-                report.last_failure = str(error)
+                report.last_failure = (
+                    f"{type(error).__name__}: {error}"
+                    if not isinstance(error, TeacherUnavailable)
+                    else str(error)
+                )
             else:
                 entry = _entry(job, teacher, reply, opts.hint_answer)
                 _append(f, entry)
