@@ -128,7 +128,10 @@ def check_data(
     report.images_per_record = Counter(len(s.images) for s in samples)
     _cot_warnings(samples, report)
     report.warnings += [Problem(str(path), c) for c in augment_conflicts(cfg.data.augment, samples)]
-    report.split, duplicates = check_split(cfg, samples)
+    held_out = (
+        load_data_file(cfg, cfg.data.test_file, log=None)[0] if getattr(cfg.data, "test_file", "") else None
+    )
+    report.split, duplicates = check_split(cfg, samples, held_out)
     report.warnings += duplicates
     if processor is not None:
         d = cfg.data

@@ -219,23 +219,21 @@ def duplicate_warnings(pairs: list[tuple[Sample, Sample, int]]) -> list[Problem]
 
 
 def check_split(
-    cfg: Any, samples: list[Sample], log: Callable[[str], None] | None = None
+    cfg: Any, samples: list[Sample], held_out: list[Sample] | None = None
 ) -> tuple[str, list[Problem]]:
     """``cotune data check``'s view of the held-out side training would use: the balance of each side
-    and the near-duplicate pictures across them (``data.test_file``, else the seeded split)."""
-    from cotune.data.build import load_data_file
-
+    and the near-duplicate pictures across them (``held_out``: the samples of ``data.test_file``;
+    None: the seeded split of ``samples``)."""
     d = cfg.data
-    if getattr(d, "test_file", ""):
-        train, (test, _) = samples, load_data_file(cfg, d.test_file, log=None)
+    if held_out is not None:
+        train, test, key = samples, held_out, ""
         how = f"held-out file {d.test_file}"
     elif len(samples) >= 2 and hasattr(d, "test_split_ratio"):
         train, test = split_for_training(samples, d.test_split_ratio, d.split_seed, d.split_by, log=None)
-        how = f"seeded split ({d.test_split_ratio:g} held out" + (
-            f", grouped by {d.split_by})" if d.split_by else ")"
-        )
+        how, key = f"seeded split ({d.test_split_ratio:g} held out", d.split_by
+        how += f", grouped by {key})" if key else ")"
     else:
         return "", []
     pairs = near_duplicates(train, test)
-    text = f"{how}\n{class_balance(train, test, d.split_by if not getattr(d, 'test_file', '') else '')}"
+    text = f"{how}\n{class_balance(train, test, key)}"
     return text + f"\nnear-duplicate pictures across the sides: {len(pairs)}", duplicate_warnings(pairs)
