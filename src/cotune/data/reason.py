@@ -19,7 +19,6 @@ the first accepted attempt of each record, and written atomically at the end.
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import threading
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 
 from cotune.data.answers import answer_kind, match_answer
 from cotune.data.cot import follows_format, parse_stages
+from cotune.data.journal import append_line, read_journal, write_jsonl_atomic
 from cotune.data.sample import DataError, Problem, Sample
 from cotune.data.teacher import Teacher, TeacherError, TeacherUnavailable, image_data_url, teacher_key
 
@@ -121,47 +121,6 @@ def prompt_content(job: Job, instruction: str, hint: bool) -> list[dict]:
     if hint:
         text += "\n\n" + HINT.format(answer=job.answer)
     return [*parts, {"type": "text", "text": text}]
-
-
-# ----------------------------------------------------------------------------- the journal
-
-
-def read_journal(path: Path) -> list[dict]:
-    """The attempts written so far; a last line cut short by a kill is removed from the file."""
-    if not path.is_file():
-        return []
-    data = path.read_bytes()
-    keep = data[: data.rfind(b"\n") + 1]  # a line is complete once its newline is on disk
-    if len(keep) != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(len(keep))
-    lines = []
-    for lineno, line in enumerate(keep.decode("utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                lines.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path}:{lineno}: not JSON ({e.msg}); move the file away to start over"
-                ) from None
-    return lines
-
-
-def _append(f, entry: dict) -> None:
-    f.write(json.dumps(entry, ensure_ascii=False) + "\n")
-    f.flush()
-    os.fsync(f.fileno())  # on disk before it counts as done
-
-
-def write_jsonl_atomic(path: Path, records: list[dict]) -> None:
-    """Writes JSON lines to a temporary sibling, fsyncs it, and renames it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -281,7 +240,7 @@ def _ask_all(
                 )
             else:
                 entry = _entry(job, teacher, reply, opts.hint_answer)
-                _append(f, entry)
+                append_line(f, entry)
                 report.attempts[entry["why"]] += 1
                 report.tokens += reply.completion_tokens
                 accepted += entry["accepted"]
