@@ -196,8 +196,6 @@ def test_coco_captions_and_vqa(tmp_path):
 
 # ----------------------------------------------------------------------------- DICOM
 
-pydicom = pytest.importorskip("pydicom")
-
 
 def write_ct(path, values, patient="P1", study="1.2.3.1", sop="1.2.3.1.1", window=None, slope=1.0,
              intercept=-1024.0, photometric="MONOCHROME2"):  # fmt: skip
@@ -226,6 +224,7 @@ def write_ct(path, values, patient="P1", study="1.2.3.1", sop="1.2.3.1.1", windo
 
 
 def test_dicom_window_rescale_frames_labels_and_grouping_keys(tmp_path):
+    pydicom = pytest.importorskip("pydicom")  # the dicom extra (in dev)
     scans = tmp_path / "study"
     scans.mkdir()
     ramp = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)
@@ -279,6 +278,7 @@ def test_dicom_window_rescale_frames_labels_and_grouping_keys(tmp_path):
 
 def _pydicom_8bit(ds, center, width) -> np.ndarray:
     """pydicom's own linear windowing of the rescaled pixels, from its output range to 0-255: the reference."""
+    import pydicom
     from pydicom.pixels import apply_modality_lut, apply_windowing
 
     ds = pydicom.dcmread(ds.filename)
