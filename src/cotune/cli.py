@@ -34,6 +34,8 @@ verbs:
                                              merge the adapter into a standard HF checkpoint
   data check DATA [--model_name M]           validate a dataset as training would (exit 1: bad records)
   data preview DATA [--augment 8]            PNG grid of samples, their augmentations and text
+  data pairs DATA --source attempts|samples|stages [--model_name BASE --adapter DIR] [--out pairs.jsonl]
+                                             preference pairs for train --method dpo
 """
 
 
@@ -169,9 +171,20 @@ def cmd_plan(argv: list[str]) -> int:
 
 
 def cmd_data(argv: list[str]) -> int:
+    if argv and argv[0] == "pairs":  # generates with the model: its body is in infer, above data
+        return cmd_data_pairs(argv[1:])
     from cotune.data.check import run_data_command
 
     return run_data_command(argv)
+
+
+def cmd_data_pairs(argv: list[str]) -> int:
+    parsed = _options("data-pairs", argv)
+    if parsed is None:
+        return 0
+    from cotune.infer.pairs import run_pairs_command
+
+    return run_pairs_command(parsed.options, _one_dir("data-pairs", parsed))
 
 
 VERBS = {
@@ -186,6 +199,7 @@ VERBS = {
     "serve": cmd_serve,
     "plan": cmd_plan,
     "data": cmd_data,
+    "data-pairs": cmd_data_pairs,  # also ``cotune data pairs``
 }
 
 

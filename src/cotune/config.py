@@ -51,6 +51,7 @@ from cotune.options.fields import (
     Section,
     SeedOptions,
 )
+from cotune.options.pairs import PairsOptions
 from cotune.options.parse import (
     ALIASES,
     BOOL_WORDS,
@@ -124,6 +125,7 @@ SECTIONS = {
         Section("preview", "preview", PreviewOptions),
         Section("tiny-model", "tiny_model", TinyModelOptions),
         Section("synth-data", "synth_data", SynthDataOptions),
+        Section("pairs", "pairs", PairsOptions),
     )
 }
 
@@ -190,6 +192,12 @@ VERBS = {
         ("seed", "tiny-model"), "cotune tiny-model [CONFIG.yaml] DIR [--family mllama|llava]", "DIR"
     ),
     "synth-data": Verb(("seed", "synth-data"), "cotune synth-data [CONFIG.yaml] DIR [--n_train N]", "DIR"),
+    "data-pairs": Verb(
+        (*_USE, "seed", "data", "system prompt", "generation", "decoding", "pairs"),
+        "cotune data pairs [CONFIG.yaml] DATA --source attempts|samples|stages [--model_name BASE --adapter DIR] "
+        "[--out pairs.jsonl]",
+        "DATA",
+    ),
 }
 
 CATALOG = Catalog({verb: [SECTIONS[n] for n in v.sections] for verb, v in VERBS.items()})

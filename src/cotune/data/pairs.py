@@ -187,10 +187,9 @@ def with_image_markers(question: str, image: Any) -> str:
 
 def match_pairs(right: list[str], wrong: list[str], per_record: int) -> list[tuple[str, str]]:
     """Up to ``per_record`` (right, wrong) pairs, each reply used as few times as possible (round robin)."""
-    if not right or not wrong:
-        return []
-    n = min(per_record, len(right) * len(wrong))
-    return [(right[k % len(right)], wrong[(k + k // len(right)) % len(wrong)]) for k in range(n)]
+    combos = [(i, j) for i in range(len(right)) for j in range(len(wrong))]
+    combos.sort(key=lambda ij: ((ij[1] - ij[0]) % len(wrong), ij[0]))  # diagonals first: each reply once
+    return [(right[i], wrong[j]) for i, j in combos[:per_record]]
 
 
 def pairs_from_attempts(path: str | Path, per_record: int = 1) -> tuple[list[dict], list[Problem]]:
@@ -228,6 +227,19 @@ def pairs_from_attempts(path: str | Path, per_record: int = 1) -> tuple[list[dic
                 pair_record(pid, o.get("image"), question, c, r, answer=o.get("answer"), source="attempts")
             )
     return out, problems
+
+
+def rebase_images(record: dict, source_dir: str | Path, out_dir: str | Path) -> dict:
+    """``record`` with its image paths (relative to ``source_dir``, or absolute) made relative to
+    ``out_dir``, where the pairs file goes: the file is read with its own folder as the image root."""
+
+    def move(ref: Any) -> Any:
+        if not isinstance(ref, str) or not ref or "://" in ref:
+            return ref
+        return os.path.relpath(os.path.join(source_dir, ref), out_dir)
+
+    image = record.get("image")
+    return {**record, "image": [move(r) for r in image] if isinstance(image, list) else move(image)}
 
 
 def _unique(texts: list[str]) -> list[str]:
