@@ -127,12 +127,13 @@ def main() -> None:
     p.add_argument("--n_eval", type=int, default=60)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tag", default="dpo", help="names the pairs file and the DPO run (variants)")
+    p.add_argument("--pairs", default="", help="an existing pairs file (beside the pictures) instead of sampling")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0, work = time.perf_counter(), Path(args.workdir)
     model_dir, sft = sft_adapter(work)
     data = presence_data(work, args.records, args.n_eval)
-    pairs = data["dir"] / f"pairs_{args.tag}.jsonl"  # beside the pictures it names
+    pairs = Path(args.pairs) if args.pairs else data["dir"] / f"pairs_{args.tag}.jsonl"  # beside the pictures
     n_pairs = make_pairs(model_dir, sft, data["train"], pairs, args)
     t_pairs = time.perf_counter() - t0
     print(f"{n_pairs} pairs from {args.records} records x {args.n} samples ({t_pairs:.0f} s)")

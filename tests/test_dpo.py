@@ -45,7 +45,7 @@ def _gold_pairs(shapes: dict, n: int = 12) -> list[dict]:
 def pairs_file(shapes):
     """A cotune pairs file beside the synthetic pictures (their folder is its image root)."""
     path = Path(shapes["train"]).parent / "dpo_pairs.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in _gold_pairs(shapes)))
+    path.write_text("".join(json.dumps(p) + "\n" for p in _gold_pairs(shapes, 8)))
     return path
 
 
@@ -191,7 +191,9 @@ def test_dpo_loss_and_rewards_equal_trl_formula_on_a_fixed_batch(base, processor
     with torch.no_grad():
         pi = _reference_logps(peft, inputs)
     expected = -F.logsigmoid(beta * ((pi[:2] - pc) - (pi[2:] - pr)))  # pc, pr: the saved adapter's log-probs
-    assert float(loss_sum) == pytest.approx(float(expected.sum()), abs=1e-3)  # ~1e-3: differences of sums of ~1e3, as above
+    assert float(loss_sum) == pytest.approx(
+        float(expected.sum()), abs=1e-3
+    )  # ~1e-3: differences of sums of ~1e3, as above
     peft.delete_adapter("reference")
 
 
@@ -211,15 +213,15 @@ def _rows(run: Path, key: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def dpo_run(tiny_mllama, pairs_file, tmp_path_factory):
-    """6 uninterrupted DPO steps (10 micro-batches, accumulation 2) from a fresh adapter, the base as the reference."""
+    """4 uninterrupted DPO steps (6 micro-batches over 2 epochs, accumulation 2) from a fresh adapter, the base as the reference."""
     out = tmp_path_factory.mktemp("dpo") / "full"
-    _in_process(_flags(tiny_mllama, pairs_file, out, 10, gradient_accumulation_steps=2))
+    _in_process(_flags(tiny_mllama, pairs_file, out, 6, gradient_accumulation_steps=2))
     return out
 
 
 def test_first_step_is_ln2_the_run_learns_and_logs_rewards(dpo_run):
     steps = _rows(dpo_run, "loss")
-    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]  # 2 epochs of 5 batches, groups of 2
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]  # 2 epochs of 3 batches, groups of 2
     assert steps[0]["loss"] == pytest.approx(LN2, rel=1e-6)  # the adapter starts equal to its reference
     assert steps[0]["rewards_margin"] == 0.0
     evals = _rows(dpo_run, "eval_loss")
@@ -230,10 +232,11 @@ def test_first_step_is_ln2_the_run_learns_and_logs_rewards(dpo_run):
     assert set(_adapter(dpo_run)) == set(_adapter(dpo_run, "best_adapter"))
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_where_the_uninterrupted_one_does(dpo_run, tiny_mllama, pairs_file, tmp_path):
     out = tmp_path / "resumed"
-    _in_process(_flags(tiny_mllama, pairs_file, out, 4, gradient_accumulation_steps=2))  # stops at step 2
-    _in_process(_flags(tiny_mllama, pairs_file, out, 10, gradient_accumulation_steps=2, resume="auto"))
+    _in_process(_flags(tiny_mllama, pairs_file, out, 4, gradient_accumulation_steps=2))  # step 3, in epoch 1
+    _in_process(_flags(tiny_mllama, pairs_file, out, 6, gradient_accumulation_steps=2, resume="auto"))
     a, b = _rows(out, "loss"), _rows(dpo_run, "loss")
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-9)
     _assert_same_adapter(_adapter(out), _adapter(dpo_run), atol=0)
@@ -285,3 +288,27 @@ def test_on_policy_pairs_pair_right_with_wrong_and_skip_records_without_both(sha
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [(gold_reply, wrong), (gold_reply, broken)]
     assert pairs[0]["right"] == 1 and pairs[0]["sampled"] == 4
     assert pairs_of_replies(sample, [gold_reply, gold_reply], per_record=3) == []
+
+
+def test_stage_pairs_differ_in_one_stage_and_need_a_right_search(shapes):
+    from cotune.data.cot import parse_stages
+    from cotune.data.records import load_samples
+    from cotune.infer.pairs import stage_pairs_of
+
+    sample = load_samples(shapes["train"])[0][0]
+    gold = sample.meta["answer"]
+    stage = lambda name, text: f"<{name}> {text} </{name}>\n\n"  # noqa: E731
+    steps = [
+        dict(stage="SUMMARY", candidates=[stage("SUMMARY", "plan"), stage("SUMMARY", "plan")], valid=[True, True], winner=0),
+        dict(stage="CAPTION", candidates=[stage("CAPTION", "bad"), stage("CAPTION", "good"), "no tags"], valid=[True, True, False], winner=1),
+        dict(stage="REASONING", candidates=[stage("REASONING", "so")], valid=[True], winner=0),
+        dict(stage="CONCLUSION", candidates=[f"<CONCLUSION> {gold} </CONCLUSION>", "<CONCLUSION> nope </CONCLUSION>"], valid=[True, True], winner=0),
+    ]  # fmt: skip
+    pairs = stage_pairs_of(sample, steps, per_record=4)
+    assert [p["stage"] for p in pairs] == ["CAPTION", "CONCLUSION"]  # SUMMARY's loser equals its winner
+    for p in pairs:
+        c, r = parse_stages(p["chosen"]), parse_stages(p["rejected"])
+        assert [s for s in c if c[s] != r[s]] == [p["stage"]]
+    assert parse_stages(pairs[0]["rejected"])["CAPTION"] == "bad"
+    steps[3]["winner"] = 1  # the search ended wrong: no pair teaches its chain
+    assert stage_pairs_of(sample, steps, per_record=4) == []

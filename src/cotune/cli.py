@@ -34,7 +34,7 @@ verbs:
                                              merge the adapter into a standard HF checkpoint
   data check DATA [--model_name M]           validate a dataset as training would (exit 1: bad records)
   data preview DATA [--augment 8]            PNG grid of samples, their augmentations and text
-  data pairs DATA --source attempts|samples|stages [--model_name BASE --adapter DIR] [--out pairs.jsonl]
+  data pairs DATA --source attempts|samples|stages [--model_name BASE --adapter DIR] [--pairs_file pairs.jsonl]
                                              preference pairs for train --method dpo
 """
 

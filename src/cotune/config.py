@@ -195,7 +195,7 @@ VERBS = {
     "data-pairs": Verb(
         (*_USE, "seed", "data", "system prompt", "generation", "decoding", "pairs"),
         "cotune data pairs [CONFIG.yaml] DATA --source attempts|samples|stages [--model_name BASE --adapter DIR] "
-        "[--out pairs.jsonl]",
+        "[--pairs_file pairs.jsonl]",
         "DATA",
     ),
 }

@@ -199,10 +199,10 @@ def run_pairs_command(cfg: Any, data: str, log=print) -> int:
     p = cfg.pairs
     if p.source == "attempts":
         records, problems = pairs_from_attempts(data, per_record=p.per_record)
-        records = [rebase_images(r, Path(data).parent, Path(p.out).parent) for r in records]
+        records = [rebase_images(r, Path(data).parent, Path(p.pairs_file).parent) for r in records]
         report_problems(problems, cfg.data.on_error, len(records) + len(problems), log=log)
-        write_jsonl(p.out, records)
-        log(f"{len(records)} pairs (accepted vs rejected attempts) written to {p.out}")
+        write_jsonl(p.pairs_file, records)
+        log(f"{len(records)} pairs (accepted vs rejected attempts) written to {p.pairs_file}")
         return 0 if records else 1
     from cotune.infer.adapters import load_model_with_adapters, parse_adapter_specs
 
@@ -211,7 +211,7 @@ def run_pairs_command(cfg: Any, data: str, log=print) -> int:
         data, d.image_root, d.system_prompt, fmt=d.format, columns=d.columns, log=log
     )
     report_problems(problems, d.on_error, len(samples) + len(problems), log=log)
-    samples = samples[: p.limit] if p.limit else samples
+    samples = samples[: p.max_records] if p.max_records else samples
     specs = parse_adapter_specs(cfg.adapter)
     model, processor, family = load_model_with_adapters(
         cfg.model_name,
@@ -227,9 +227,9 @@ def run_pairs_command(cfg: Any, data: str, log=print) -> int:
     if p.source == "samples":
         chunks = functools.partial(
             on_policy_pairs, model, processor, family, samples, n=p.n, per_record=p.per_record,
-            batch_size=p.batch_size, **common,
+            batch_size=p.records_per_batch, **common,
         )  # fmt: skip
-        total = -(-len(samples) // p.batch_size)
+        total = -(-len(samples) // p.records_per_batch)
     else:
         chunks = functools.partial(
             stage_search_pairs,
@@ -242,6 +242,6 @@ def run_pairs_command(cfg: Any, data: str, log=print) -> int:
             **common,
         )
         total = len(samples)
-    out, n = build_pairs(p.out, lambda skip: chunks(skip=skip), total, log=log)
+    out, n = build_pairs(p.pairs_file, lambda skip: chunks(skip=skip), total, log=log)
     log(f"{n} pairs from {len(samples)} records ({p.source}) written to {out}")
     return 0 if n else 1

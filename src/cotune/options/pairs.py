@@ -18,8 +18,10 @@ class PairsOptions:
         "or stages (stage search: the winning vs a losing candidate of one stage, the rest the same).",
         choices=("attempts", "samples", "stages"),
     )
-    out: str = opt("pairs.jsonl", "Where the pairs go (JSON lines, cotune's pair layout).")
+    pairs_file: str = opt(
+        "pairs.jsonl", "Where the pairs go (JSON lines, cotune's pair layout; image paths relative to it)."
+    )
     n: int = opt(4, "samples: replies sampled per record; stages: candidates per stage.", positive=True)
     per_record: int = opt(1, "At most this many pairs per record.", positive=True)
-    limit: int = opt(0, "Use the first N records only (0: all).")
-    batch_size: int = opt(8, "samples: records sampled together in one generation batch.", positive=True)
+    max_records: int = opt(0, "Use the first N records only (0: all).")
+    records_per_batch: int = opt(8, "samples: records sampled together in one generation batch.", positive=True)
