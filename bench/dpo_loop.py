@@ -75,6 +75,26 @@ def make_pairs(model_dir: Path, sft: Path, train_file: Path, out: Path, args, lo
     return n
 
 
+def rechoose(pairs_file: Path, train_file: Path, out: Path) -> int:
+    """The pairs of ``pairs_file`` with each record's own reply as the chosen one (the same sampled
+    wrong replies; ``cotune data pairs --chosen reference`` without sampling again)."""
+    from cotune.data.pairs import write_jsonl
+    from cotune.infer.pairs import reference_reply
+
+    by_id = {s.id: s for s in load_samples(train_file)[0]}
+    seen, records = set(), []
+    for line in open(pairs_file):
+        p = json.loads(line)
+        rid = p["id"].split("#")[0]
+        ref = reference_reply(by_id[rid])
+        if p["rejected"].strip() in seen or p["rejected"].strip() == ref.strip():
+            continue
+        seen.add(p["rejected"].strip())
+        records.append({**p, "chosen": ref, "chosen_from": "reference"})
+    write_jsonl(out, records)
+    return len(records)
+
+
 def train_dpo(model_dir: Path, sft: Path, pairs: Path, run: Path, args, log=print) -> Path:
     """DPO from the SFT adapter, the SFT adapter as the frozen reference."""
     if (run / "adapter" / "adapter_model.safetensors").is_file():
@@ -104,9 +124,14 @@ def held_out(model_dir: Path, adapters: dict[str, Path], test_file: Path, n: int
 
 
 def table(figures: dict) -> str:
-    rows = ["| adapter | accuracy, true / shuffled / blank pictures | four-stage format | loss |", "|---|---|---|---|"]
+    rows = [
+        "| adapter | accuracy, true / shuffled / blank pictures | four-stage format | loss |",
+        "|---|---|---|---|",
+    ]
     for name, m in figures["held_out"].items():
-        acc = " / ".join(f"{m[k]:.0%}" for k in ("accuracy", "accuracy_shuffled_images", "accuracy_blank_images"))
+        acc = " / ".join(
+            f"{m[k]:.0%}" for k in ("accuracy", "accuracy_shuffled_images", "accuracy_blank_images")
+        )
         rows.append(f"| {name} | {acc} | {m['format_rate']:.0%} | {m['loss']:.3f} |")
     return "\n".join(rows)
 
@@ -127,14 +152,21 @@ def main() -> None:
     p.add_argument("--n_eval", type=int, default=60)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tag", default="dpo", help="names the pairs file and the DPO run (variants)")
-    p.add_argument("--pairs", default="", help="an existing pairs file (beside the pictures) instead of sampling")
+    p.add_argument(
+        "--pairs", default="", help="an existing pairs file (beside the pictures) instead of sampling"
+    )
+    p.add_argument("--rechoose", action="store_true", help="with --pairs: the records' own replies as chosen")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0, work = time.perf_counter(), Path(args.workdir)
     model_dir, sft = sft_adapter(work)
     data = presence_data(work, args.records, args.n_eval)
     pairs = Path(args.pairs) if args.pairs else data["dir"] / f"pairs_{args.tag}.jsonl"  # beside the pictures
-    n_pairs = make_pairs(model_dir, sft, data["train"], pairs, args)
+    if args.rechoose:
+        source, pairs = pairs, data["dir"] / f"pairs_{args.tag}.jsonl"
+        n_pairs = rechoose(source, data["train"], pairs)
+    else:
+        n_pairs = make_pairs(model_dir, sft, data["train"], pairs, args)
     t_pairs = time.perf_counter() - t0
     print(f"{n_pairs} pairs from {args.records} records x {args.n} samples ({t_pairs:.0f} s)")
     dpo = train_dpo(model_dir, sft, pairs, work / f"run_{args.tag}", args)

@@ -288,6 +288,9 @@ def test_on_policy_pairs_pair_right_with_wrong_and_skip_records_without_both(sha
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [(gold_reply, wrong), (gold_reply, broken)]
     assert pairs[0]["right"] == 1 and pairs[0]["sampled"] == 4
     assert pairs_of_replies(sample, [gold_reply, gold_reply], per_record=3) == []
+    # the record's own reply as the chosen one: every wrong sample gets a pair, even with no right one
+    pairs = pairs_of_replies(sample, [wrong, broken, wrong], per_record=3, chosen="reference")
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [(gold_reply, wrong), (gold_reply, broken)]
 
 
 def test_stage_pairs_differ_in_one_stage_and_need_a_right_search(shapes):

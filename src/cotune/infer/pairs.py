@@ -72,18 +72,40 @@ def _image_field(sample: Sample) -> Any:
     return refs[0] if len(refs) == 1 else refs
 
 
-def pairs_of_replies(sample: Sample, replies: list[str], per_record: int) -> list[dict]:
-    """Right vs wrong replies of one record as pair records (none when all are right or all wrong)."""
+def reference_reply(sample: Sample) -> str | None:
+    """The record's own first reply (its known-good answer), or None."""
+    reply = next((m for m in sample.messages if m["role"] == "assistant"), None)
+    return "".join(i.get("text", "") for i in reply["content"]) if reply else None
+
+
+def pairs_of_replies(
+    sample: Sample, replies: list[str], per_record: int, chosen: str = "sampled"
+) -> list[dict]:
+    """Right vs wrong replies of one record as pair records.
+
+    Args:
+        sample: the record (its known answer decides right and wrong).
+        replies: the adapter's sampled replies to it.
+        per_record: at most this many pairs.
+        chosen: 'sampled' pairs a right sample with a wrong one (none when all are right or all
+            wrong); 'reference' pairs the record's own reply with each wrong sample (a sample that
+            is right by its conclusion may still reason wrongly on the way).
+    """
     gold = gold_answer(sample)
     if gold is None:
         return []
     _, question = prompt_of(sample)
     right = list(dict.fromkeys(r for r in replies if reply_is_right(r, gold, question)))
     wrong = list(dict.fromkeys(r for r in replies if not reply_is_right(r, gold, question)))
+    n_right = len(right)
+    if chosen == "reference":
+        ref = reference_reply(sample)
+        right = [ref] if ref else []
+        wrong = [w for w in wrong if w.strip() != (ref or "").strip()]
     out = []
     for k, (c, r) in enumerate(match_pairs(right, wrong, per_record)):
         rid = sample.id if k == 0 else f"{sample.id}#{k}"
-        meta = dict(answer=gold, source="samples", right=len(right), sampled=len(replies))
+        meta = dict(answer=gold, source="samples", chosen_from=chosen, right=n_right, sampled=len(replies))
         out.append(pair_record(rid, _image_field(sample), question, c, r, **meta))
     return out
 
@@ -91,7 +113,7 @@ def pairs_of_replies(sample: Sample, replies: list[str], per_record: int) -> lis
 def on_policy_pairs(
     model: Any, processor: Any, family: Any, samples: list[Sample], n: int = 4, per_record: int = 1,
     batch_size: int = 8, max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
-    skip: int = 0,
+    skip: int = 0, chosen: str = "sampled",
 ) -> Iterator[tuple[int, list[dict]]]:  # fmt: skip
     """Yields (batch index, pairs) per batch of ``batch_size`` records: ``n`` sampled replies each.
 
@@ -109,7 +131,7 @@ def on_policy_pairs(
         )  # fmt: skip
         pairs = []
         for i, s in enumerate(batch):
-            pairs += pairs_of_replies(s, replies[i * n : (i + 1) * n], per_record)
+            pairs += pairs_of_replies(s, replies[i * n : (i + 1) * n], per_record, chosen)
         yield b, pairs
 
 
@@ -227,7 +249,7 @@ def run_pairs_command(cfg: Any, data: str, log=print) -> int:
     if p.source == "samples":
         chunks = functools.partial(
             on_policy_pairs, model, processor, family, samples, n=p.n, per_record=p.per_record,
-            batch_size=p.records_per_batch, **common,
+            batch_size=p.records_per_batch, chosen=p.chosen, **common,
         )  # fmt: skip
         total = -(-len(samples) // p.records_per_batch)
     else:

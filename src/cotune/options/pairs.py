@@ -22,6 +22,15 @@ class PairsOptions:
         "pairs.jsonl", "Where the pairs go (JSON lines, cotune's pair layout; image paths relative to it)."
     )
     n: int = opt(4, "samples: replies sampled per record; stages: candidates per stage.", positive=True)
+    chosen: str = opt(
+        "sampled",
+        "samples: the chosen reply is a right sample ('sampled', pairs only where samples disagree) or the "
+        "record's own reply ('reference', against every wrong sample: a sample right by its conclusion "
+        "may reason wrongly on the way).",
+        choices=("sampled", "reference"),
+    )
     per_record: int = opt(1, "At most this many pairs per record.", positive=True)
     max_records: int = opt(0, "Use the first N records only (0: all).")
-    records_per_batch: int = opt(8, "samples: records sampled together in one generation batch.", positive=True)
+    records_per_batch: int = opt(
+        8, "samples: records sampled together in one generation batch.", positive=True
+    )
