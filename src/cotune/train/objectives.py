@@ -122,10 +122,21 @@ class SFT:
         loss_sum, _ = loss_model(**inputs)
         return loss_sum, {}
 
-    def validate(self, loss_model, loader, model_inputs, cfg, device, stand_in, warn, stages_of):
+    def validate(
+        self,
+        loss_model,
+        loader,
+        model_inputs,
+        cfg,
+        device,
+        stand_in,
+        warn,
+        stages_of,
+        base_dtype=torch.float32,
+    ):
         """(loss, loss per stage, no extra statistics): ``step.validation_loss``."""
         loss, by_stage = validation_loss(
-            loss_model, loader, model_inputs, cfg, device, stand_in, warn, stages_of
+            loss_model, loader, model_inputs, cfg, device, stand_in, warn, stages_of, base_dtype=base_dtype
         )
         return loss, by_stage, {}
 
@@ -179,9 +190,22 @@ class DPO:
         }
         return anchor + losses.sum(), {k: v.double() for k, v in stats.items()}
 
-    def validate(self, loss_model, loader, model_inputs, cfg, device, stand_in, warn, stages_of=None):
+    def validate(
+        self,
+        loss_model,
+        loader,
+        model_inputs,
+        cfg,
+        device,
+        stand_in,
+        warn,
+        stages_of=None,
+        base_dtype=torch.float32,
+    ):
         """(mean DPO loss over the held-out pairs of every rank, no stages, the mean ``DPO_STATS``)."""
-        return preference_validation(self, loss_model, loader, model_inputs, cfg, device, stand_in, warn)
+        return preference_validation(
+            self, loss_model, loader, model_inputs, cfg, device, stand_in, warn, base_dtype
+        )
 
 
 def preference_validation(
@@ -193,6 +217,7 @@ def preference_validation(
     device: torch.device,
     stand_in: dict | None = None,
     warn: Callable[[str], None] | None = None,
+    base_dtype: torch.dtype = torch.float32,
 ) -> tuple[float, dict, dict[str, float]]:
     """The DPO loss and statistics over held-out pairs (at most ``cfg.max_eval_step`` batches).
 
@@ -206,7 +231,7 @@ def preference_validation(
             if cfg.max_eval_step and i >= cfg.max_eval_step:
                 break
             for usable in usable_batches([batch], stand_in, warn, "validation skipped"):
-                with autocast(cfg, device):
+                with autocast(cfg, device, base_dtype):
                     loss_sum, stats = objective.loss_sum(loss_model, model_inputs(usable), usable)
                 row = [loss_sum.double(), torch.tensor(float(objective.units(usable)), dtype=torch.float64)]
                 row += [stats.get(k, torch.zeros((), dtype=torch.float64)) for k in DPO_STATS]
