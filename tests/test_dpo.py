@@ -235,7 +235,7 @@ def test_first_step_is_ln2_the_run_learns_and_logs_rewards(dpo_run):
 @pytest.mark.slow
 def test_resumed_run_ends_where_the_uninterrupted_one_does(dpo_run, tiny_mllama, pairs_file, tmp_path):
     out = tmp_path / "resumed"
-    _in_process(_flags(tiny_mllama, pairs_file, out, 4, gradient_accumulation_steps=2))  # step 3, in epoch 1
+    _in_process(_flags(tiny_mllama, pairs_file, out, 5, gradient_accumulation_steps=2))  # ends in epoch 1
     _in_process(_flags(tiny_mllama, pairs_file, out, 6, gradient_accumulation_steps=2, resume="auto"))
     a, b = _rows(out, "loss"), _rows(dpo_run, "loss")
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-9)
