@@ -6,9 +6,10 @@ validation loss, the losses so far) and calls named steps, each a function of th
 state: ``train_step`` (one optimizer step over an accumulation group), ``log_step``, ``validate``
 and ``checkpoint``. No step keeps state of its own.
 
-Loss convention: every optimizer step minimises the mean cross-entropy over all label tokens of
-the step (all micro-batches, all ranks). Each micro-batch's summed loss is divided by that global
-token count before backward, so gradient accumulation and data parallelism give the same update
+Loss convention: every optimizer step minimises the mean of the objective (``train/objectives.py``,
+``cfg.method``: SFT's cross-entropy per label token, DPO's loss per pair) over all its units in the
+step (all micro-batches, all ranks). Each micro-batch's summed loss is divided by that global
+count of units before backward, so gradient accumulation and data parallelism give the same update
 as one large batch.
 """
 
