@@ -107,6 +107,37 @@ def test_pairs_from_attempts_pair_accepted_with_rejected_of_the_same_record(tmp_
     ]
     assert pairs[0]["conversations"] == [{"from": "human", "value": "<image>\nQ?"}]
 
+    # the verb: an image outside the pairs file's folder is named by its absolute path; the file reads
+    # back as training data with an image root that holds it
+    from PIL import Image
+
+    from cotune.cli import main
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    out = tmp_path / "pairs" / "p.jsonl"
+    assert (
+        main(
+            [
+                "data",
+                "pairs",
+                str(path),
+                "--source",
+                "attempts",
+                "--per_record",
+                "2",
+                "--pairs_file",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    read, problems = read_pairs(out, image_root=str(tmp_path))
+    assert (
+        len(read) == 2
+        and not problems
+        and json.loads(out.read_text().splitlines()[0])["image"] == str(tmp_path / "x.png")
+    )
+
 
 def _reference_logps(model, inputs: dict) -> torch.Tensor:
     """Summed reply log-probs per row from the full logits of an HF forward (independent of cotune's loss)."""

@@ -231,12 +231,16 @@ def pairs_from_attempts(path: str | Path, per_record: int = 1) -> tuple[list[dic
 
 def rebase_images(record: dict, source_dir: str | Path, out_dir: str | Path) -> dict:
     """``record`` with its image paths (relative to ``source_dir``, or absolute) made relative to
-    ``out_dir``, where the pairs file goes: the file is read with its own folder as the image root."""
+    ``out_dir``, where the pairs file goes: the file is read with its own folder as the image root.
+    An image outside that folder keeps an absolute path (then train with ``data.image_root`` set to a
+    folder that holds it)."""
 
     def move(ref: Any) -> Any:
         if not isinstance(ref, str) or not ref or "://" in ref:
             return ref
-        return os.path.relpath(os.path.join(source_dir, ref), out_dir)
+        where = os.path.abspath(os.path.join(source_dir, ref))
+        rel = os.path.relpath(where, out_dir)
+        return where if rel.startswith("..") else rel
 
     image = record.get("image")
     return {**record, "image": [move(r) for r in image] if isinstance(image, list) else move(image)}

@@ -225,10 +225,9 @@ def run_pairs_command(cfg: Any, data: str, log=print) -> int:
         report_problems(problems, cfg.data.on_error, len(records) + len(problems), log=log)
         write_jsonl(p.pairs_file, records)
         log(f"{len(records)} pairs (accepted vs rejected attempts) written to {p.pairs_file}")
-        if any(str(r.get("image", "")).startswith("..") for r in records):
-            log(
-                "note: some images lie outside the pairs file's folder: train with --data.image_root set above both"
-            )
+        if any(os.path.isabs(str(r.get("image", ""))) for r in records):
+            log("note: images outside the pairs file's folder are named by absolute paths: train with "
+                "--data.image_root set to a folder that holds them")  # fmt: skip
         return 0 if records else 1
     from cotune.infer.adapters import load_model_with_adapters, parse_adapter_specs
 
