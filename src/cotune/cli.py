@@ -40,6 +40,8 @@ verbs:
                                              folders, tables, COCO/VQA, VLMEvalKit TSV, DICOM -> LLaVA-CoT JSONL
   data reason IN.jsonl --output OUT.jsonl --teacher_url URL [--attempts K]
                                              four-stage replies from a teacher, kept when the answer is right
+  data pairs DATA --source attempts|samples|stages [--model_name BASE --adapter DIR] [--pairs_file pairs.jsonl]
+                                             preference pairs for train --method dpo
 """
 
 
@@ -232,11 +234,22 @@ DATA_VERBS = {"import": cmd_data_import, "reason": cmd_data_reason}
 
 
 def cmd_data(argv: list[str]) -> int:
+    if argv and argv[0] == "pairs":  # generates with the model: its body is in infer, above data
+        return cmd_data_pairs(argv[1:])
     if argv and argv[0] in DATA_VERBS:
         return DATA_VERBS[argv[0]](argv[1:])
     from cotune.data.check import run_data_command
 
     return run_data_command(argv)
+
+
+def cmd_data_pairs(argv: list[str]) -> int:
+    parsed = _options("data-pairs", argv)
+    if parsed is None:
+        return 0
+    from cotune.infer.pairs import run_pairs_command
+
+    return run_pairs_command(parsed.options, _one_dir("data-pairs", parsed))
 
 
 VERBS = {
@@ -252,6 +265,7 @@ VERBS = {
     "plan": cmd_plan,
     "studio": cmd_studio,
     "data": cmd_data,
+    "data-pairs": cmd_data_pairs,  # also ``cotune data pairs``
 }
 
 

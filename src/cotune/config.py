@@ -51,6 +51,7 @@ from cotune.options.fields import (
     Section,
     SeedOptions,
 )
+from cotune.options.pairs import PairsOptions
 from cotune.options.parse import (
     ALIASES,
     BOOL_WORDS,
@@ -129,6 +130,7 @@ SECTIONS = {
         Section("synth-data", "synth_data", SynthDataOptions),
         Section("import", "source", ImportOptions),
         Section("reason", "reason", ReasonOptions, check_reason),
+        Section("pairs", "pairs", PairsOptions),
     )
 }
 
@@ -210,6 +212,12 @@ VERBS = {
         ("seed", "tiny-model"), "cotune tiny-model [CONFIG.yaml] DIR [--family mllama|llava]", "DIR"
     ),
     "synth-data": Verb(("seed", "synth-data"), "cotune synth-data [CONFIG.yaml] DIR [--n_train N]", "DIR"),
+    "data-pairs": Verb(
+        (*_USE, "seed", "data", "system prompt", "generation", "decoding", "pairs"),
+        "cotune data pairs [CONFIG.yaml] DATA --source attempts|samples|stages [--model_name BASE --adapter DIR] "
+        "[--pairs_file pairs.jsonl]",
+        "DATA",
+    ),
 }
 
 CATALOG = Catalog({verb: [SECTIONS[n] for n in v.sections] for verb, v in VERBS.items()})
