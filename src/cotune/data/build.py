@@ -23,7 +23,8 @@ from cotune.data.batching import (
 from cotune.data.cache import prepare_file
 from cotune.data.cookbook import cookbook_dataset
 from cotune.data.dataset import Encoded, EncodeStats, SFTDataset, encode_samples
-from cotune.data.records import DataError, Problem, Sample, load_samples, report_problems, split_train_test
+from cotune.data.records import DataError, Problem, Sample, load_samples, report_problems
+from cotune.data.split import split_for_training
 from cotune.models.families import ModelFamily
 
 
@@ -39,6 +40,7 @@ class DataBundle:
 
 
 def _loader(dataset, sampler, collate, workers: int, pin: bool = False) -> torch.utils.data.DataLoader:
+    workers = max(0, workers)  # -1 (num_workers_dataloader's "choose") from a caller that did not resolve it
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -192,7 +194,9 @@ def encode_splits(cfg: Any, processor: Any, family: ModelFamily, rank: int, worl
         train_pos = list(range(len(everything)))
         val_pos, val_source = list(range(len(held.samples()))), held
     else:
-        train_s, val_s = split_train_test(everything, d.test_split_ratio, d.split_seed)
+        train_s, val_s = split_for_training(
+            everything, d.test_split_ratio, d.split_seed, d.split_by, log=log if rank == 0 else None
+        )
         index = {id(s): k for k, s in enumerate(everything)}
         train_pos, val_pos, val_source = [index[id(s)] for s in train_s], [index[id(s)] for s in val_s], main
     train, p1, s1 = main.select(train_pos)
@@ -338,7 +342,7 @@ def _build_cookbook(cfg, processor, family, rank, world_size, log) -> DataBundle
             rank=rank,
             world_size=world_size,
         )
-        val = _loader(val_ds, val_sampler, collate, max(0, cfg.num_workers_dataloader))
+        val = _loader(val_ds, val_sampler, collate, cfg.num_workers_dataloader)
         report.append(f"validation: {len(val_ds)} records (split '{cfg.custom_dataset.test_split}')")
-    train = _loader(train_ds, sampler, collate, max(0, cfg.num_workers_dataloader))
+    train = _loader(train_ds, sampler, collate, cfg.num_workers_dataloader)
     return DataBundle(train=train, val=val, train_sampler=sampler, report=report, cookbook=True)
