@@ -22,7 +22,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from cotune.data.cot import follows_format, parse_stages, score_answer
+from cotune.data.answers import match_answer as check_answer
+from cotune.data.cot import follows_format, parse_stages
 from cotune.data.pairs import match_pairs, pair_record, rebase_images, write_jsonl
 from cotune.data.sample import Sample
 from cotune.infer.generate import generate
@@ -30,12 +31,8 @@ from cotune.infer.stage_search import stage_search
 
 
 def match_answer(prediction: str, gold: str, question: str | None = None) -> bool:
-    """The answer check of ``cotune.data.answers`` where it exists, else ``cot.score_answer``'s rule."""
-    try:
-        from cotune.data.answers import match_answer as check  # the eval branch's answer kinds
-    except ImportError:
-        return bool(score_answer(prediction, gold)["correct"])
-    return bool(check(prediction, gold, question=question))
+    """The eval's and ``data reason``'s answer check (``cotune.data.answers``): yes/no, choice, number, text."""
+    return bool(check_answer(prediction, gold, question=question))
 
 
 def gold_answer(sample: Sample) -> str | None:
