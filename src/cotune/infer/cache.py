@@ -44,7 +44,7 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the store holds each once
 class Image:
     """One image's (or one prompt's images') cross-attention keys and values, per cross layer.
 
