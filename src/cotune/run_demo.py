@@ -11,6 +11,7 @@ from cotune.data.records import load_samples
 from cotune.demo.synthetic import write_synthetic_dataset
 from cotune.demo.tiny import build_tiny_mllama, is_current_build
 from cotune.eval.evaluate import evaluate_models
+from cotune.eval.report import write_results
 from cotune.infer.adapters import AdapterSpec, load_model_with_adapters
 from cotune.train.loop import finetune
 
@@ -106,6 +107,10 @@ def held_out_figures(model_dir: str, adapter_dir: str, test_file: str, n: int = 
         model, processor, family, samples[:n], ["demo"], batch_size=20, max_new_tokens=200,
         log=lambda *_: None, image_conditions=("true", "shuffled"),
     )  # fmt: skip
+    results.update(data=str(test_file), n_samples=len(samples[:n]))
+    write_results(
+        results, Path(adapter_dir).parent / "eval"
+    )  # cotune eval's files: the studio's Answers page
     metrics = results["models"]["demo"]
     replies = [p["reply"] for p in results["predictions"]["demo"]]
     return {

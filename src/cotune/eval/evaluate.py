@@ -269,18 +269,20 @@ def evaluate_models(
         )  # fmt: skip
         replies, scores = metrics.pop("replies"), metrics.pop("scores")
         metrics["conclusion_loss"] = metrics["stage_loss"]["CONCLUSION"]
+        other_replies: dict[str, list[str]] = {}  # predictions.jsonl's reply_shuffled_images, ...
         for condition, changed in ablated.items():
             other = evaluate_condition(
                 model, processor, family, changed, name, batch_size, max_new_tokens, max_seq_len,
                 log=lambda *_: None, desc=f", {condition} images", overlength=overlength,
             )  # fmt: skip
             metrics.update(_ablation_figures(IMAGE_CONDITIONS[condition], other))
+            other_replies["reply" + IMAGE_CONDITIONS[condition]] = other["replies"]
         if "shuffled" in ablated and metrics["accuracy"] is not None:
             metrics["image_reliance"] = metrics["accuracy"] - metrics["accuracy_shuffled_images"]
         results["models"][name] = metrics
         results["predictions"][name] = [
-            {"id": s.id, "gold": g, "reply": r, "score": sc}
-            for s, g, r, sc in zip(samples, golds, replies, scores)
+            {"id": s.id, "gold": g, "reply": r, "score": sc, **{k: v[i] for k, v in other_replies.items()}}
+            for i, (s, g, r, sc) in enumerate(zip(samples, golds, replies, scores))
         ]
         acc = metrics["accuracy"]
         line = (
@@ -317,6 +319,7 @@ def run_eval(cfg: Any, specs: list[AdapterSpec], log=print) -> dict[str, Any]:
         cfg.model_name, specs, cfg.torch_dtype, cfg.device, cfg.tokenizer_name,
         cfg.quantization, cfg.quantization_config,
     )  # fmt: skip
+    processor.date_string = d.date_string  # the template's date, as training rendered it
     samples, problems = load_data_file(cfg, d.test_file, log)
     report_problems(problems, d.on_error, len(samples) + len(problems), log=log)
     if e.limit:
