@@ -6,20 +6,22 @@ import pytest
 import torch
 
 from cotune.cli import main
+from cotune.data.answers import (
+    answer_kind,
+    choice_letter,
+    exact_match,
+    normalize_answer,
+    numeric_match,
+    parse_number,
+    score_answer,
+)
 from cotune.data.batching import PaddingCollator
 from cotune.data.chat import tokenize_conversation
 from cotune.data.cot import (
     STAGES,
-    answer_kind,
-    choice_letter,
-    exact_match,
     follows_format,
     label_stages,
-    normalize_answer,
-    numeric_match,
-    parse_number,
     parse_stages,
-    score_answer,
     stage_loss_totals,
     token_offsets,
 )
@@ -79,8 +81,12 @@ def test_numbers():
 def test_score_answer_by_kind():
     assert answer_kind("B") == "choice" and answer_kind("4") == "number" and answer_kind("blue") == "text"
     assert score_answer("B. green", "B")["correct"] and not score_answer("A", "B")["correct"]
-    assert score_answer("There are 4 shapes", "4") == {"kind": "number", "correct": True, "exact": False}
-    assert score_answer("Blue.", "blue") == {"kind": "text", "correct": True, "exact": True}
+    assert score_answer("There are 4 shapes", "4") == {
+        "kind": "number", "correct": True, "exact": False, "label": "4", "gold_label": "4"
+    }  # fmt: skip
+    assert score_answer("Blue.", "blue") == {
+        "kind": "text", "correct": True, "exact": True, "label": "blue", "gold_label": "blue"
+    }  # fmt: skip
     assert not score_answer("a blue star", "blue")["correct"]
 
 

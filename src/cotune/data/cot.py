@@ -1,15 +1,11 @@
-"""LLaVA-CoT's four-stage answer format: parsing and checking it, scoring answers, loss per stage.
+"""LLaVA-CoT's four-stage answer format: parsing and checking it, loss per stage.
 
-Answers are scored on the CONCLUSION by the kind of the gold answer: a single letter A-E is a
-multiple-choice answer (the predicted letter must match), a number is matched numerically, anything
-else by exact match after normalisation (case, punctuation, articles and spacing ignored).
+The CONCLUSION's answer is scored against the gold answer by ``data.answers``.
 """
 
 from __future__ import annotations
 
-import math
 import re
-import string
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,99 +36,6 @@ def follows_format(text: str) -> bool:
 def format_rate(texts: list[str]) -> float:
     """Share of texts that follow the four-stage format."""
     return sum(follows_format(t) for t in texts) / len(texts) if texts else 0.0
-
-
-# ----------------------------------------------------------------------------- answers
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans({c: " " for c in string.punctuation})
-_NUMBER_WORDS = {
-    w: i
-    for i, w in enumerate(
-        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-        "sixteen seventeen eighteen nineteen twenty".split()
-    )
-}
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-
-
-def normalize_answer(text: str) -> str:
-    """Lower case, punctuation and the articles a/an/the removed, whitespace collapsed (SQuAD style)."""
-    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCT))
-    return " ".join(text.split())
-
-
-def exact_match(prediction: str, gold: str) -> bool:
-    """Equal after ``normalize_answer``."""
-    return normalize_answer(prediction) == normalize_answer(gold)
-
-
-def choice_letter(text: str, letters: str = "ABCDE") -> str | None:
-    """The option letter a multiple-choice answer gives, or None.
-
-    Understands "B", "(B)", "B.", "B. blue", "Option B", "The answer is B". A lone lowercase letter
-    counts only when it is the whole answer (so the article "a" in a sentence is not read as A).
-    """
-    t = text.strip()
-    whole = re.fullmatch(rf"[\(\[]?([{letters}{letters.lower()}])[\)\]]?[.:]?", t)
-    if whole:
-        return whole.group(1).upper()
-    patterns = (
-        rf"^[\(\[]?([{letters}])[\)\]]?[.:)]\s",  # "B. blue", "(B) blue"
-        rf"\b(?:answer|option|choice)\s*(?:is|:)?\s*[\(\[]?([{letters}])\b",
-        rf"\(([{letters}])\)",
-    )
-    for pattern in patterns:
-        m = re.search(pattern, t, flags=re.I if "answer" in pattern else 0)
-        if m:
-            return m.group(1).upper()
-    return None
-
-
-def parse_number(text: str) -> float | None:
-    """The last number in ``text`` (digits, with , thousands and . decimals, or a word up to twenty)."""
-    found: list[tuple[int, float]] = []
-    for m in _NUMBER.finditer(text):
-        try:
-            found.append((m.start(), float(m.group().replace(",", ""))))
-        except ValueError:
-            continue
-    for m in re.finditer(r"\b(" + "|".join(_NUMBER_WORDS) + r")\b", text.lower()):
-        found.append((m.start(), float(_NUMBER_WORDS[m.group(1)])))
-    return max(found)[1] if found else None
-
-
-def numeric_match(prediction: str, gold: str, rel_tol: float = 1e-4) -> bool:
-    """Both contain a number and the numbers agree (relative tolerance ``rel_tol``)."""
-    p, g = parse_number(prediction), parse_number(gold)
-    return p is not None and g is not None and math.isclose(p, g, rel_tol=rel_tol, abs_tol=1e-9)
-
-
-def answer_kind(gold: str) -> str:
-    """'choice' (a lone letter A-E), 'number' (a number and nothing else) or 'text'."""
-    g = gold.strip()
-    if re.fullmatch(r"[\(\[]?[A-E][\)\]]?\.?", g):
-        return "choice"
-    if re.fullmatch(r"-?[\d,]*\.?\d+%?", g) or normalize_answer(g) in _NUMBER_WORDS:
-        return "number"
-    return "text"
-
-
-def score_answer(prediction: str, gold: str) -> dict[str, Any]:
-    """Scores a CONCLUSION against the gold answer.
-
-    Returns:
-        ``kind`` (see ``answer_kind``), ``correct`` (by the rule of that kind) and ``exact``
-        (normalised exact match, whatever the kind).
-    """
-    kind = answer_kind(gold)
-    if kind == "choice":
-        correct = choice_letter(prediction) == choice_letter(gold)
-    elif kind == "number":
-        correct = numeric_match(prediction, gold)
-    else:
-        correct = exact_match(prediction, gold)
-    return {"kind": kind, "correct": bool(correct), "exact": exact_match(prediction, gold)}
 
 
 # ----------------------------------------------------------------------------- loss per stage

@@ -27,17 +27,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from cotune.data.answers import answer_kind, score_answer
 from cotune.data.batching import PaddingCollator, to_device
 from cotune.data.build import load_data_file
 from cotune.data.chat import IGNORE_INDEX
 from cotune.data.cot import (
     STAGES,
-    answer_kind,
     follows_format,
     label_stages,
     mean_stage_losses,
     parse_stages,
-    score_answer,
     stage_loss_totals,
 )
 from cotune.data.dataset import SFTDataset, encode_samples
