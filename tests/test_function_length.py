@@ -8,12 +8,13 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "cotune"
 LIMIT = 60
 # Functions over the limit in files other work owns while issue 21 lands (build_data: being split;
-# generate_ids: its file is being edited); remove each as it is split.
+# generate_ids, train/loop.py: their files are being edited); remove each as it is split.
 PENDING = {
     "data/build.py:build_data",
     "infer/commands.py:run_chat",
     "infer/generate.py:generate_ids",
     "serve/app.py:create_app",
+    "train/loop.py:setup",
 }
 
 
