@@ -12,9 +12,13 @@ Every concurrent answer must equal its sequential one (exit 1 otherwise). It pri
 tokens/s, p50/p95 latency per concurrency, the server's peak resident memory (VmHWM) and peak batch
 size (and tokens per second of the server's CPU time, which other load on the machine barely
 moves), and ends with the line ``serve_throughput_ratio=<tokens/s at 16 / at 1> p95_latency_s=<at 16>``.
+First, in process, it prints what one request joining 4 and 16 running rows costs (``admission_cost``:
+time to admit, the next step, time to leave, bytes copied); ``--admission-only`` stops there (it also
+runs on the code before the shared cache, for comparison).
 
 Usage:
     python bench/serve.py [--requests 32] [--clients 16] [--max-tokens 48] [--device cpu] [--threads 1]
+        [--admission-only]
 
 The server runs with one CPU thread by default (``--threads``): the tiny model's operations are too
 small to split, and on a shared 2-core box a split operation waits for whichever thread the
@@ -147,6 +151,87 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def _cache_bytes(engine) -> int:
+    """Bytes the engine's caches hold (the code before ``BatchCache`` copied all of it per admission)."""
+    layers = engine.rows.cache.layers if getattr(engine, "rows", None) is not None else []
+    return sum(t.nbytes for layer in layers for t in (layer.keys, layer.values) if t is not None)
+
+
+def admission_cost(model_dir: Path, rows: int, repeats: int = 5, warm_steps: int = 16) -> dict:
+    """What one request joining ``rows`` running rows costs the engine, in process (one thread).
+
+    ``rows`` requests (every other one with a picture) are admitted and decoded ``warm_steps``
+    tokens; then one request with a picture joins (``_admit``: its prefill and its insertion), the
+    batch decodes one step, and the request leaves (``_drop_finished``), ``repeats`` times. Bytes
+    copied: ``BatchCache.copied`` (forks, image copies for a mixed batch, growth); for the code
+    before it, the size of the merged cache (its admission re-concatenated every layer of every row).
+    """
+
+    from PIL import Image
+
+    from cotune.infer.generate import encode_prompt, user_message
+    from cotune.models.load import load_base_model, load_processor
+    from cotune.serve.engine import Engine, Job
+    from cotune.serve.sampling import Sampling
+
+    (model, family), processor = load_base_model(model_dir), load_processor(model_dir)
+    model.eval()
+
+    def job(k: int, with_image: bool) -> Job:  # each request its own picture
+        picture = Image.new("RGB", (64, 64), (37 * k % 256, 90, 200 - k))
+        messages = [user_message(f"Describe picture {k}.", n_images=int(with_image))]
+        item = encode_prompt(processor, family, messages, [picture] if with_image else [])
+        return Job(item, "none", Sampling(max_tokens=10_000, temperature=0), emit=lambda e: None)
+
+    engine = Engine(model, processor, family, max_batch=rows + 1, max_queue=rows + 1)
+    for k in range(rows):
+        engine.submit(job(k, k % 2 == 0))
+    engine._admit()
+    for _ in range(warm_steps):
+        engine._step()
+    admit_s, step_s, leave_s, copied = [], [], [], []
+    for r in range(repeats):
+        before = getattr(getattr(engine, "cache", None), "copied", 0)
+        engine.submit(job(rows + r, True))
+        t0 = time.perf_counter()
+        engine._admit()
+        t1 = time.perf_counter()
+        engine._step()
+        t2 = time.perf_counter()
+        if hasattr(engine, "cache"):
+            copied.append(engine.cache.copied - before)
+        else:
+            copied.append(_cache_bytes(engine))
+        engine.choices[-1].done = True
+        t3 = time.perf_counter()
+        engine._drop_finished()
+        leave_s.append(time.perf_counter() - t3)
+        admit_s.append(t1 - t0)
+        step_s.append(t2 - t1)
+    return dict(
+        rows=rows, admit_ms=1000 * statistics.median(admit_s), step_ms=1000 * statistics.median(step_s),
+        leave_ms=1000 * statistics.median(leave_s), copied_kib=statistics.median(copied) / 1024,
+    )  # fmt: skip
+
+
+def print_admission(model_dir: Path) -> None:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        print("admission of one request with a picture (in process, 1 thread, median of 5):")
+        print(f"{'rows':>5} {'admit ms':>9} {'next step ms':>13} {'leave ms':>9} {'KiB copied':>11}")
+        for rows in (4, 16):
+            r = admission_cost(model_dir, rows)
+            print(
+                f"{r['rows']:>5} {r['admit_ms']:>9.1f} {r['step_ms']:>13.1f} {r['leave_ms']:>9.2f} "
+                f"{r['copied_kib']:>11.1f}"
+            )
+    finally:
+        torch.set_num_threads(threads)
+
+
 def metric(text: str, name: str) -> float:
     return next(float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " "))
 
@@ -160,6 +245,9 @@ def main() -> int:
     parser.add_argument(
         "--threads", type=int, default=1, help="the server's --num_threads (0: torch's default)"
     )
+    parser.add_argument(
+        "--admission-only", action="store_true", help="only the in-process admission cost (no server)"
+    )
     args = parser.parse_args()
     import httpx
 
@@ -168,6 +256,9 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="cotune-serve-bench-") as tmp:
         model_dir = build_tiny_mllama(Path(tmp) / "tiny", seed=0)
+        print_admission(model_dir)
+        if args.admission_only:
+            return 0
         adapters = {
             name: make_adapter(model_dir, Path(tmp) / name, seed=k + 1) for k, name in enumerate(ADAPTERS)
         }

@@ -100,10 +100,10 @@ def test_a_request_past_its_time_limit_ends_with_504_and_leaves_the_batch(base, 
     engine.submit(job)
     engine._admit()
     engine._step()
-    assert len(engine.choices) == 1 and engine.rows is not None
+    assert len(engine.choices) == 1 and engine.cache.rows() == 1
     job.timeout_s = 0.0
     engine._step()
-    assert engine.choices == [] and engine.rows is None
+    assert engine.choices == [] and engine.cache.rows() == 0
     assert events[-1]["type"] == "error" and events[-1]["status"] == 504
 
 

@@ -303,7 +303,7 @@ def test_sampling_draws_from_transformers_nucleus(head):
 
 
 def test_llava_candidates_over_a_shared_prefix_equal_generate(tiny_llava, prompt):
-    """A family without ``encode_images`` passes the pixels to the one prefill (image tokens in the text)."""
+    """A family without cross-attention layers (LLaVA) passes the pixels to the one prefill (image tokens in the text)."""
     from cotune.models.load import load_base_model, load_processor
 
     (model, family), processor = load_base_model(tiny_llava), load_processor(tiny_llava)

@@ -134,6 +134,26 @@ def estimate(cfg: Any, gpu_bytes: int, device: str = "cuda", images_per_sample: 
     config = AutoConfig.from_pretrained(str(check_model_dir(cfg.model_name)))
     family = family_for(config)
     model = _meta_model(config)
+    base, act = _dtypes(cfg, device)
+    world = max(1, cfg.nproc_per_node) if cfg.enable_fsdp else 1
+    seq = cfg.context_length if cfg.batching_strategy == "packing" else cfg.data.max_seq_len
+    parts = _weight_parts(model, family, cfg, base.itemsize, act.itemsize, world)
+    img = image_tokens(config.vision_config) * images_per_sample if hasattr(config, "vision_config") else 0
+    activations, notes = _activation_parts(cfg, config, cfg.batch_size_training * seq, act.itemsize, img)
+    parts.update(activations)
+    if device == "cuda":
+        parts["CUDA context"] = CUDA_CONTEXT
+    q = cfg.quantization or "none"
+    setting = (
+        f"{family.name}, base {str(base).removeprefix('torch.')}, quantization {q}, compute "
+        f"{str(act).removeprefix('torch.')}, batch {cfg.batch_size_training} x {seq} tokens, LoRA r={cfg.lora_config.r}, "
+        f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, {world} process(es)"
+    )
+    return Plan(parts, gpu_bytes, notes, setting)
+
+
+def _dtypes(cfg: Any, device: str) -> tuple[torch.dtype, torch.dtype]:
+    """The weights' dtype and the compute (activation) dtype of ``cfg`` on ``device``."""
     auto = torch.bfloat16 if device == "cuda" else torch.float32
     base = (
         torch.bfloat16 if cfg.pure_bf16 else (auto if cfg.torch_dtype == "auto" else DTYPES[cfg.torch_dtype])
@@ -141,15 +161,12 @@ def estimate(cfg: Any, gpu_bytes: int, device: str = "cuda", images_per_sample: 
     act = torch.bfloat16 if (device == "cuda" and cfg.mixed_precision and not cfg.use_fp16) else base
     if device == "cuda" and cfg.mixed_precision and cfg.use_fp16:
         act = torch.float16
-    wb, b = base.itemsize, act.itemsize
-    world = max(1, cfg.nproc_per_node) if cfg.enable_fsdp else 1
-    seq = cfg.context_length if cfg.batching_strategy == "packing" else cfg.data.max_seq_len
-    tokens = cfg.batch_size_training * seq
-    text = getattr(config, "text_config", config)
-    hidden, inter, layers = text.hidden_size, text.intermediate_size, text.num_hidden_layers
-    cross = set(getattr(text, "cross_attention_layers", []) or [])
-    vocab = text.vocab_size
+    return base, act
 
+
+def _weight_parts(model, family, cfg: Any, wb: int, b: int, world: int) -> dict[str, int]:
+    """Weights (sharded over ``world``), the dequantized copy, LoRA parameters, gradients, optimizer."""
+    layers = getattr(model.config, "text_config", model.config).num_hidden_layers
     w = weight_bytes(model, family, cfg.quantization, cfg.quantization_config, wb)
     n_lora = lora_parameters(model, family, cfg.lora_config)
     parts: dict[str, int] = {}
@@ -161,20 +178,31 @@ def estimate(cfg: Any, gpu_bytes: int, device: str = "cuda", images_per_sample: 
     parts["LoRA parameters"] = 4 * n_lora // world
     parts["LoRA gradients"] = 4 * n_lora // world
     parts["optimizer states"] = 8 * n_lora // world
+    return parts
 
+
+def _activation_parts(
+    cfg: Any, config: Any, tokens: int, b: int, img: int
+) -> tuple[dict[str, int], list[str]]:
+    """Saved activations, the vision tower's, and the larger of the loss's forward and backward peaks
+    (``tokens`` per step, ``b`` bytes per value, ``img`` image tokens per sample); and the notes."""
+    text = getattr(config, "text_config", config)
+    hidden, inter, layers = text.hidden_size, text.intermediate_size, text.num_hidden_layers
+    cross = set(getattr(text, "cross_attention_layers", []) or [])
     dropout = cfg.lora_config.lora_dropout > 0
     lora_layer = (
         b * (13 * hidden + 5 * inter) + (6 * hidden + inter) if dropout else b * (9 * hidden + 4 * inter)
     )
     cross_layer = b * (4 * hidden + 3 * inter)
-    img = image_tokens(config.vision_config) * images_per_sample if hasattr(config, "vision_config") else 0
     cross_kv = 2 * hidden * img * b * cfg.batch_size_training  # per cross layer
-    n_self = layers - len(cross)
     n_cross = len(cross) if img else 0  # without images the cross-attention layers are skipped
-    full = tokens * (n_self * lora_layer + n_cross * cross_layer) + n_cross * cross_kv
+    full = tokens * ((layers - len(cross)) * lora_layer + n_cross * cross_layer) + n_cross * cross_kv
     kept = tokens * hidden * b * layers + cross_kv  # checkpointing: each layer's input, the image keys/values
-    saved = kept if cfg.gradient_checkpointing else full
-    parts["activations (checkpointed)" if cfg.gradient_checkpointing else "activations"] = saved
+    parts = {
+        "activations (checkpointed)" if cfg.gradient_checkpointing else "activations": kept
+        if cfg.gradient_checkpointing
+        else full
+    }
     if img:
         v = config.vision_config
         vis = cfg.batch_size_training * img * (4 * v.hidden_size + v.intermediate_size) * b
@@ -185,30 +213,20 @@ def estimate(cfg: Any, gpu_bytes: int, device: str = "cuda", images_per_sample: 
     # The forward ends in the loss: its chunk buffer (freed before backward) on top of the saved activations,
     # with the last layer's and the loss's temporaries (about 14 H values per token, measured on CPU).
     # Backward instead holds one recomputed layer (with checkpointing) and that layer's gradients.
-    chunk = min(CHUNK, tokens)
-    forward = chunk * vocab * (4 + (2 if b == 2 else 0)) + tokens * 14 * hidden * b
+    forward = min(CHUNK, tokens) * text.vocab_size * (4 + (2 if b == 2 else 0)) + tokens * 14 * hidden * b
     backward = tokens * lora_layer * (2 if cfg.gradient_checkpointing else 1)
     parts["hidden-state gradient (loss)"] = tokens * hidden * 4
     if forward >= backward:
         parts["logits (chunked, forward)"] = forward
     else:
         parts["recomputed layer (backward)"] = backward
-    if device == "cuda":
-        parts["CUDA context"] = CUDA_CONTEXT
-
-    q = cfg.quantization or "none"
-    setting = (
-        f"{family.name}, base {str(base).removeprefix('torch.')}, quantization {q}, compute "
-        f"{str(act).removeprefix('torch.')}, batch {cfg.batch_size_training} x {seq} tokens, LoRA r={cfg.lora_config.r}, "
-        f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, {world} process(es)"
-    )
     notes = [
         f"activations without checkpointing would be {full / GIB:.2f} GiB, with it "
         f"{kept / GIB:.2f} GiB (saved for backward)",
         f"logits chunk + forward temporaries {forward / GIB:.2f} GiB; backward working set {backward / GIB:.2f} GiB "
         "(the larger counts)",
     ]
-    return Plan(parts, gpu_bytes, notes, setting)
+    return parts, notes
 
 
 def advice(plan: Plan, cfg: Any) -> list[str]:

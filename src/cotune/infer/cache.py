@@ -37,12 +37,14 @@ from typing import Any
 
 import torch
 
+_ZEROS = object()  # a slot's image buffer holds zeros (its row looks at no image)
+
 
 def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the store holds each once
 class Image:
     """One image's (or one prompt's images') cross-attention keys and values, per cross layer.
 
@@ -119,6 +121,7 @@ class _Plan:
     starts: torch.Tensor  # (rows,) where each row's T new positions begin
     length: int  # key positions the forward attends over
     tokens: int  # real tokens fed (padding and rows riding along left out)
+    fed: list[bool]  # which rows are fed (the others ride along: their outputs are dropped)
     new_image: Image | None = None  # the entry this forward's pixels fill
 
 
@@ -163,7 +166,7 @@ class BatchCache:
         self.images: list[Image] = []  # live entries
         # per cross layer, per-slot copies of the images (for forwards that mix images) and which
         # image each slot's copy holds
-        self._buffer: dict[int, tuple[torch.Tensor, torch.Tensor, list[Image | None]]] = {}
+        self._buffer: dict[int, tuple[torch.Tensor, torch.Tensor, list]] = {}
         self.plan: _Plan | None = None  # the forward in progress
         self.encodes = 0  # images whose keys and values were computed
         self.copied = 0  # bytes copied between rows or into bigger buffers (the cost of joining)
@@ -258,7 +261,7 @@ class BatchCache:
             if k:
                 self.end[lo + i] += width
                 self.position[lo + i] += k
-        self.plan = _Plan(lo, hi, starts, length, sum(fed))
+        self.plan = _Plan(lo, hi, starts, length, sum(fed), [k > 0 for k in fed])
         return {"attention_mask": mask[:, None], "position_ids": positions}
 
     def _write(self, idx: int, keys: torch.Tensor, values: torch.Tensor):
@@ -305,9 +308,13 @@ class BatchCache:
         self.capacity, self.max_length = slots, length
 
     # ------------------------------------------------------------------ images
-    def _plan_has_images(self) -> bool:
+    def _fed_images(self) -> list[Image | None]:
+        """The images of the rows fed in this forward (a row riding along may look at anything)."""
         plan = self.plan
-        return plan.new_image is not None or any(img is not None for img in self.image[plan.lo : plan.hi])
+        return [img for img, fed in zip(self.image[plan.lo : plan.hi], plan.fed) if fed]
+
+    def _plan_has_images(self) -> bool:
+        return self.plan.new_image is not None or any(img is not None for img in self._fed_images())
 
     def _store_image(self, idx: int, keys: torch.Tensor, values: torch.Tensor):
         image = self.plan.new_image
@@ -320,26 +327,26 @@ class BatchCache:
         """The forward's rows' image keys and values: one shared entry broadcast, else per-slot
         copies (None while the forward's new image is not computed yet)."""
         plan = self.plan
-        rows = self.image[plan.lo : plan.hi]
+        rows = self._fed_images()
         if any(img is not None and idx not in img.keys for img in rows):
             return None
         first = rows[0]
         if first is not None and all(img is first for img in rows):
-            shape = (len(rows), *first.keys[idx].shape[1:])
+            shape = (plan.hi - plan.lo, *first.keys[idx].shape[1:])
             return first.keys[idx].expand(shape), first.values[idx].expand(shape)
         tokens = max(img.keys[idx].shape[2] for img in rows if img is not None)
         k, v, held = self._buffers(idx, tokens)
-        for slot, img in zip(range(plan.lo, plan.hi), rows):
-            if held[slot] is not img or img is None:
+        for slot, img, fed in zip(range(plan.lo, plan.hi), self.image[plan.lo : plan.hi], plan.fed):
+            if fed and held[slot] is not (img or _ZEROS):
                 k[slot], v[slot] = 0, 0  # a row without an image attends to zeros: its cross-attention adds 0
                 if img is not None:
                     n = img.keys[idx].shape[2]
                     k[slot, :, :n], v[slot, :, :n] = img.keys[idx][0], img.values[idx][0]
                     self.copied += 2 * img.keys[idx].nbytes
-                held[slot] = img
+                held[slot] = img or _ZEROS
         return k[plan.lo : plan.hi, :, :tokens], v[plan.lo : plan.hi, :, :tokens]
 
-    def _buffers(self, idx: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor, list[Image | None]]:
+    def _buffers(self, idx: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor, list]:
         """Layer ``idx``'s per-slot image buffers, at least ``tokens`` long (new ones are empty)."""
         have = self._buffer.get(idx)
         if have is None or have[0].shape[2] < tokens:
@@ -409,8 +416,10 @@ def forward(
     inputs = {k: _aligned(rows, k, width, images, cache.device) for k in keys}
     if adapter_names is not None:
         inputs["adapter_names"] = [adapter_names.get(s, idle_adapter) for s in range(lo, hi)]
-    out = model(**inputs, **masks, **(extra or {}), cache=cache, use_cache=True, logits_to_keep=1)
-    cache.plan = None
+    try:
+        out = model(**inputs, **masks, **(extra or {}), cache=cache, use_cache=True, logits_to_keep=1)
+    finally:
+        cache.plan = None
     return out.logits[[s - lo for s in slots], -1].float()
 
 

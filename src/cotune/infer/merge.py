@@ -195,22 +195,67 @@ def merge_adapter(
     Raises:
         MergeMismatch: the merged model does not reproduce the adapter (nothing is written).
     """
-    from peft import PeftModel
-
-    start = time.perf_counter()
+    start, rss_before = time.perf_counter(), _rss_now()
     check_adapter_dir(adapter_dir)
-    dtype = dtype or checkpoint_dtype(model_name)
-    torch_dtype = DTYPES[dtype]
-    rss_before = _rss_now()
-    processor = load_processor(tokenizer_name or model_name)
     if quantization not in ("", "4bit"):
         raise ValueError(f"merge takes --quantization 4bit (a QLoRA adapter) or none; got '{quantization}'")
+    dtype = dtype or checkpoint_dtype(model_name)
+    processor = load_processor(tokenizer_name or model_name)
+    model, base, family, item, expected, base_logits = _reference(
+        model_name, adapter_dir, dtype, processor, (data, data_options), quantization, quantization_config, into, log,
+    )  # fmt: skip
+    model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    log(f"merging {adapter_dir} into {model_name} ({dtype}) ...")
+    merged = model.merge_and_unload()  # each LoRA layer folded into its weight in place
+    got = _logits(merged, processor, family, item)
+    checks = _check(got, expected, base_logits, dtype, tolerance, output_dir)
+    shards = _save(merged, processor, output_dir, max_shard_size)
+    report = MergeReport(Path(output_dir), dtype, **checks, model_bytes=model_bytes, rss_before_load=rss_before,
+                         peak_rss=_peak_rss(), shards=shards, seconds=time.perf_counter() - start)  # fmt: skip
+    log(report.describe())
+    return report
+
+
+def _save(merged: torch.nn.Module, processor: Any, output_dir, max_shard_size: str) -> int:
+    """Writes the merged checkpoint and the processor to ``output_dir`` atomically; the shard count."""
+    with atomic_dir(output_dir) as tmp:
+        merged.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+        processor.save_pretrained(str(tmp))
+    return len(list(Path(output_dir).glob("*.safetensors")))
+
+
+def _check(got, expected, base_logits, dtype: str, tolerance: float, output_dir) -> dict:
+    """How the merged model's logits ``got`` match the adapter's ``expected``; raises ``MergeMismatch``
+    past the tolerance (``tolerance``, or by ``dtype``: ``TOLERANCES``)."""
+    diff = float((got - expected).abs().max())
+    atol, rtol = TOLERANCES[DTYPES[dtype]]
+    limit = tolerance or atol + rtol * float(expected.abs().max())
+    if not diff <= limit:
+        raise MergeMismatch(
+            f"merged logits differ from the adapter's by {diff:.3g} > tolerance {limit:.3g} ({dtype}); "
+            f"nothing written to {output_dir}"
+        )
+    return dict(
+        max_abs_diff=diff,
+        tolerance=limit,
+        adapter_effect=float((expected - base_logits).abs().max()),
+        top1_agreement=float((got.argmax(-1) == expected.argmax(-1)).float().mean()),
+    )
+
+
+def _reference(
+    model_name, adapter_dir, dtype, processor, sample, quantization, quantization_config, into, log
+):
+    """The model to merge (base + adapter, PEFT), its base, family, the parity sample, and the logits the
+    merge must reproduce (the adapter's) and the base's, as ``merge_adapter``'s arguments ask."""
+    from peft import PeftModel
+
+    torch_dtype = DTYPES[dtype]
     base, family = load_base_model(
         model_name, torch_dtype, quantization=quantization, quantization_config=quantization_config
     )
-    model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
-    model.eval()
-    item = parity_sample(processor, family, data, data_options)
+    model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False).eval()
+    item = parity_sample(processor, family, *sample)  # sample: (data, data_options)
     expected = _logits(model, processor, family, item)
     with model.disable_adapter():
         base_logits = _logits(model, processor, family, item)
@@ -230,35 +275,4 @@ def merge_adapter(
         base = model.unload().dequantize()
         log(f"{model_name}: 4-bit base dequantized to {dtype}")
         model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False).eval()
-    model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
-    log(f"merging {adapter_dir} into {model_name} ({dtype}) ...")
-    merged = model.merge_and_unload()  # each LoRA layer folded into its weight in place
-    got = _logits(merged, processor, family, item)
-    diff = float((got - expected).abs().max())
-    atol, rtol = TOLERANCES[torch_dtype]
-    limit = tolerance or atol + rtol * float(expected.abs().max())
-    top1 = float((got.argmax(-1) == expected.argmax(-1)).float().mean())
-    if not diff <= limit:
-        raise MergeMismatch(
-            f"merged logits differ from the adapter's by {diff:.3g} > tolerance {limit:.3g} ({dtype}); "
-            f"nothing written to {output_dir}"
-        )
-    with atomic_dir(output_dir) as tmp:
-        merged.save_pretrained(str(tmp), max_shard_size=max_shard_size)
-        processor.save_pretrained(str(tmp))
-    shards = len(list(Path(output_dir).glob("*.safetensors")))
-    report = MergeReport(
-        output_dir=Path(output_dir),
-        dtype=dtype,
-        max_abs_diff=diff,
-        tolerance=limit,
-        adapter_effect=float((expected - base_logits).abs().max()),
-        top1_agreement=top1,
-        model_bytes=model_bytes,
-        rss_before_load=rss_before,
-        peak_rss=_peak_rss(),
-        shards=shards,
-        seconds=time.perf_counter() - start,
-    )
-    log(report.describe())
-    return report
+    return model, base, family, item, expected, base_logits

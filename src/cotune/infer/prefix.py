@@ -271,20 +271,12 @@ def decode(
                 out[r].append(t)
             if t in eos or len(out[r]) >= max_new_tokens or (stop is not None and stop(out[r])):
                 ended.append(j)
-        for j in ended:
-            if keep_final:
-                final[live[j]] = rows.select([j])
-            else:
-                rows.cache.free([rows.slots[j]])
+        for j in ended:  # a row that ends leaves the batch: kept as it ended, or its slot given back
+            final[live[j]] = rows.select([j]) if keep_final else rows.cache.free([rows.slots[j]])
         keep = [j for j in range(len(live)) if j not in ended]
         if not keep:
-            return out, final
+            break
         if ended:
             rows, live, tokens = rows.select(keep), [live[j] for j in keep], [tokens[j] for j in keep]
         rows = _step(model, rows, tokens)
-    if keep_final:  # rows cut at max_new_tokens without ending
-        for j, r in enumerate(live):
-            final[r] = rows.select([j])
-    else:
-        rows.free()
     return out, final

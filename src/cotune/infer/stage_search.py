@@ -401,6 +401,15 @@ def _select(stage, texts, valid, judge, messages, images, context) -> tuple[int,
     return knockout(contents, valid, decide)
 
 
+def _model_parts(model, processor, family, messages, images, meter, n, sampling, judge, sampler):
+    """The judge and the sampler a search was given, or the model's own, sharing one cache (the
+    image's keys and values computed once per search)."""
+    cache = new_cache(model, slots=2 * n + 2)
+    judge = judge or ModelJudge(model, processor, family, meter, cache=cache)
+    sampler = sampler or ModelSampler(model, processor, family, messages, images, meter, *sampling, cache)
+    return judge, sampler
+
+
 def stage_search(
     model: torch.nn.Module,
     processor: Any,
@@ -430,11 +439,10 @@ def stage_search(
     Returns:
         The reply, every stage's candidates and winner, and the tokens spent.
     """
-    meter, cache = TokenMeter(), new_cache(model, slots=2 * beam_size + 2)
-    judge = judge or ModelJudge(model, processor, family, meter, cache=cache)
-    sampler = sampler or ModelSampler(
-        model, processor, family, messages, images, meter, max_new_tokens, temperature, top_p, cache
-    )
+    meter = TokenMeter()
+    judge, sampler = _model_parts(
+        model, processor, family, messages, images, meter, beam_size, (max_new_tokens, temperature, top_p), judge, sampler
+    )  # fmt: skip
     tokenizer = processor.tokenizer
     eos = set(family.end_of_turn_ids(tokenizer))
     prefix: list[int] = []
@@ -474,11 +482,10 @@ def best_of_n(
     A reply that does not follow the four-stage format loses its match; the judge compares whole
     replies ("which response answers the question better"). Arguments as in ``stage_search``.
     """
-    meter, cache = TokenMeter(), new_cache(model, slots=2 * n + 2)
-    judge = judge or ModelJudge(model, processor, family, meter, cache=cache)
-    sampler = sampler or ModelSampler(
-        model, processor, family, messages, images, meter, max_new_tokens, temperature, top_p, cache
-    )
+    meter = TokenMeter()
+    judge, sampler = _model_parts(
+        model, processor, family, messages, images, meter, n, (max_new_tokens, temperature, top_p), judge, sampler
+    )  # fmt: skip
     tokenizer = processor.tokenizer
     with seeded(seed):
         rows = sampler([], "</CONCLUSION>", n)

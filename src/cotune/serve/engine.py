@@ -1,12 +1,14 @@
 """The scheduler: continuous batching of requests across adapters, one forward per decoding step.
 
 One thread owns the model. Each turn of its loop it runs the calls handed to it (adapter loading,
-a stage search), admits waiting requests (each prefilled alone, its images encoded once, then
-merged into the running batch: ``cotune.serve.batch``), and decodes one token for every running
-row in one forward. A PEFT model gets the rows' adapters as ``adapter_names`` (``"__base__"`` for
-the base model), so one batch mixes adapters. Each row samples with its request's settings and
-generator. A row leaves the batch (its cache rows freed) when it ends, when its request's client
-goes away, or when its request runs past its time limit.
+a stage search), admits waiting requests, and decodes one token for every running row in one
+forward. The rows live in one ``BatchCache`` (``cotune.infer.cache``): a request is prefilled alone
+into a free slot (its images' keys and values computed once and shared by its ``n`` choices, which
+are forks of that slot), without touching the other rows' caches; a row that ends gives its slot
+back. A PEFT model gets the rows' adapters as ``adapter_names`` (``"__base__"`` for the base
+model), so one batch mixes adapters. Each row samples with its request's settings and generator. A
+row leaves the batch when it ends, when its request's client goes away, or when its request runs
+past its time limit.
 
 Example:
     >>> engine = Engine(model, processor, family)
@@ -28,9 +30,9 @@ import torch
 
 from cotune.data.batching import to_device
 from cotune.infer.adapters import adapter_names, use_adapter
+from cotune.infer.cache import BatchCache, forward
 from cotune.infer.generate import model_device_dtype
 from cotune.models.families import ModelFamily
-from cotune.serve.batch import Rows, merge, repeat_rows, select
 from cotune.serve.metrics import Metrics
 from cotune.serve.sampling import Sampling, StopText, greedy, pick, token_logprobs
 
@@ -73,12 +75,15 @@ class Job:
 
 @dataclass
 class Choice:
-    """One running row: choice ``index`` of ``job``."""
+    """One running row: choice ``index`` of ``job``, in cache slot ``slot``; ``tail``: the
+    cross-attention mask row its generated tokens repeat (None without images)."""
 
     job: Job
     index: int
     text: StopText
     generator: torch.Generator | None
+    slot: int = -1
+    tail: torch.Tensor | None = None
     last: int = -1
     count: int = 0
     done: bool = False
@@ -111,12 +116,11 @@ class Engine:
         self.eos = set(family.end_of_turn_ids(processor.tokenizer))
         config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
         self.config = config
-        self.cross_layers = tuple(getattr(config.get_text_config(decoder=True), "cross_attention_layers", ()))
+        self.cache = BatchCache(config, self.device, self.dtype, slots=max_batch)
         self.image_token_id = family.image_token_id(processor.tokenizer)
         self.waiting: deque[Job] = deque()
         self.calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self.choices: list[Choice] = []
-        self.rows: Rows | None = None
         self.wake = threading.Condition()
         self.running = False
         self.thread: threading.Thread | None = None
@@ -195,55 +199,49 @@ class Engine:
             if job.expired():
                 self._emit(job, _timeout(job))
                 continue
+            slot = self.cache.add()
             try:
-                rows, logits = self._prefill(job)
+                logits, tail = self._prefill(job, slot)
             except Exception as e:
+                self.cache.free([slot])
                 self._emit(job, {"type": "error", "status": 500, "message": f"prefill failed: {e}"})
                 continue
             self.metrics.add("prompt_tokens", job.prompt_tokens)
-            choices = [self._new_choice(job, k) for k in range(job.n)]
-            rows = repeat_rows(rows, job.n)
+            slots = [slot, *self.cache.fork(slot, job.n - 1)]  # the choices share the image
+            choices = [self._new_choice(job, k, s, tail) for k, s in enumerate(slots)]
             best = greedy(logits)[0]
-            for choice, row_logits in zip(choices, logits.expand(job.n, -1)):
-                self._accept(choice, row_logits, best)
-            self.rows = merge(self.rows, rows)
+            for choice in choices:
+                self._accept(choice, logits[0], best)
             self.choices += choices
             self._drop_finished()
 
-    def _new_choice(self, job: Job, k: int) -> Choice:
+    def _new_choice(self, job: Job, k: int, slot: int, tail: torch.Tensor | None) -> Choice:
         tokenizer = self.processor.tokenizer
 
         def decode(ids):
             return tokenizer.decode(ids, skip_special_tokens=True)
 
-        return Choice(job, k, StopText(decode, job.sampling.stop), job.sampling.generator(k, self.device))
-
-    def _adapter_kwargs(self, adapters: list[str]) -> dict:
-        if not adapter_names(self.model):
-            return {}
-        return {"adapter_names": adapters}
+        generator = job.sampling.generator(k, self.device)
+        return Choice(job, k, StopText(decode, job.sampling.stop), generator, slot, tail)
 
     @torch.no_grad()
-    def _prefill(self, job: Job) -> tuple[Rows, torch.Tensor]:
-        """``job``'s prompt alone through the model: its cache rows and the next token's logits."""
+    def _prefill(self, job: Job, slot: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``job``'s prompt alone through the model into ``slot``: the next token's logits and the
+        cross-attention mask row its generated tokens repeat."""
         ids = job.item["input_ids"]
-        length = len(ids)
-        batch = {"input_ids": ids[None], "attention_mask": torch.ones(1, length, dtype=torch.long)}
-        batch["position_ids"] = torch.arange(length)[None]
+        piece = {"input_ids": ids.to(self.device)}
+        images = None
         if job.item.get("pixel_values") is not None:
-            batch.update(self.family.collate_images([job.item], length, self.image_token_id))
-        batch = to_device(batch, self.device, float_dtype=self.dtype)
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.config)
+            batch = self.family.collate_images([job.item], len(ids), self.image_token_id)
+            batch = to_device(batch, self.device, float_dtype=self.dtype)
+            piece["cross_attention_mask"] = batch.pop("cross_attention_mask")[0]
+            images = batch
         # One request: its adapter active, as ``cotune generate`` runs it. (PEFT's per-row adapter_names
         # cannot reach the image states' projections, whose batch is images x tiles, not rows.)
         with use_adapter(self.model, job.adapter if adapter_names(self.model) else "none"):
-            out = self.model(**batch, cache=cache, use_cache=True, logits_to_keep=1)
-        cross = batch["cross_attention_mask"][:, -1] if "cross_attention_mask" in batch else None
-        positions = torch.tensor([length], device=self.device)
-        rows = Rows(cache, batch["attention_mask"], positions, cross, self.cross_layers)
-        return rows, out.logits[:, -1].float()
+            logits = forward(self.model, self.cache, {slot: piece}, images, image_tag=job.adapter)
+        tail = piece["cross_attention_mask"][-1:] if images is not None else None
+        return logits, tail
 
     @torch.no_grad()
     def _step(self) -> None:
@@ -251,17 +249,17 @@ class Engine:
         self._drop_expired()
         if not self.choices:
             return
-        rows = self.rows
-        tokens = torch.tensor([[c.last] for c in self.choices], device=self.device)
-        adapters = [c.job.adapter if c.job.adapter != "none" else BASE for c in self.choices]
+        pieces = {}
+        for c in self.choices:
+            pieces[c.slot] = {"input_ids": torch.tensor([c.last], device=self.device)}
+            if c.tail is not None:
+                pieces[c.slot]["cross_attention_mask"] = c.tail
+        adapters = None
+        if adapter_names(self.model):
+            adapters = {c.slot: c.job.adapter if c.job.adapter != "none" else BASE for c in self.choices}
         self.metrics.batch_size = len(self.choices)
         self.metrics.add("decode_steps", 1)
-        out = self.model(
-            input_ids=tokens, cache=rows.cache, use_cache=True, **rows.step_inputs(),
-            **self._adapter_kwargs(adapters),
-        )  # fmt: skip
-        rows.advance()
-        logits = out.logits[:, -1].float()
+        logits = forward(self.model, self.cache, pieces, adapter_names=adapters, idle_adapter=BASE)
         for choice, row_logits, best in zip(self.choices, logits, greedy(logits)):
             self._accept(choice, row_logits, best)
         self._drop_finished()
@@ -326,8 +324,8 @@ class Engine:
         keep = [i for i, c in enumerate(self.choices) if not c.done]
         if len(keep) == len(self.choices):
             return
+        self.cache.free([c.slot for c in self.choices if c.done])
         self.choices = [self.choices[i] for i in keep]
-        self.rows = select(self.rows, keep) if keep else None
         self.metrics.batch_size = len(self.choices)
 
     def _emit(self, job: Job, event: dict) -> None:
@@ -340,7 +338,8 @@ class Engine:
         with self.wake:
             jobs = {id(c.job): c.job for c in self.choices} | {id(j): j for j in self.waiting}
             self.waiting.clear()
-        self.choices, self.rows = [], None
+        self.cache.free([c.slot for c in self.choices])
+        self.choices = []
         for job in jobs.values():
             self._emit(
                 job, {"type": "error", "status": status, "message": f"{type(error).__name__}: {error}"}
