@@ -8,6 +8,7 @@ how records are read), ``generation`` and the verb's own section. ``cotune VERB 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,17 @@ CHAT_HELP = """commands: /adapter NAME (switch; 'none' is the base), /adapters, 
 next message), /reset (forget the conversation), /quit"""
 
 
+@dataclass
+class ChatState:
+    """A ``cotune chat`` conversation: the adapter in use, the turns so far, their pictures, and the
+    pictures waiting for the next message."""
+
+    current: str
+    messages: list[dict] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+
+
 def run_chat(cfg: Any, read=input, out=None) -> int:
     """``cotune chat``: a multi-turn REPL; the adapter can change between turns (no reload)."""
     from cotune.infer.adapters import adapter_names
@@ -145,15 +157,12 @@ def run_chat(cfg: Any, read=input, out=None) -> int:
         check_prompt_image(path)
     specs, model, processor, family = _load(cfg)
     names = ["none", *adapter_names(model)]
-    current = specs[0].name if specs else "none"
-    messages: list[dict] = []
-    images: list[str] = []
-    pending: list[str] = list(cfg.image)
-    out.write(f"adapters: {', '.join(names)} (using {current})\n{CHAT_HELP}\n")
+    state = ChatState(current=specs[0].name if specs else "none", pending=list(cfg.image))
+    out.write(f"adapters: {', '.join(names)} (using {state.current})\n{CHAT_HELP}\n")
     first = [cfg.prompt] if cfg.prompt else []  # --prompt: the first message, as if typed
     while True:
         try:
-            line = first.pop().strip() if first else read(f"[{current}] > ").strip()
+            line = first.pop().strip() if first else read(f"[{state.current}] > ").strip()
         except EOFError:
             out.write("\n")
             return 0
@@ -162,40 +171,52 @@ def run_chat(cfg: Any, read=input, out=None) -> int:
         command, _, arg = line.partition(" ")
         if command in ("/quit", "/exit"):
             return 0
-        if command == "/adapters":
-            out.write(", ".join(names) + "\n")
-        elif command == "/adapter":
-            if arg.strip() in names:
-                current = arg.strip()
-                out.write(f"using {current}\n")
-            else:
-                out.write(f"no adapter '{arg.strip()}' (loaded: {', '.join(names)})\n")
-        elif command == "/image":
-            try:
-                check_prompt_image(arg.strip())
-            except ConfigError as e:
-                out.write(f"error: {e}\n")
-                continue
-            pending.append(arg.strip())
-            out.write(f"{arg.strip()} will go with your next message\n")
-        elif command == "/reset":
-            messages, images, pending = [], [], []
-            out.write("conversation cleared\n")
-        elif command.startswith("/"):
-            out.write(f"unknown command {command}\n{CHAT_HELP}\n")
+        if command.startswith("/"):
+            _chat_command(state, command, arg.strip(), names, out)
+            continue
+        try:
+            n_new = len(state.pending)
+            turn = _opening(cfg, line, n_new) if not state.messages else [user_message(line, n_new)]
+            reply = respond(
+                model,
+                processor,
+                family,
+                state.messages + turn,
+                state.images + state.pending,
+                state.current,
+                cfg,
+                out,
+            )
+        except ValueError as e:  # e.g. an unreadable image: report it and keep the conversation
+            out.write(f"error: {e}\n")
+            continue
+        state.messages += turn + [{"role": "assistant", "content": [{"type": "text", "text": reply}]}]
+        state.images, state.pending = state.images + state.pending, []
+
+
+def _chat_command(state: ChatState, command: str, arg: str, names: list[str], out: Any) -> None:
+    """One of ``cotune chat``'s slash commands (all but /quit), applied to ``state``."""
+    if command == "/adapters":
+        out.write(", ".join(names) + "\n")
+    elif command == "/adapter":
+        if arg in names:
+            state.current = arg
+            out.write(f"using {arg}\n")
         else:
-            try:
-                turn = (
-                    _opening(cfg, line, len(pending)) if not messages else [user_message(line, len(pending))]
-                )
-                reply = respond(
-                    model, processor, family, messages + turn, images + pending, current, cfg, out
-                )
-            except ValueError as e:  # e.g. an unreadable image: report it and keep the conversation
-                out.write(f"error: {e}\n")
-                continue
-            messages += turn + [{"role": "assistant", "content": [{"type": "text", "text": reply}]}]
-            images, pending = images + pending, []
+            out.write(f"no adapter '{arg}' (loaded: {', '.join(names)})\n")
+    elif command == "/image":
+        try:
+            check_prompt_image(arg)
+        except ConfigError as e:
+            out.write(f"error: {e}\n")
+            return
+        state.pending.append(arg)
+        out.write(f"{arg} will go with your next message\n")
+    elif command == "/reset":
+        state.messages, state.images, state.pending = [], [], []
+        out.write("conversation cleared\n")
+    else:
+        out.write(f"unknown command {command}\n{CHAT_HELP}\n")
 
 
 def run_merge_command(cfg: Any) -> int:

@@ -203,16 +203,7 @@ def generate_ids(
     tokenizer = processor.tokenizer
     batch = prompt_batch(model, processor, family, items)
     eos = family.end_of_turn_ids(tokenizer)
-    kwargs: dict[str, Any] = dict(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    if do_sample:
-        kwargs.update(temperature=temperature, top_p=top_p, top_k=None)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
+    kwargs = _generate_kwargs(tokenizer, eos, max_new_tokens, do_sample, temperature, top_p)
     if stop_strings:
         from transformers import StoppingCriteriaList
 
@@ -224,23 +215,47 @@ def generate_ids(
         out = model.generate(**batch, streamer=streamer, **kwargs)
     finally:
         model.train(was_training)
-    new = out[:, batch["input_ids"].shape[1] :].tolist()
+    rows, generated = _cut_rows(out[:, batch["input_ids"].shape[1] :].tolist(), eos, tokenizer.pad_token_id)
+    if meter is not None:
+        meter.prompt += int(batch["attention_mask"].sum())
+        meter.generated += generated
+        meter.calls += 1
+    return rows
+
+
+def _generate_kwargs(
+    tokenizer: Any, eos: list[int], max_new_tokens: int, do_sample: bool, temperature: float, top_p: float
+) -> dict[str, Any]:
+    """``model.generate``'s settings: every end-of-turn id stops a row; greedy unsets the sampling knobs
+    (a checkpoint's generation_config may sample by default)."""
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=None)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+def _cut_rows(new: list[list[int]], eos: list[int], pad_id: int | None) -> tuple[list[list[int]], int]:
+    """Each row's ids before its first end-of-turn id (or without trailing padding, where a stop string
+    ended it), and the number of tokens generated in all (an end-of-turn id counts)."""
     rows, generated = [], 0
     for ids in new:
         cut = next((i for i, t in enumerate(ids) if t in eos), None)
         if cut is not None:
             ids, spent = ids[:cut], cut + 1
         else:
-            while ids and ids[-1] == tokenizer.pad_token_id:  # finished by a stop string, then padded
+            while ids and ids[-1] == pad_id:  # finished by a stop string, then padded
                 ids = ids[:-1]
             spent = len(ids)
         rows.append(ids)
         generated += spent
-    if meter is not None:
-        meter.prompt += int(batch["attention_mask"].sum())
-        meter.generated += generated
-        meter.calls += 1
-    return rows
+    return rows, generated
 
 
 def generate(

@@ -69,37 +69,7 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="cotune serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.cotune = state
 
-    @app.middleware("http")
-    async def authorize(request: Request, call_next):
-        if state.api_key and request.url.path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "")
-            expected = f"Bearer {state.api_key}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
-                error = APIError(
-                    401, "a valid API key is required (Authorization: Bearer KEY)", None, "invalid_api_key"
-                )
-                return error_response(error)
-        try:
-            return await call_next(request)
-        except APIError as e:
-            return error_response(e)
-
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, error: APIError):
-        if error.status < 500 or error.status == 503:
-            state.engine.metrics.add("requests_rejected", 1)
-        return error_response(error)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, error: StarletteHTTPException):
-        code = "not_found" if error.status_code == 404 else None
-        return error_response(APIError(error.status_code, str(error.detail), None, code))
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, error: Exception):
-        return error_response(
-            APIError(500, f"{type(error).__name__}: {error}", None, "internal_error", "server_error")
-        )
+    _add_error_handling(app, state)
 
     @app.get("/health")
     async def health():
@@ -143,3 +113,39 @@ def create_app(state: ServerState) -> FastAPI:
         return await completions.collect(state, body, job, events, request.is_disconnected)
 
     return app
+
+
+def _add_error_handling(app: FastAPI, state: ServerState) -> None:
+    """The API key check on every endpoint but /health, and every error as an OpenAI error body."""
+
+    @app.middleware("http")
+    async def authorize(request: Request, call_next):
+        if state.api_key and request.url.path not in OPEN_PATHS:
+            given = request.headers.get("authorization", "")
+            expected = f"Bearer {state.api_key}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                error = APIError(
+                    401, "a valid API key is required (Authorization: Bearer KEY)", None, "invalid_api_key"
+                )
+                return error_response(error)
+        try:
+            return await call_next(request)
+        except APIError as e:
+            return error_response(e)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError):
+        if error.status < 500 or error.status == 503:
+            state.engine.metrics.add("requests_rejected", 1)
+        return error_response(error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        code = "not_found" if error.status_code == 404 else None
+        return error_response(APIError(error.status_code, str(error.detail), None, code))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception):
+        return error_response(
+            APIError(500, f"{type(error).__name__}: {error}", None, "internal_error", "server_error")
+        )
