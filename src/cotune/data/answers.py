@@ -21,6 +21,10 @@ from __future__ import annotations
 import math
 import re
 import string
+from typing import Any
+
+from cotune.data.cot import parse_stages
+from cotune.data.sample import Sample
 
 KINDS = ("yes_no", "choice", "number", "text")
 UNKNOWN = ""  # the label of an answer that gives none (a hedge, or no option)
@@ -296,3 +300,50 @@ def score_answer(
         "label": normalize_answer(prediction, kind, options, aliases),
         "gold_label": normalize_answer(gold, kind, options, aliases),
     }
+
+
+# ----------------------------------------------------------------------------- a sample's gold answer
+
+
+def first_turn(sample: Sample) -> tuple[list[dict], str]:
+    """The messages before the first reply, and that reply's text (the reference; '' when none)."""
+    k = next((i for i, m in enumerate(sample.messages) if m["role"] == "assistant"), len(sample.messages))
+    if k == len(sample.messages):
+        return sample.messages, ""
+    reply = sample.messages[k]["content"]
+    text = reply if isinstance(reply, str) else "".join(c.get("text", "") for c in reply)
+    return sample.messages[:k], text
+
+
+def gold_answer(sample: Sample) -> str | None:
+    """The record's ``answer`` field, else the CONCLUSION of the reference reply, else None."""
+    answer = sample.meta.get("answer")
+    if isinstance(answer, str | int | float) and str(answer).strip():
+        return str(answer).strip()
+    return parse_stages(first_turn(sample)[1]).get("CONCLUSION") or None
+
+
+def question_text(sample: Sample) -> str:
+    """The text of the last user message before the first reply (what a yes/no guess looks at)."""
+    for m in reversed(first_turn(sample)[0]):
+        if m["role"] == "user":
+            c = m["content"]
+            return c if isinstance(c, str) else " ".join(i.get("text", "") for i in c if isinstance(i, dict))
+    return ""
+
+
+def sample_answer_settings(sample: Sample, kind: str = "auto") -> dict[str, Any]:
+    """How to score a sample's answer: ``{"kind", "options"}``.
+
+    The record's own ``answer_kind`` field wins, then ``kind`` (a dataset-wide setting, 'auto':
+    guess from the gold answer and the question); ``options`` are the record's (``{"A": ...}``).
+    """
+    options = sample.meta.get("options") if isinstance(sample.meta.get("options"), dict) else None
+    own = sample.meta.get("answer_kind")
+    if own in KINDS:
+        return {"kind": own, "options": options}
+    if kind in KINDS:
+        return {"kind": kind, "options": options}
+    gold = gold_answer(sample)
+    guessed = answer_kind(gold, question_text(sample), options) if gold is not None else "text"
+    return {"kind": guessed, "options": options}

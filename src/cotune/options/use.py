@@ -54,6 +54,33 @@ class EvalOptions:
     output_dir: str = opt(
         "", "Where eval.json, eval.md and predictions.jsonl go (default: RUN/eval next to RUN/adapter)."
     )
+    benchmark: str = opt(
+        "",
+        "A benchmark file in VLMEvalKit's TSV layout (MMBench, MMStar, AI2D, HallusionBench, ...) to "
+        "evaluate instead of --data: prompts built and answers scored as VLMEvalKit does, accuracy "
+        "overall and per category.",
+    )
+    answer_kind: str = opt(
+        "auto",
+        "How answers are compared: auto (guessed per record from its gold answer and question), yes_no, "
+        "choice, number or text. A record's own answer_kind field wins.",
+        choices=("auto", "yes_no", "choice", "number", "text"),
+    )
+    answer_aliases: dict = opt(
+        {},
+        "Answers that mean the same: {canonical: [other, ...]}, e.g. {'fracture line': ['crack']} "
+        "(YAML, or a flag value in YAML flow style).",
+    )
+    positive_class: str = opt(
+        "yes",
+        "The positive answer of yes/no questions, for sensitivity, specificity, PPV, NPV and ROC AUC.",
+        choices=("yes", "no"),
+    )
+    roc: bool = opt(
+        True,
+        "For yes/no questions, score the model's probability of 'yes' at the CONCLUSION (one extra "
+        "forward pass per question) and report ROC AUC.",
+    )
 
 
 @dataclass
