@@ -81,7 +81,9 @@ from cotune.options.use import (
     PreviewOptions,
     PromptOptions,
     SynthDataOptions,
+    TaskMetricsOptions,
     TinyModelOptions,
+    check_task_metrics,
 )
 
 __all__ = [
@@ -115,6 +117,7 @@ SECTIONS = {
         Section("tracking", "", TrackingOptions, check_tracking),
         Section("wandb", "wandb_config", WandbConfig),
         Section("profiling", "", ProfilingOptions, check_profiling),
+        Section("task metrics", "", TaskMetricsOptions, check_task_metrics),
         Section("generation", "generation", GenerationOptions),
         Section("decoding", "generation", DecodingOptions),
         Section("eval", "eval", EvalOptions),
@@ -148,7 +151,7 @@ class Verb:
 
 _TRAIN = ("model", "dtype", "training", "seed", "lora", "custom_dataset", "data", "system prompt")
 _TRAIN += ("held-out file", "validation split", "augmentation", "fsdp", "quantization", "quantization_config")
-_TRAIN += ("tracking", "wandb", "profiling")
+_TRAIN += ("tracking", "wandb", "profiling", "task metrics")
 _USE = ("model", "dtype", "device", "adapters", "quantization", "quantization_config")
 _GENERATE = (*_USE, "seed", "system prompt", "prompt", "generation", "decoding")
 _READ = ("data", "system prompt", "held-out file")  # records read and rendered as training does

@@ -33,6 +33,7 @@ class DataBundle:
     train_sampler: Any = None
     report: list[str] = field(default_factory=list)
     cookbook: bool = False
+    val_samples: list = field(default_factory=list)  # the validation Samples (task metrics answer them)
 
 
 def _loader(dataset, sampler, collate, workers: int) -> torch.utils.data.DataLoader:
@@ -166,7 +167,9 @@ def build_data(
         )
         val = _loader(val_ds, val_sampler, collate, cfg.num_workers_dataloader)
     train = _loader(train_ds, train_sampler, train_collate, cfg.num_workers_dataloader)
-    return DataBundle(train=train, val=val, train_sampler=train_sampler, report=report)
+    return DataBundle(
+        train=train, val=val, train_sampler=train_sampler, report=report, val_samples=val_samples
+    )
 
 
 def _describe_augment(a: Any) -> str:

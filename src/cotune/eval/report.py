@@ -17,11 +17,11 @@ def markdown_table(results: dict[str, Any]) -> str:
     """One row per metric, one column per model."""
     models = results["models"]
     names = list(models)
-    rows: list[tuple[str, list[str]]] = [
-        ("loss", [fmt(models[n]["loss"]) for n in names]),
-        ("perplexity", [fmt(models[n]["perplexity"]) for n in names]),
-    ]
-    rows += [(f"loss: {s}", [fmt(models[n]["stage_loss"][s]) for n in names]) for s in (*STAGES, "other")]
+    rows: list[tuple[str, list[str]]] = []
+    if any(models[n]["loss"] == models[n]["loss"] for n in names):  # reference replies (not a benchmark)
+        rows.append(("loss", [fmt(models[n]["loss"]) for n in names]))
+        rows.append(("perplexity", [fmt(models[n]["perplexity"]) for n in names]))
+        rows += [(f"loss: {s}", [fmt(models[n]["stage_loss"][s]) for n in names]) for s in (*STAGES, "other")]
     rows.append(("four-stage format", [fmt(models[n]["format_rate"], "pct") for n in names]))
     rows += [(f"has {s}", [fmt(models[n]["stage_rate"][s], "pct") for n in names]) for s in STAGES]
     rows.append(("answer accuracy (95% CI)", [fmt_rate(models[n].get("accuracy_interval")) for n in names]))

@@ -86,7 +86,8 @@ def class_rows(answers: dict[str, dict], names: list[str], kind: str, suffix: st
 def confusion_markdown(classes: dict[str, Any]) -> str:
     """The confusion matrix as a table: rows the gold class, columns the answer's class."""
     labels, matrix = classes["labels"], classes["matrix"]
-    return _table(["gold \\ answer", *labels], [[lab, *map(str, row)] for lab, row in zip(labels, matrix)])
+    rows = [[lab, *map(str, row)] for lab, row in zip(labels, matrix) if lab in classes["classes"]]
+    return _table(["gold \\ answer", *labels], rows)
 
 
 def answer_tables(results: dict[str, Any]) -> str:
@@ -105,7 +106,7 @@ def answer_tables(results: dict[str, Any]) -> str:
                 for n in names
                 if answers[n].get(kind, {}).get("binary")
             )
-            parts.append(f"Positive class: '{positive}'. Rates with Wilson 95% intervals and counts.\n")
+            parts.append(f"Positive class: '{positive}'. Rates with Wilson 95% intervals and counts.\n\n")
             parts.append(_table(["metric", *names], clinical_rows(answers, names)))
         rows = class_rows(answers, names, kind)
         for condition, suffix in IMAGE_CONDITIONS.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cotune.options.fields import opt
+from cotune.options.fields import ConfigError, opt
 
 
 @dataclass
@@ -134,3 +134,32 @@ class SynthDataOptions:
 
     n_train: int = opt(400, "Training records.", positive=True)
     n_test: int = opt(40, "Held-out records.", positive=True)
+
+
+@dataclass
+class TaskMetricsOptions:
+    """Task metrics during training: answers generated at each validation (off by default)."""
+
+    eval_generate_samples: int = opt(
+        0,
+        "At each validation, greedily answer this many validation questions (a fixed, seeded subset, "
+        "those with a gold answer) and log their accuracy, per gold class too, to metrics.jsonl and the "
+        "trackers; the cost is printed. 0: off. One process only for now.",
+    )
+    eval_generate_max_new_tokens: int = opt(256, "Longest reply of those answers.", positive=True)
+    best_adapter_metric: str = opt(
+        "loss",
+        "What best_adapter keeps: the lowest validation loss, or the highest task accuracy (needs "
+        "eval_generate_samples; ties go to the earlier step).",
+        choices=("loss", "accuracy"),
+    )
+
+
+def check_task_metrics(o: TaskMetricsOptions, prefix: str) -> None:
+    if o.eval_generate_samples < 0:
+        raise ConfigError(f"{prefix}eval_generate_samples must be 0 (off) or a number of questions")
+    if o.best_adapter_metric == "accuracy" and not o.eval_generate_samples:
+        raise ConfigError(
+            f"{prefix}best_adapter_metric accuracy needs answers to score: set {prefix}eval_generate_samples "
+            "(e.g. 64)"
+        )
