@@ -45,7 +45,7 @@ def test_training_logs_accuracy_at_each_validation_and_keeps_the_most_accurate(
     """Accuracy (and recall per gold class) is logged at every validation; with best_adapter_metric
     accuracy, best_adapter is the adapter of the most accurate validation after a step (here the
     real answers' accuracy is replaced by a scripted one so that the choice differs from the loss's)."""
-    scripted = iter([0.9, 0.25, 0.75])  # step 0 (the base: a reference, never the best), 1, 2
+    scripted = iter([0.9, 0.75, 0.25])  # step 0 (the base: a reference, never the best), 1, 2
     real = task_metrics.measure_task
     seen = []
 
@@ -70,11 +70,11 @@ def test_training_logs_accuracy_at_each_validation_and_keeps_the_most_accurate(
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in evals] == [0, 1, 2]
-    assert [r["eval_accuracy"] for r in evals] == [0.9, 0.25, 0.75]
+    assert [r["eval_accuracy"] for r in evals] == [0.9, 0.75, 0.25]
     assert all(r["eval_generate_n"] == 2 and r["eval_generate_tokens"] > 0 for r in evals)
     assert all(any(k.startswith("eval_recall_") for k in r) for r in evals)
     assert sum("task metrics: accuracy" in line and "forward tokens" in line for line in lines) == 3
     assert len(seen) == 3 and all(0.0 <= f["eval_accuracy"] <= 1.0 for f in seen)
     best = load_file(str(result.best_adapter_dir / "adapter_model.safetensors"))
-    step2 = load_file(str(run / "checkpoints" / "step_00000002" / "adapter" / "adapter_model.safetensors"))
-    assert best.keys() == step2.keys() and all(torch.equal(best[k], step2[k]) for k in best)
+    step1 = load_file(str(run / "checkpoints" / "step_00000001" / "adapter" / "adapter_model.safetensors"))
+    assert best.keys() == step1.keys() and all(torch.equal(best[k], step1[k]) for k in best)
