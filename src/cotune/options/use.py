@@ -49,10 +49,13 @@ class EvalOptions:
     image_ablation: bool = opt(
         False,
         "Also evaluate with images shuffled across samples and with blank images: does the model "
-        "look at the image? (accuracy and CONCLUSION loss per condition, 'image reliance' row)",
+        "look at the image? (accuracy, recall per answer class and CONCLUSION loss per condition, "
+        "'image reliance' row)",
     )
     output_dir: str = opt(
-        "", "Where eval.json, eval.md and predictions.jsonl go (default: RUN/eval next to RUN/adapter)."
+        "",
+        "Where eval.json, eval.md, the confusion PNGs and predictions.jsonl go (default: RUN/eval next to "
+        "RUN/adapter).",
     )
     benchmark: str = opt(
         "",
