@@ -62,7 +62,17 @@ def test_eval_on_a_yes_no_set_reports_the_clinical_view(tiny_mllama, shapes, tmp
     adapter = make_adapter(tiny_mllama, tmp_path / "run" / "adapter", seed=5)
     out = tmp_path / "eval"
     argv = ["eval", "--model_name", str(tiny_mllama), "--adapter", adapter, "--data", str(data)]
-    assert main([*argv, "--max_new_tokens", "4", "--batch_size", "4", "--output_dir", str(out)]) == 0
+    argv += [
+        "--max_new_tokens",
+        "4",
+        "--batch_size",
+        "4",
+        "--output_dir",
+        str(out),
+        "--report_to",
+        "tensorboard",
+    ]
+    assert main(argv) == 0
     result = json.loads((out / "eval.json").read_text())
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     for name in ("none", "run"):
@@ -85,6 +95,16 @@ def test_eval_on_a_yes_no_set_reports_the_clinical_view(tiny_mllama, shapes, tmp
                  "Confusion matrix, run", "## Paired comparison", "McNemar p"):  # fmt: skip
         assert text in md, text
     assert (out / "confusion_run_yes_no.png").stat().st_size > 1000
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(out / "tensorboard"))
+    tb.Reload()
+    run = result["models"]["run"]
+    assert tb.Scalars("eval/run/accuracy")[0].value == pytest.approx(run["accuracy"])
+    sens = run["answers"]["yes_no"]["binary"]["sensitivity"]["value"]
+    if sens is not None:
+        assert tb.Scalars("eval/run/yes_no/sensitivity")[0].value == pytest.approx(sens)
+    assert tb.Scalars("eval/none_vs_run/mcnemar_p")[0].value == pytest.approx(cmp["p_value"])
 
 
 def test_benchmark_file_evaluates_per_category(tiny_mllama, tmp_path):

@@ -177,7 +177,7 @@ VERBS = {
         "PROMPT",
     ),
     "eval": Verb(
-        (*_USE, *_READ, "generation", "eval"),
+        (*_USE, *_READ, "generation", "eval", "tracking", "wandb"),
         "cotune eval [CONFIG.yaml] --model_name BASE --adapter DIR [--adapter ...] --data TEST.jsonl",
     ),
     "merge": Verb(

@@ -6,13 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cotune.config import to_dict
 from cotune.data.benchmarks import benchmark_samples, read_vlmeval_tsv
 from cotune.data.build import load_data_file
 from cotune.data.records import Sample, report_problems
 from cotune.eval.ablation import IMAGE_CONDITIONS
 from cotune.eval.evaluate import AnswerSettings, evaluate_models
-from cotune.eval.report import full_report, write_results
+from cotune.eval.report import full_report, tracker_figures, write_results
 from cotune.infer.adapters import NONE, AdapterSpec, load_model_with_adapters
+from cotune.train.trackers import open_trackers
 
 
 def eval_samples(cfg: Any, log=print) -> tuple[list[Sample], str]:
@@ -42,7 +44,8 @@ def run_eval(cfg: Any, specs: list[AdapterSpec], log=print) -> dict[str, Any]:
             read, rendered and length-limited exactly as training does: format, columns, image_root,
             system_prompt, on_error, max_seq_len, overlength), ``generation.max_new_tokens`` and
             ``eval`` (batch_size, limit, image_ablation, output_dir, benchmark, answer_kind,
-            answer_aliases, positive_class, roc).
+            answer_aliases, positive_class, roc) and ``report_to`` (the headline figures go to the
+            trackers, ``report.tracker_figures``).
         specs: the adapters. The base is evaluated too unless ``specs`` is only ``none`` (then it
             alone is). With ``eval.image_ablation``, every model is also evaluated with shuffled and
             with blank images.
@@ -89,6 +92,9 @@ def run_eval(cfg: Any, specs: list[AdapterSpec], log=print) -> dict[str, Any]:
     first = next((s.path for s in specs if s.path), None)
     out_dir = e.output_dir or (str(Path(first).parent / "eval") if first else "eval")
     paths = write_results(results, out_dir)
+    trackers = open_trackers(cfg, to_dict(cfg), Path(out_dir), True, None)  # --report_to (none by default)
+    trackers.log(tracker_figures(results), 0)
+    trackers.finish({"eval_md": str(paths["md"])})
     log(full_report(results))
     pngs = ", ".join(str(p) for p in paths["png"])
     log(

@@ -70,6 +70,32 @@ def markdown_table(results: dict[str, Any]) -> str:
     return header + "".join(f"| {label} | " + " | ".join(cells) + " |\n" for label, cells in rows)
 
 
+def tracker_figures(results: dict[str, Any]) -> dict[str, float]:
+    """The headline figures for the trackers: per model ``eval/<model>/accuracy`` (and its interval),
+    per kind macro F1, yes/no sensitivity, specificity, PPV, NPV and ROC AUC; per pair McNemar's p."""
+    out: dict[str, float] = {}
+    for name, m in results["models"].items():
+        acc = m.get("accuracy_interval") or {}
+        for key in ("value", "low", "high"):
+            if acc.get(key) is not None:
+                out[f"eval/{name}/accuracy" + ("" if key == "value" else f"_{key}")] = acc[key]
+        for kind, entry in m.get("answers", {}).items():
+            if entry.get("classes"):
+                out[f"eval/{name}/{kind}/macro_f1"] = entry["classes"]["macro"]["f1"]
+            for rate_name in ("sensitivity", "specificity", "ppv", "npv"):
+                value = (entry.get("binary") or {}).get(rate_name, {}).get("value")
+                if value is not None:
+                    out[f"eval/{name}/{kind}/{rate_name}"] = value
+            auc = (entry.get("roc_auc") or {}).get("value")
+            if auc is not None:
+                out[f"eval/{name}/{kind}/roc_auc"] = auc
+    for c in results.get("comparisons", []):
+        out[f"eval/{c['first']}_vs_{c['second']}/mcnemar_p"] = c["p_value"]
+        if c["difference"] is not None:
+            out[f"eval/{c['first']}_vs_{c['second']}/accuracy_difference"] = c["difference"]
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def full_report(results: dict[str, Any]) -> str:
     """eval.md's body: the main table, the per-class and clinical tables, the paired comparisons."""
     parts = [
