@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test lint format bench clean
+.PHONY: venv demo test lint format bench clean chromium studio-screenshots
 
 venv: $(STAMP)
 
@@ -24,6 +24,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# headless Chromium for tests/test_studio_browser.py (Debian's packages; Selenium drives them offline)
+chromium:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver)
+
+studio-screenshots: $(STAMP)  # the README's pictures of cotune studio, from the browser test's run
+	COTUNE_STUDIO_SCREENSHOTS=docs/studio COTUNE_REQUIRE_BROWSER=1 $(PY) -m pytest -q tests/test_studio_browser.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

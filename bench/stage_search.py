@@ -122,7 +122,11 @@ class ForwardCounter:
         ids = ids if ids is not None else args[0]
         mask = kwargs.get("attention_mask")
         self.fed += ids.numel()
-        self.real += int(mask[:, -ids.shape[1] :].sum()) if mask is not None else ids.numel()
+        plan = getattr(kwargs.get("cache"), "plan", None)  # a BatchCache knows its real tokens
+        if plan is not None:
+            self.real += plan.tokens
+        else:
+            self.real += int(mask[:, -ids.shape[1] :].sum()) if mask is not None else ids.numel()
         self.forwards += 1
 
     def _vision(self, module: Any, args: tuple, kwargs: dict) -> None:

@@ -19,6 +19,18 @@ def tiny_mllama(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_real(tiny_mllama, tmp_path_factory):
+    """The tiny Mllama (same weights) with Llama-3.2-11B-Vision-Instruct's file layout: no pad token that
+    transformers reads, an eos list in generation_config.json, Meta's template quirks
+    (``build_tiny_mllama(..., real_layout=True)``, made by copying instead of rebuilding)."""
+    import shutil
+
+    from cotune.demo.real_layout import write_real_layout
+
+    return write_real_layout(shutil.copytree(tiny_mllama, tmp_path_factory.mktemp("models") / "tiny-real"))
+
+
+@pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory):
     from cotune.demo.tiny import build_tiny_llava
 

@@ -111,7 +111,7 @@ def test_an_option_has_one_name_default_and_help_in_every_verb_that_takes_it():
             assert obj == option.default, f"{verb}: {path} default {obj!r} != {option.default!r}"
     # one last part in several paths, on purpose only: the folder each verb writes (train's run,
     # eval's report, merge's checkpoint: their old flags), and two the cookbook itself repeats in
-    # train_config and fsdp_config / custom_dataset
+    # train_config and fsdp_config / custom_dataset; the address each server binds (serve's, studio's)
     by_leaf: dict[str, set[str]] = {}
     for path in seen:
         by_leaf.setdefault(path.rsplit(".", 1)[-1], set()).add(path)
@@ -119,6 +119,8 @@ def test_an_option_has_one_name_default_and_help_in_every_verb_that_takes_it():
         "output_dir",
         "dataset",
         "mixed_precision",
+        "host",
+        "port",
     }
     assert seen["data.max_seq_len"][0] == 2048 and "data.max_seq_len" in CATALOG.options["eval"]
 
@@ -136,6 +138,7 @@ def test_every_verb_takes_its_sections_from_the_registry():
         "merge",
         "serve",
         "plan",
+        "studio",
         "tiny-model",
         "synth-data",
     }
@@ -167,7 +170,7 @@ def test_every_verb_help_lists_its_options_and_no_other(verb, capsys):
     "argv, message",
     [
         (["eval", "--lr", "1e-5"], "cotune eval does not take --lr (taken by: train, demo, plan)"),
-        (["train", "--max_new_tokens", "8"], "cotune train does not take --max_new_tokens (taken by: generate, chat, eval)"),
+        (["train", "--max_new_tokens", "8"], "cotune train does not take --max_new_tokens (taken by: generate, chat, eval, studio)"),
         (["merge", "--image_ablation"], "cotune merge does not take --image_ablation (taken by: eval)"),
         (["generate", "--data.max_seq_len", "9", "hi"], "cotune generate does not take --data.max_seq_len (taken by: train, demo, data, eval, merge, plan)"),
         (["chat", "--lora_config.r", "4"], "cotune chat does not take --lora_config.r (taken by: train, demo, plan)"),

@@ -216,6 +216,32 @@ def test_the_cookbook_table_names_every_field():
 def test_a_line_without_use_peft_says_what_cotune_does_instead():
     from cotune.options.cookbook import cookbook_notes
 
-    (note,) = cookbook_notes(parse_args("train", ["--enable_fsdp", "--lr", "1e-5"]).given)
+    def notes(*argv):
+        return cookbook_notes(parse_args("train", list(argv)).given, list(argv))
+
+    cookbook_line = (
+        "--enable_fsdp",
+        "--lr",
+        "1e-5",
+        "--dist_checkpoint_root_folder",
+        "out",
+        "--dist_checkpoint_folder",
+        "ft",
+    )
+    (note,) = notes(*cookbook_line)
     assert "full fine-tune" in note and "LoRA" in note and "--use_peft" in note
-    assert cookbook_notes(parse_args("train", ["--use_peft", "--peft_method", "lora"]).given) == []
+    assert len(notes("--train_config.lr", "1e-5")) == 1 and len(notes("--save_optimizer")) == 1
+    assert notes("--use_peft", "--peft_method", "lora") == []
+    # a cotune line (the README's own commands) sets no cookbook-only option: nothing to say
+    assert (
+        notes(
+            "--enable_fsdp",
+            "--lr",
+            "1e-5",
+            "--dataset",
+            "train.jsonl",
+            "--fsdp_config.sharding_strategy",
+            "hybrid_shard",
+        )
+        == []
+    )

@@ -22,10 +22,23 @@ def sample(tmp_path, system_prompt: str = "", image: str = "ok.png") -> Sample:
 
 
 def test_a_record_the_template_refuses_is_a_record_problem(processor, tmp_path):
-    # the Mllama template refuses a system message together with an image (raise_exception)
-    encoded, problems, _ = encode_samples([sample(tmp_path, "Be brief.")], processor, MLLAMA, 1024)
+    # the Mllama template refuses a system message together with an image (raise_exception): the
+    # record's own system turn makes the record a problem
+    record = sample(tmp_path)
+    record.messages.insert(0, {"role": "system", "content": [{"type": "text", "text": "Be brief."}]})
+    encoded, problems, _ = encode_samples([record], processor, MLLAMA, 1024)
     assert encoded == [] and len(problems) == 1
     assert str(problems[0]).startswith("train.jsonl:1: cannot render with the chat template")
+
+
+def test_a_system_prompt_option_the_template_refuses_is_one_error(processor, tmp_path):
+    """data.system_prompt on image data: one error naming the option and the way out, before any record
+    is skipped (not one line per record, then 'no usable training samples')."""
+    from cotune.data.chat import SystemPromptRefused
+
+    records = [sample(tmp_path, "Be brief.") for _ in range(3)]
+    with pytest.raises(SystemPromptRefused, match=r"data\.system_prompt.*leave it empty"):
+        encode_samples(records, processor, MLLAMA, 1024)
 
 
 @pytest.mark.parametrize("error", [TypeError("a bug"), RuntimeError("a bug"), KeyError("a bug")])

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from cotune.cli import main
-from cotune.run_demo import TARGET_FORMAT_RATE, demo_verdict
+from cotune.run_demo import TARGET_FORMAT_RATE, demo_verdict, unjudged
 
 
 def _figures(**changes):
@@ -27,7 +27,11 @@ def test_verdict_names_each_missed_target():
     assert demo_verdict(_figures()) == []
     misses = demo_verdict(_figures(eval_loss_final=3.0, format_rate=0.5))
     assert len(misses) == 2 and "validation loss 3.000" in misses[0] and "format rate 50%" in misses[1]
-    assert "no validation loss" in demo_verdict(_figures(eval_loss_base=None, eval_loss_final=None))[0]
+    # without validation (--run_validation False) the loss target is not judged; the others are
+    unvalidated = _figures(eval_loss_base=None, eval_loss_final=None)
+    assert demo_verdict(unvalidated) == [] and "validation loss" in unjudged(unvalidated)[0]
+    assert demo_verdict({**unvalidated, "format_rate": 0.5}) == ["format rate 50% is below 90%"]
+    assert unjudged(_figures()) == []
     # the adapter must read the pictures: colour and shape right, and far better than with shuffled images
     blind = demo_verdict(_figures(accuracy_by_task={"colour": {"accuracy": 0.2}, "shape": {"accuracy": 0.9}}))
     assert blind == ["'colour' accuracy 20% is below 80%"]

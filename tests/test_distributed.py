@@ -424,3 +424,51 @@ def test_full_fine_tune_under_fsdp_resumes_exactly(tiny_mllama, shapes, tmp_path
     )
     assert sorted(a) == sorted(b) and any("vision_model" in k for k in a)
     assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) <= 1e-6
+
+
+@pytest.mark.slow
+def test_two_torchrun_agents_hybrid_sharding_match_one_process(reference_runs, tiny_mllama, shapes, tmp_path):
+    """A two-node launch on one machine: two torchrun agents (--nnodes 2, one process each) meet at a
+    c10d rendezvous on 127.0.0.1; hybrid sharding replicates across the two "nodes" (a 2 x 1 mesh).
+    The run equals one process with the same global batch."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two-nodes"
+    flags = _flags(tiny_mllama, shapes["train"], shapes["test"], out, 1)
+    flags += ["--enable_fsdp", "--fsdp_config.sharding_strategy=HYBRID_SHARD"]  # the cookbook's spelling
+    launch = (
+        "-m torch.distributed.run --nnodes=2 --nproc_per_node=1 --rdzv_backend=c10d --rdzv_id=cotune-test"
+    )
+    logs = [tmp_path / f"node{node}.log" for node in (0, 1)]  # files: a full pipe would stall an agent
+    agents = [
+        subprocess.Popen(
+            [sys.executable, *launch.split(), f"--node_rank={node}", f"--rdzv_endpoint=127.0.0.1:{port}"]
+            + ["-m", "cotune", "train", *flags],
+            env=_env(),
+            stdout=logs[node].open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        for node in (0, 1)
+    ]
+    try:
+        for agent in agents:
+            agent.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        for agent in agents:
+            _kill_tree(agent)
+        pytest.fail("the two torchrun agents did not finish in 300 s (a rendezvous or collective hang?)")
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
+    assert "fsdp: hybrid_shard over 2 process(es) on 2 node(s)" in logs[0].read_text()
+    one = reference_runs["one"]
+    _assert_same_metrics(_metrics(out), _metrics(one), rel=1e-4)
+    _assert_same_adapter(_adapter(out), _adapter(one), atol=1e-5)
+
+
+def test_a_gpu_process_group_has_a_cpu_backend_for_offloaded_tensors():
+    """fsdp_config.cpu_offload keeps shards and gradients in host memory; clipping and the adapter
+    gather run collectives on them, which NCCL alone cannot (the CPU path is the offload test above)."""
+    from cotune.train.distributed import process_group_backend
+
+    assert process_group_backend(torch.device("cuda", 0)) == "cpu:gloo,cuda:nccl"
+    assert process_group_backend(torch.device("cpu")) == "gloo"

@@ -55,6 +55,7 @@ LAYERS = [
     ("verb: eval", ("cotune.eval",)),
     ("verb: serve", ("cotune.serve",)),
     ("verb: plan", ("cotune.plan",)),
+    ("verb: studio", ("cotune.studio",)),
     ("verb: demo", ("cotune.run_demo",)),
     ("command line", ("cotune.cli", "cotune.__main__")),
 ]
@@ -106,3 +107,43 @@ def test_every_import_flows_down_the_layers():
             if layer_of(target) > own:
                 upward.append(f"{module} ({LAYERS[own][0]}) imports {target} ({LAYERS[layer_of(target)][0]})")
     assert not upward, "imports that flow up:\n" + "\n".join(sorted(set(upward)))
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """cotune module -> the cotune modules it imports (at the top or inside a function)."""
+    modules = {".".join(p.relative_to(SRC).with_suffix("").parts) for p in SRC.rglob("*.py")}
+    modules = {m.removesuffix(".__init__") for m in modules}
+    graph = {}
+    for m in modules:
+        path = m.replace(".", "/")
+        file = SRC / (path + ".py") if (SRC / (path + ".py")).is_file() else SRC / path / "__init__.py"
+        tree = ast.parse(file.read_text())
+        found = set()
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("cotune."):
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names if a.name.startswith("cotune.")]
+            found |= {n.removeprefix("cotune.") for n in names} & modules
+        graph[m] = found - {m}
+    return graph
+
+
+def test_no_module_imports_itself_through_others():
+    """No import circle (issue 21: models/load <-> models/quant was one): the module graph has no cycle."""
+    graph, state, circles = _module_graph(), {}, []
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = "open"
+        for n in sorted(graph[m]):
+            if state.get(n) == "open":
+                circles.append(" -> ".join([*path[path.index(n) :], n]))
+            elif n not in state:
+                visit(n, [*path, n])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not circles, circles

@@ -357,3 +357,64 @@ def test_a_4bit_base_serves_an_adapter_as_the_library_answers_on_it(tiny_mllama,
         got = ask(client, "a", "How many shapes are there?", [image], 10, temperature=0)
     assert got.choices[0].message.content == processor.tokenizer.decode(want, skip_special_tokens=True)
     assert got.usage.completion_tokens == len(want)
+
+
+def _picture_files(source: Path, root: Path) -> dict[str, tuple[Path, str]]:
+    """One picture saved four awkward ways: {kind: (file, mime type)}."""
+    from PIL import Image
+
+    picture = Image.open(source).convert("RGB")
+    root.mkdir(exist_ok=True)
+    files = {}
+    rotated = picture.transpose(Image.Transpose.ROTATE_90)  # stored sideways; EXIF 6 turns it back
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated.save(root / "rotated.jpg", format="JPEG", exif=exif.tobytes(), quality=95)
+    files["exif-rotated jpeg"] = (root / "rotated.jpg", "jpeg")
+    clear = picture.convert("RGBA")
+    clear.putalpha(Image.linear_gradient("L").resize(picture.size))  # transparent at the top
+    clear.save(root / "clear.png")
+    files["transparent png"] = (root / "clear.png", "png")
+    grey = Image.fromarray(
+        (__import__("numpy").asarray(picture.convert("L"), dtype="uint16") * 4 + 100).astype("uint16")
+    )  # a 10-bit scan in a 16-bit file
+    grey.save(root / "scan16.png")
+    files["16-bit png"] = (root / "scan16.png", "png")
+    picture.save(root / "picture.tiff", format="TIFF")
+    files["tiff"] = (root / "picture.tiff", "tiff")
+    return files
+
+
+def test_the_server_and_generate_see_the_same_pixels_of_awkward_pictures(
+    client, tiny_mllama, adapters, shapes, tmp_path
+):
+    """One picture path: an EXIF-rotated JPEG, a transparent PNG, a 16-bit PNG and a TIFF give the server
+    (data: URLs) the greedy answer and first-token logprob that the library gives on the files."""
+    import torch
+
+    from cotune.infer.generate import prompt_batch
+
+    specs = parse_adapter_specs([f"a={adapters['a']}"])
+    model, processor, family = load_model_with_adapters(str(tiny_mllama), specs, "fp32", "cpu")
+    tokenizer = processor.tokenizer
+    files = _picture_files(sorted(Path(shapes["images"]).glob("*.png"))[2], tmp_path / "pictures")
+    question = "What colour is the shape?"
+    for kind, (path, mime) in files.items():
+        item = encode_prompt(processor, family, [user_message(question, 1)], [str(path)])
+        want = generate_ids(model, processor, family, [item], max_new_tokens=6)[0]
+        with torch.no_grad():
+            batch = prompt_batch(model, processor, family, [item])
+            logits = model(**family.model_inputs(batch)).logits[0, -1].float()
+        want_logprob = float(torch.log_softmax(logits, dim=-1)[want[0]])
+        url = f"data:image/{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]
+        got = client.chat.completions.create(
+            model="a",
+            messages=[{"role": "user", "content": content}],
+            max_tokens=6,
+            temperature=0,
+            logprobs=True,
+        )
+        entries = got.choices[0].logprobs.content
+        assert [e.token for e in entries] == [tokenizer.decode([t]) for t in want], kind
+        assert abs(entries[0].logprob - want_logprob) < 1e-4, (kind, entries[0].logprob, want_logprob)

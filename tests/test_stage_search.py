@@ -7,7 +7,16 @@ import pytest
 
 from cotune.data.cot import STAGES, follows_format, parse_stages
 from cotune.infer.generate import TokenMeter, encode_prompt, generate_ids, prompt_batch, seeded
-from cotune.infer.prefix import decode, evaluating, feed, generators, image_inputs, one_row, sample_with
+from cotune.infer.prefix import (
+    decode,
+    evaluating,
+    feed,
+    generators,
+    image_inputs,
+    new_cache,
+    one_row,
+    sample_with,
+)
 from cotune.infer.stage_search import (
     ModelJudge,
     ModelSampler,
@@ -204,7 +213,7 @@ def _decode_alone(model, processor, family, prompt, prefix, seed, max_new_tokens
     batch = prompt_batch(model, processor, family, [item])
     with evaluating(model):
         row = feed(
-            model, family, None, [one_row(batch, 0, None, family.token_keys)], image_inputs(family, batch)
+            model, new_cache(model), [one_row(batch, 0, None, family.token_keys)], image_inputs(family, batch)
         )
         pick = sample_with(temperature, 0.9, generators([seed], "cpu"))
         out, _ = decode(model, row, pick, max_new_tokens, family.end_of_turn_ids(processor.tokenizer))
@@ -316,4 +325,4 @@ def test_model_judge_keeps_a_stage_prefix_only_for_the_same_image(base, processo
     fresh = ModelJudge(model, processor, family, TokenMeter(), max_new_tokens=4)
     assert again == fresh("CAPTION", messages, other, "", pairs)
     assert judge.transcript[2:] == fresh.transcript
-    assert judge.images.encodes == 2  # the second image was fed, not the first one's kept prefix
+    assert judge.cache.encodes == 2  # the second image was fed, not the first one's kept prefix

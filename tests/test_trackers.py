@@ -187,3 +187,44 @@ def test_validation_loss_per_llava_cot_stage_reaches_metrics_and_trackers(tiny_m
     for s in stages:
         got = [e.value for e in tb.Scalars(f"eval/loss_{s}")]
         assert got == pytest.approx([r[f"eval_loss_{s}"] for r in rows], rel=1e-5), s
+
+
+def test_wandb_dir_and_mlflow_tracking_uri_from_the_environment_are_honoured(tmp_path, monkeypatch):
+    """The ecosystem's own settings, when set, say where W&B writes and which MLflow store is used (the
+    libraries are stand-ins recording what cotune asks of them: the real ones start in ~30 s)."""
+    import sys
+    from types import ModuleType, SimpleNamespace
+
+    from cotune.config import WandbConfig
+    from cotune.train.trackers import open_trackers
+
+    asked = {}
+    wandb = ModuleType("wandb")
+    wandb.init = lambda **kw: asked.setdefault("wandb", kw) and SimpleNamespace(id="w1")
+    tracking = ModuleType("mlflow.tracking")
+
+    class Client:
+        def __init__(self, uri):
+            asked["mlflow"] = uri
+
+        def update_run(self, *args, **kwargs):
+            pass
+
+    tracking.MlflowClient = Client
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setitem(sys.modules, "mlflow.tracking", tracking)
+    cfg = SimpleNamespace(report_to=["wandb", "mlflow"], wandb_config=WandbConfig(), mlflow_tracking_uri="",
+                          mlflow_experiment="cotune")  # fmt: skip
+    (tmp_path / "trackers.json").write_text(json.dumps({"mlflow": "m1"}))  # a resumed run: no new MLflow run
+
+    def opened() -> tuple[str, str]:
+        asked.clear()
+        open_trackers(cfg, {}, tmp_path, is_main=True, resumed_step=3)
+        return asked["wandb"]["dir"], asked["mlflow"]
+
+    assert opened() == (str(tmp_path), f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}")  # cotune's defaults
+    monkeypatch.setenv("WANDB_DIR", "/data/wandb")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    assert opened() == ("/data/wandb", "http://mlflow.internal:5000")
+    cfg.mlflow_tracking_uri = "sqlite:///given.db"  # the option still wins
+    assert opened()[1] == "sqlite:///given.db"

@@ -30,6 +30,8 @@ verbs:
                                              OpenAI-compatible server: many adapters, one base, batched
   plan [--option value ...] --gpu_memory 16GB
                                              train's options: the memory one GPU needs (config.json only)
+  studio [--data FILE ...] [--run DIR ...] [--serve URL] [--port 7860]
+                                             local web page: data, runs, answers, review, chat
   merge --model_name BASE --adapter DIR --output DIR
                                              merge the adapter into a standard HF checkpoint
   data check DATA [--model_name M]           validate a dataset as training would (exit 1: bad records)
@@ -64,7 +66,7 @@ def cmd_train(argv: list[str]) -> int:
     from cotune.train.loop import finetune
 
     if os.environ.get("RANK", "0") == "0":  # before the process group exists: the first process says it
-        for note in cookbook_notes(parsed.given):
+        for note in cookbook_notes(parsed.given, argv):
             print(note)
     finetune(cfg)
     return 0
@@ -168,6 +170,20 @@ def cmd_plan(argv: list[str]) -> int:
     return run_plan_command(parsed.options)
 
 
+def cmd_studio(argv: list[str]) -> int:
+    # --data is data.test_file in the other verbs; here it names the files to show (studio.data)
+    argv = [
+        "--studio.data" if a == "--data" else "--studio.data=" + a[7:] if a.startswith("--data=") else a
+        for a in argv
+    ]
+    parsed = _options("studio", argv)
+    if parsed is None:
+        return 0
+    from cotune.studio.command import run_studio_command
+
+    return run_studio_command(parsed.options, parsed.given)
+
+
 def cmd_data(argv: list[str]) -> int:
     from cotune.data.check import run_data_command
 
@@ -185,6 +201,7 @@ VERBS = {
     "merge": cmd_merge,
     "serve": cmd_serve,
     "plan": cmd_plan,
+    "studio": cmd_studio,
     "data": cmd_data,
 }
 

@@ -64,6 +64,7 @@ from cotune.options.parse import (
 from cotune.options.plan import PlanOptions
 from cotune.options.quant import QuantizationConfig, QuantizationOptions
 from cotune.options.serve import ServeOptions, check_serve
+from cotune.options.studio import StudioOptions, check_studio
 from cotune.options.tracking import (
     ProfilingOptions,
     TrackingOptions,
@@ -123,6 +124,7 @@ SECTIONS = {
         Section("eval", "eval", EvalOptions),
         Section("merge", "merge", MergeOptions),
         Section("serve", "serve", ServeOptions, check_serve),
+        Section("studio", "studio", StudioOptions, check_studio),
         Section("demo", "demo", DemoOptions),
         Section("preview", "preview", PreviewOptions),
         Section("tiny-model", "tiny_model", TinyModelOptions),
@@ -187,6 +189,10 @@ VERBS = {
     "serve": Verb(
         (*_USE, "serve"),
         "cotune serve [CONFIG.yaml] --model_name BASE [--adapter NAME=DIR ...] [--port 8000] [--api_key KEY]",
+    ),
+    "studio": Verb(
+        (*_USE, "seed", "system prompt", "generation", "decoding", "studio"),
+        "cotune studio [CONFIG.yaml] [--data FILE ...] [--run DIR ...] [--serve URL] [--adapter NAME=DIR ...] [--port N]",
     ),
     "plan": Verb((*_TRAIN, "plan"), "cotune plan [CONFIG.yaml] [--option value ...] [--gpu_memory 16GB]"),
     "tiny-model": Verb(

@@ -16,13 +16,85 @@ from __future__ import annotations
 
 from typing import Any
 
+from jinja2 import TemplateError
+
+from cotune.options.data import DEFAULT_DATE_STRING
+from cotune.options.fields import ConfigError
+
 IGNORE_INDEX = -100
+# Key of a system message that ``data.system_prompt`` added (not the record): templates ignore it; a
+# refusal then names the option once instead of failing every record.
+FROM_OPTION = "cotune_option"
+SYSTEM_PROMPT_OPTION = "data.system_prompt"
+
+
+class SystemPromptRefused(ConfigError):
+    """The chat template refuses ``data.system_prompt`` in a conversation with images (Llama 3.2
+    Vision's does): one error before any work, not a skipped record each."""
+
+
+def system_message(text: str) -> dict:
+    """The system message ``data.system_prompt`` adds to a conversation."""
+    return {"role": "system", "content": [{"type": "text", "text": text}], FROM_OPTION: SYSTEM_PROMPT_OPTION}
+
+
+def _has_images(messages: list[dict]) -> bool:
+    return any(
+        isinstance(item, dict) and item.get("type") == "image"
+        for m in messages
+        if not isinstance(m["content"], str)
+        for item in m["content"]
+    )
+
+
+_SYSTEM_AS_STRING: dict[str, bool] = {}
+
+
+def _system_wants_string(processor: Any) -> bool:
+    """Whether the template prints a system message's content as it is (Meta's Llama 3.x templates
+    ``trim`` it: a list of items would be rendered as its Python text), so it needs a string."""
+    template = str(getattr(processor, "chat_template", None) or "")
+    if template not in _SYSTEM_AS_STRING:
+        probe = [
+            {"role": "system", "content": [{"type": "text", "text": "probe"}]},
+            {"role": "user", "content": [{"type": "text", "text": "x"}]},
+        ]
+        try:
+            text = processor.apply_chat_template(probe, tokenize=False, date_string=DEFAULT_DATE_STRING)
+        except (TemplateError, TypeError, ValueError):
+            text = ""
+        _SYSTEM_AS_STRING[template] = "'type'" in text
+    return _SYSTEM_AS_STRING[template]
+
+
+def _as_template_reads(processor: Any, messages: list[dict]) -> list[dict]:
+    if not messages or messages[0]["role"] != "system" or isinstance(messages[0]["content"], str):
+        return messages
+    if not _system_wants_string(processor):
+        return messages
+    items = messages[0]["content"]
+    text = "".join(i.get("text", "") for i in items if isinstance(i, dict) and i.get("type") == "text")
+    return [{**messages[0], "content": text}, *messages[1:]]
 
 
 def _render(processor: Any, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return processor.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    """The template's text, with the processor's fixed ``date_string`` (``load_processor``)."""
+    date = getattr(processor, "date_string", None) or DEFAULT_DATE_STRING
+    try:
+        return processor.apply_chat_template(
+            _as_template_reads(processor, messages),
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            date_string=date,
+        )
+    except TemplateError as e:
+        if messages and messages[0].get(FROM_OPTION) and _has_images(messages):
+            raise SystemPromptRefused(
+                f"the chat template refuses a system message in a conversation with images ({e}); "
+                f"option '{SYSTEM_PROMPT_OPTION}' adds one to every conversation: leave it empty, or put "
+                "the instruction into the user turns of the data"
+            ) from None
+        raise
 
 
 def render_with_reply_spans(processor: Any, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -101,7 +173,9 @@ def tokenize_conversation(
         if input_ids.count(bos) != 1:
             raise ValueError(f"rendered text holds {input_ids.count(bos)} BOS tokens; expected exactly one")
     image_id = tokenizer.convert_tokens_to_ids(image_token)
-    pad_id = tokenizer.pad_token_id
+    # a pad token in the text is masked, unless the pad is the EOS that ends each reply (a tokenizer
+    # without a pad token pads with its EOS: ``load_processor``), which the model must learn
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id != tokenizer.eos_token_id else None
     labels = [IGNORE_INDEX if t in (image_id, pad_id) else lab for t, lab in zip(input_ids, labels)]
     return input_ids, labels
 

@@ -67,7 +67,7 @@ def audit_batch(batch: dict, tokenizer: Any, image_token_id: int | None) -> list
     if not learn.any():
         warnings.append("no label tokens in the batch: every label is -100")
     pad = tokenizer.pad_token_id
-    if pad is not None and (learn & (ids == pad)).any():
+    if pad is not None and pad != tokenizer.eos_token_id and (learn & (ids == pad)).any():  # EOS pad: learned
         warnings.append("padding tokens are in the loss (labels should be -100 there)")
     if image_token_id is not None and (learn & (ids == image_token_id)).any():
         warnings.append("image tokens are in the loss (labels should be -100 there)")

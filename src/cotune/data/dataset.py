@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import torch
 from jinja2 import TemplateError
 
-from cotune.data.chat import IGNORE_INDEX, tokenize_conversation
+from cotune.data.chat import IGNORE_INDEX, SystemPromptRefused, tokenize_conversation
 from cotune.data.images import load_image
 from cotune.data.sample import Problem, Sample
 from cotune.models.families import ModelFamily
@@ -76,6 +76,8 @@ def encode_samples(
     for s in samples:
         try:
             ids, labels = tokenize_conversation(processor, s.messages, family.image_token, per_image)
+        except SystemPromptRefused:
+            raise  # the option's fault, not the record's: one error before any work
         except (ValueError, TemplateError) as e:
             # the record's content: spans that cannot be located, or the template's raise_exception
             # (Mllama's refuses a system message with images); any other error is a bug and stops the run

@@ -101,18 +101,33 @@ def _describe(ref: Any) -> str:
     return str(ref) if hasattr(ref, "fetch") else "in record"
 
 
-def load_image(ref: Any, decode: bool = True) -> Image.Image:
+def load_image(
+    ref: Any,
+    decode: bool = True,
+    max_pixels: int = MAX_PIXELS,
+    formats: tuple[str, ...] = (),
+    name: str = "",
+) -> Image.Image:
     """Opens a path, bytes, a datasets Image cell, a table reference or a PIL image as RGB.
+
+    The one picture path: training, eval, generate, stage search and the server all decode here, so
+    one picture is the same pixels everywhere (``to_rgb``: EXIF orientation, transparency on white,
+    16-bit windowed).
 
     Args:
         ref: the image reference.
         decode: False stops after the header checks (size, aspect ratio) and returns the image
             undecoded, in its own mode: a fast check that finds missing, empty, unreadable and
             oversized images but not a file whose pixel data is cut short.
+        max_pixels: the largest image accepted (width x height), checked from the header.
+        formats: PIL format names accepted (the server's list); empty: any format PIL reads.
+        name: how messages call the image (default: its path, or 'in record').
 
     Raises:
-        ValueError: missing, empty, corrupt, oversized or absurdly shaped image, with the reason.
+        ValueError: missing, empty, corrupt, oversized, absurdly shaped image or a format outside
+            ``formats``, with the reason.
     """
+    what = name or f"image {_describe(ref)}"
     if isinstance(ref, str | Path):
         path = Path(ref)
         if not path.is_file():
@@ -123,22 +138,27 @@ def load_image(ref: Any, decode: bool = True) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below
             image = _open(ref)
-        width, height = image.size  # from the header: nothing is decoded yet
-        if width * height > MAX_PIXELS:
-            raise ValueError(
-                f"image {_describe(ref)} is {width}x{height}, over {MAX_PIXELS:,} pixels "
-                "(a decompression bomb or a scan far larger than any vision encoder uses; resize it)"
-            )
-        if min(width, height) < 1 or max(width, height) > MAX_ASPECT * min(width, height):
-            raise ValueError(
-                f"image {_describe(ref)} is {width}x{height}: aspect ratio over {MAX_ASPECT}:1 (crop or pad it)"
-            )
+        _check_header(image, what, max_pixels, formats)
         if not decode:
             return image
         image.load()
         return to_rgb(image)
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError, KeyError) as e:
-        raise ValueError(f"image {_describe(ref)} cannot be decoded ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{what} cannot be decoded ({type(e).__name__}: {e})") from None
+
+
+def _check_header(image: Image.Image, what: str, max_pixels: int, formats: tuple[str, ...]) -> None:
+    """Refuses an image by its header alone: its format, pixel count and aspect ratio."""
+    if formats and image.format not in formats:
+        raise ValueError(f"{what} is {image.format}, not one of the accepted formats ({', '.join(formats)})")
+    width, height = image.size  # from the header: nothing is decoded yet
+    if width * height > max_pixels:
+        raise ValueError(
+            f"{what} is {width}x{height}, over {max_pixels:,} pixels "
+            "(a decompression bomb or a scan far larger than any vision encoder uses; resize it)"
+        )
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT * min(width, height):
+        raise ValueError(f"{what} is {width}x{height}: aspect ratio over {MAX_ASPECT}:1 (crop or pad it)")
 
 
 def check_image(ref: Any, decode: bool = True) -> str | None:

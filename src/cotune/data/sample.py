@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cotune.data.chat import system_message
 from cotune.data.images import resolve_image_path
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -79,7 +80,7 @@ def conversation_to_messages(
     """
     messages: list[dict] = []
     if system_prompt and not any(role == "system" for role, _ in turns):
-        messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
+        messages.append(system_message(system_prompt))
     seen_user = False
     for k, (role, text) in enumerate(turns):
         if role == "assistant" and not seen_user:

@@ -45,6 +45,7 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
+from cotune.demo.real_layout import write_real_layout
 from cotune.demo.synthetic import sample_texts
 
 BOS_ID, PAD_ID, IMAGE_ID = 128000, 128004, 128256
@@ -334,46 +335,16 @@ def _init_seeded(
         return model.to(dtype)
 
 
-def build_tiny_mllama(
-    out_dir: str | Path,
-    seed: int = 0,
-    *,
-    hidden_size: int = 64,
-    num_layers: int = 4,
-    cross_attention_layers: tuple[int, ...] = (2,),
-    vocab_size: int = 128256,
-    image_size: int = 32,
-    vision_width: int = 64,
-    dtype: torch.dtype = torch.float32,
-    intermediate_size: int | None = None,
-) -> Path:
-    """Writes a tiny random Llama-3.2-Vision (Mllama) checkpoint and its processor to ``out_dir``.
-
-    Text: ``num_layers`` decoder layers (cross-attention ones included), 4 heads, 2 kv heads, MLP
-    ``2 * hidden_size`` unless ``intermediate_size`` is given. Vision: width ``vision_width``, 2 local + 1 global layers, patch 8, tiles of
-    ``image_size`` pixels, up to 4 tiles. The image processor is the PIL one (no torchvision needed).
-
-    Built like a trained checkpoint where tests rely on it: the gates that a fresh model has at 0
-    (cross-attention, tile and patch position, global encoder layers) are open (``OPEN_GATE``), so
-    images reach the logits. The defaults are the shape that learned the demo's colour questions
-    from the pixels fastest on CPU (see BENCHMARKS.md): with the cross-attention layer first after
-    one text layer (index 1 of 4) the same 400 steps reached 60% instead of 88%, and a 64-wide
-    vision tower beat a 32-wide one.
-
-    Args:
-        out_dir: Directory to write; created if missing.
-        seed: Seed for the weights; the same seed gives bitwise identical safetensors.
-        hidden_size: Text hidden size.
-        num_layers: Text decoder layers, cross-attention layers included.
-        cross_attention_layers: Indices of the cross-attention layers.
-        vocab_size: Output vocabulary (the input embedding has 8 more rows, as in Mllama).
-        image_size: Tile side in pixels.
-        dtype: Dtype the weights are stored in.
-        intermediate_size: Text MLP width (default ``2 * hidden_size``).
-
-    Returns:
-        ``out_dir`` as a ``Path``.
-    """
+def _mllama_config(
+    hidden_size: int,
+    num_layers: int,
+    cross_attention_layers: tuple[int, ...],
+    vocab_size: int,
+    image_size: int,
+    vision_width: int,
+    intermediate_size: int | None,
+) -> MllamaConfig:
+    """The tiny Mllama's config (see ``build_tiny_mllama`` for the shapes)."""
     intermediate_layers = [0, 1]
     vision = MllamaVisionConfig(
         hidden_size=vision_width,
@@ -399,7 +370,55 @@ def build_tiny_mllama(
         eos_token_id=EOS_IDS,
         pad_token_id=PAD_ID,
     )
-    config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID)
+    return MllamaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID)
+
+
+def build_tiny_mllama(
+    out_dir: str | Path,
+    seed: int = 0,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    cross_attention_layers: tuple[int, ...] = (2,),
+    vocab_size: int = 128256,
+    image_size: int = 32,
+    vision_width: int = 64,
+    dtype: torch.dtype = torch.float32,
+    intermediate_size: int | None = None,
+    real_layout: bool = False,
+) -> Path:
+    """Writes a tiny random Llama-3.2-Vision (Mllama) checkpoint and its processor to ``out_dir``.
+
+    Text: ``num_layers`` decoder layers (cross-attention ones included), 4 heads, 2 kv heads, MLP
+    ``2 * hidden_size`` unless ``intermediate_size`` is given. Vision: width ``vision_width``, 2 local + 1 global layers, patch 8, tiles of
+    ``image_size`` pixels, up to 4 tiles. The image processor is the PIL one (no torchvision needed).
+
+    Built like a trained checkpoint where tests rely on it: the gates that a fresh model has at 0
+    (cross-attention, tile and patch position, global encoder layers) are open (``OPEN_GATE``), so
+    images reach the logits. The defaults are the shape that learned the demo's colour questions
+    from the pixels fastest on CPU (see BENCHMARKS.md): with the cross-attention layer first after
+    one text layer (index 1 of 4) the same 400 steps reached 60% instead of 88%, and a 64-wide
+    vision tower beat a 32-wide one.
+
+    Args:
+        out_dir: Directory to write; created if missing.
+        seed: Seed for the weights; the same seed gives bitwise identical safetensors.
+        hidden_size: Text hidden size.
+        num_layers: Text decoder layers, cross-attention layers included.
+        cross_attention_layers: Indices of the cross-attention layers.
+        vocab_size: Output vocabulary (the input embedding has 8 more rows, as in Mllama).
+        image_size: Tile side in pixels.
+        dtype: Dtype the weights are stored in.
+        intermediate_size: Text MLP width (default ``2 * hidden_size``).
+        real_layout: tokenizer, generation and template files as Llama-3.2-11B-Vision-Instruct's
+            (``cotune.demo.real_layout``).
+
+    Returns:
+        ``out_dir`` as a ``Path``.
+    """
+    config = _mllama_config(
+        hidden_size, num_layers, cross_attention_layers, vocab_size, image_size, vision_width, intermediate_size
+    )  # fmt: skip
     tokenizer = build_tiny_tokenizer()
     model = _init_seeded(
         MllamaForConditionalGeneration, config, seed, dtype, _unreachable_ids(tokenizer), MLLAMA_GATES
@@ -408,7 +427,37 @@ def build_tiny_mllama(
         size={"height": image_size, "width": image_size}, max_image_tiles=4
     )
     processor = MllamaProcessor(image_processor, tokenizer, chat_template=MLLAMA_CHAT_TEMPLATE)
-    return _save(model, processor, Path(out_dir))
+    path = _save(model, processor, Path(out_dir))
+    return write_real_layout(path) if real_layout else path
+
+
+def _llava_config(
+    vocab_size: int, image_token_id: int, hidden_size: int, num_layers: int, image_size: int
+) -> LlavaConfig:
+    """The tiny LLaVA's config (see ``build_tiny_llava`` for the shapes)."""
+    text = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=2 * hidden_size,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_IDS,
+        pad_token_id=PAD_ID,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=image_size, patch_size=8, projection_dim=32,
+    )  # fmt: skip
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_token_id,
+        image_seq_length=(image_size // 8) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
 
 
 def build_tiny_llava(
@@ -440,28 +489,12 @@ def build_tiny_llava(
     tokenizer = build_tiny_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": [LLAVA_IMAGE_TOKEN]})
     tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=2 * hidden_size,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_IDS,
-        pad_token_id=PAD_ID,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        image_size=image_size, patch_size=8, projection_dim=32,
-    )  # fmt: skip
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN),
-        image_seq_length=(image_size // 8) ** 2,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
+    config = _llava_config(
+        len(tokenizer),
+        tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN),
+        hidden_size,
+        num_layers,
+        image_size,
     )
     model = _init_seeded(LlavaForConditionalGeneration, config, seed, dtype, _unreachable_ids(tokenizer))
     image_processor = CLIPImageProcessorPil(

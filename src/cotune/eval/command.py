@@ -60,6 +60,7 @@ def run_eval(cfg: Any, specs: list[AdapterSpec], log=print) -> dict[str, Any]:
         cfg.model_name, specs, cfg.torch_dtype, cfg.device, cfg.tokenizer_name,
         cfg.quantization, cfg.quantization_config,
     )  # fmt: skip
+    processor.date_string = d.date_string  # the template's date, as training rendered it
     answers = AnswerSettings(
         kind=e.answer_kind,
         aliases=e.answer_aliases or None,

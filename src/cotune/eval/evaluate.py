@@ -287,19 +287,28 @@ def evaluate_models(
         replies, scores = metrics.pop("replies"), metrics.pop("scores")
         probabilities = metrics.pop("yes_probability")
         metrics["conclusion_loss"] = metrics["stage_loss"]["CONCLUSION"]
+        other_replies: dict[str, list[str]] = {}  # predictions.jsonl's reply_shuffled_images, ...
         for condition, changed in ablated.items():
             other = evaluate_condition(
                 model, processor, family, changed, name, batch_size, max_new_tokens, max_seq_len,
                 log=lambda *_: None, desc=f", {condition} images", overlength=overlength, answers=answers,
             )  # fmt: skip
             metrics.update(_ablation_figures(IMAGE_CONDITIONS[condition], other))
+            other_replies["reply" + IMAGE_CONDITIONS[condition]] = other["replies"]
         if "shuffled" in ablated and metrics["accuracy"] is not None:
             metrics["image_reliance"] = metrics["accuracy"] - metrics["accuracy_shuffled_images"]
         results["models"][name] = metrics
         correct[name] = [None if sc is None else sc["correct"] for sc in scores]
         results["predictions"][name] = [
-            {"id": s.id, "gold": g, "reply": r, "score": sc, "yes_probability": p}
-            for s, g, r, sc, p in zip(samples, golds, replies, scores, probabilities)
+            {
+                "id": s.id,
+                "gold": g,
+                "reply": r,
+                "score": sc,
+                "yes_probability": p,
+                **{k: v[i] for k, v in other_replies.items()},
+            }
+            for i, (s, g, r, sc, p) in enumerate(zip(samples, golds, replies, scores, probabilities))
         ]
         log(summary_line(name, metrics, ablated))
     results["comparisons"] = compare_models(correct)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cotune.config import VERBS, ConfigError
+from cotune.data.chat import system_message
 
 
 def adapter_specs(cfg: Any):
@@ -31,6 +32,7 @@ def _load(cfg: Any):
         cfg.model_name, specs, cfg.torch_dtype, cfg.device, cfg.tokenizer_name,
         cfg.quantization, cfg.quantization_config,
     )  # fmt: skip
+    processor.date_string = cfg.data.date_string  # the template's date, as training rendered it
     return specs, model, processor, family
 
 
@@ -107,7 +109,7 @@ def _opening(cfg: Any, text: str, n_images: int) -> list[dict]:
     from cotune.infer.generate import user_message
 
     system_prompt = cfg.data.system_prompt
-    system = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}]
+    system = [system_message(system_prompt)]
     return (system if system_prompt else []) + [user_message(text, n_images)]
 
 

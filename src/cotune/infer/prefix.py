@@ -1,11 +1,13 @@
-"""Several continuations of one prefix decoded as one batch: the prefix is fed once, its cache copied.
+"""Several continuations of one prefix decoded as one batch: the prefix is fed once, then forked.
 
 The stage search samples N candidates of the same reply so far, and its judge reads prompts that
 differ only after "Response 1:". Instead of N rows that each re-read the whole prompt (and encode the
-image again), ``feed`` runs the shared prefix once as a single row, ``Rows.repeat`` copies its cache
-(self-attention keys and values, and Mllama's cross-attention image keys and values) to N rows, and
-``decode`` samples the N continuations together, each row with its own ``torch.Generator``, dropping
-rows from the batch as they finish. ``ImageMemo`` encodes an image once for every prompt about it.
+image again), ``feed`` runs the shared prefix once as a single row of a ``BatchCache``
+(``cotune.infer.cache``), ``Rows.repeat`` forks it into N slots (the prefix's self-attention keys and
+values copied, the image's cross-attention keys and values shared), and ``decode`` samples the N
+continuations together, each row with its own ``torch.Generator``; a row that finishes stops being
+fed (its slot given back, or kept for a later prompt that continues it). The cache keeps each
+image's keys and values for every later prompt about it.
 
 The rows' results do not depend on the batch: a row decoded with the others equals the same row
 decoded alone with the same generator (tests/test_stage_search.py), up to floating-point summation
@@ -13,9 +15,9 @@ order.
 
 Example:
     >>> batch = prompt_batch(model, processor, family, [encode_prompt(processor, family, messages, images)])
-    >>> memo = ImageMemo(model, family)
+    >>> cache = new_cache(model)
     >>> first = one_row(batch, keys=family.token_keys)
-    >>> prefix = feed(model, family, None, [first], memo(image_inputs(family, batch)), meter)
+    >>> prefix = feed(model, cache, [first], image_inputs(family, batch), meter)
     >>> pick = sample_with(0.7, 0.9, generators([1, 2, 3, 4], "cpu"))
     >>> ids, _ = decode(model, prefix.repeat(4), pick, 64, family.end_of_turn_ids(tokenizer), None, meter)
 """
@@ -23,15 +25,13 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-from transformers import DynamicCache
 
-from cotune.infer.generate import TokenMeter
+from cotune.infer.cache import BatchCache, forward
+from cotune.infer.generate import TokenMeter, model_device_dtype
 from cotune.models.families import ModelFamily
 
 
@@ -44,6 +44,14 @@ def evaluating(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+def new_cache(model: torch.nn.Module, slots: int = 8) -> BatchCache:
+    """An empty ``BatchCache`` for ``model`` (PEFT-wrapped or not), on its device and in its dtype,
+    that keeps every image it has seen (a search's prompts keep coming back to its image)."""
+    device, dtype = model_device_dtype(model)
+    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    return BatchCache(config, device, dtype, slots=slots, keep_images=True)
 
 
 def image_inputs(family: ModelFamily, batch: dict) -> dict:
@@ -62,7 +70,7 @@ def appended(rows: Rows, row: int, ids: list[int]) -> dict:
     """A piece that appends ``ids`` to row ``row``: the token-aligned keys repeat its last token's."""
     n = len(ids)
     piece = {k: v[row].expand(n, *v.shape[2:]) for k, v in rows.tails.items()}
-    return {"input_ids": torch.tensor(ids, device=rows.mask.device), **piece}
+    return {"input_ids": torch.tensor(ids, device=rows.logits.device), **piece}
 
 
 def same_inputs(a: dict, b: dict) -> bool:
@@ -70,45 +78,24 @@ def same_inputs(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-class ImageMemo:
-    """Encodes a prompt's images once and hands the encoding out again for the same image inputs.
-
-    With a family that has no ``encode_images`` the pixels pass through (each prefill encodes them).
-    ``encodes`` counts the encodings.
-    """
-
-    def __init__(self, model: torch.nn.Module, family: ModelFamily) -> None:
-        self.model, self.family = model, family
-        self.encodes = 0
-        self._key: dict | None = None
-        self._value: dict = {}
-
-    def __call__(self, images: dict) -> dict:
-        if not images or self.family.encode_images is None:
-            return images
-        if self._key is None or not same_inputs(self._key, images):
-            self._key, self._value = images, self.family.encode_images(self.model, images)
-            self.encodes += 1
-        return self._value
-
-
 @dataclass
 class Rows:
-    """Sequences that share one model cache: what each has been fed and its next-token logits.
+    """Sequences in slots of one ``BatchCache``: what each has been fed and its next-token logits.
+
+    Feeding rows changes their slots in place; ``repeat`` forks them into new slots, ``select``
+    picks some without copying (they are the same slots), ``free`` gives the slots back.
 
     Attributes:
-        cache: the model's key/value cache, one row per sequence.
-        mask: (rows, positions fed) 1 for a token, 0 for padding between a shared prefix and a row's own part.
-        positions: (rows,) the position id of each row's next token.
+        cache: the cache the slots belong to.
+        slots: each row's slot.
         logits: (rows, vocab) float32 logits of each row's next token.
         ids: the token ids each row has been fed (padding left out).
-        tails: per token-aligned key other than the ids and the mask (Mllama's ``cross_attention_mask``),
-            its value at each row's last token, (rows, 1, ...): a generated token repeats it.
+        tails: per token-aligned key other than the ids (Mllama's ``cross_attention_mask``), its value
+            at each row's last token, (rows, 1, ...): a generated token repeats it.
     """
 
-    cache: Any
-    mask: torch.Tensor
-    positions: torch.Tensor
+    cache: BatchCache
+    slots: list[int]
     logits: torch.Tensor
     ids: list[list[int]]
     tails: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -117,107 +104,87 @@ class Rows:
         return len(self.ids)
 
     def select(self, index: list[int]) -> Rows:
-        """The rows at ``index``, in a new cache (this one is left as it is)."""
-        cache = copy.copy(self.cache)
-        cache.layers = [copy.copy(layer) for layer in self.cache.layers]
-        idx = torch.tensor(index, device=self.mask.device)
-        cache.batch_select_indices(idx)
+        """The rows at ``index``: the same slots (feeding one feeds the other)."""
+        idx = torch.tensor(index, dtype=torch.long, device=self.logits.device)
         return Rows(
-            cache,
-            self.mask[idx],
-            self.positions[idx],
+            self.cache,
+            [self.slots[i] for i in index],
             self.logits[idx],
             [self.ids[i] for i in index],
             {k: v[idx] for k, v in self.tails.items()},
         )
 
-    def repeat(self, n: int) -> Rows:
-        """Each row ``n`` times, in a new cache: a prefix fed once, continued ``n`` ways."""
-        return self.select([i for i in range(len(self)) for _ in range(n)])
+    def repeat(self, n: int, keep: bool = True) -> Rows:
+        """Each row ``n`` times, in new slots (these rows are left as they are); ``keep=False``:
+        each row is the first of its ``n`` (one copy fewer; these rows are not to be used again)."""
+        slots = [
+            new for s in self.slots for new in ([] if keep else [s]) + self.cache.fork(s, n - (not keep))
+        ]
+        index = [i for i in range(len(self)) for _ in range(n)]
+        return Rows(self.cache, slots, *_at(self, index))
+
+    def free(self) -> None:
+        """Gives the rows' slots back to the cache."""
+        self.cache.free(self.slots)
+
+
+def _at(rows: Rows, index: list[int]) -> tuple:
+    idx = torch.tensor(index, dtype=torch.long, device=rows.logits.device)
+    return rows.logits[idx], [list(rows.ids[i]) for i in index], {k: v[idx] for k, v in rows.tails.items()}
 
 
 @torch.no_grad()
 def feed(
     model: torch.nn.Module,
-    family: ModelFamily,
-    rows: Rows | None,
+    rows: Rows | BatchCache,
     pieces: list[dict],
     extra: dict | None = None,
     meter: TokenMeter | None = None,
 ) -> Rows:
-    """Feeds each row its own tokens in one forward; returns the rows after them.
+    """Feeds each row its own tokens in one forward; returns the rows after them (the same slots).
 
     Rows whose pieces differ in length are padded between what they were fed before and their piece
     (masked out, position ids counted over real tokens only), so every row ends on its last token.
 
     Args:
         model: the model (its active adapter is used); put in eval mode by the caller.
-        family: the model family (which keys run along the text).
-        rows: the rows so far (None: a fresh cache, one row per piece).
+        rows: the rows so far, or a ``BatchCache``: new rows, one per piece.
         pieces: per row, ``input_ids`` (L,) and the other token-aligned keys (L, ...); L may be 0.
-        extra: inputs for this forward only: the images (or their encoding, see ``ImageMemo``).
+        extra: inputs for this forward only: the images of a single new row (their keys and values
+            stay in the cache for every later prompt about them).
         meter: adds the tokens fed to ``prompt``.
     """
-    device = next(model.parameters()).device
-    lengths = [len(p["input_ids"]) for p in pieces]
-    width = max(lengths)
+    fresh = isinstance(rows, BatchCache)
+    cache = rows if fresh else rows.cache
+    slots = [cache.add() for _ in pieces] if fresh else rows.slots
+    fed = {s: p for s, p in zip(slots, pieces) if len(p["input_ids"])}
+    if not fed:
+        return rows
+    logits = forward(model, cache, fed, extra)
+    at = {s: i for i, s in enumerate(fed)}
     keys = [k for k in pieces[0] if k != "input_ids"]
-
-    def padded(key: str, fill: int) -> torch.Tensor:
-        out = []
-        for p, n in zip(pieces, lengths):
-            x = p[key].to(device)
-            pad = torch.full((width - n, *x.shape[1:]), fill, dtype=x.dtype, device=device)
-            out.append(torch.cat([pad, x]))
-        return torch.stack(out)
-
-    pad_id = 0  # any id: padded positions are masked out
-    new_mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths], device=device)
-    start = rows.positions if rows is not None else torch.zeros(len(pieces), dtype=torch.long, device=device)
-    positions = (start[:, None] + new_mask.cumsum(1) - 1).clamp(min=0)
-    mask = new_mask if rows is None else torch.cat([rows.mask, new_mask], dim=1)
-    cache = rows.cache if rows is not None else DynamicCache()
-    aligned = {k: padded(k, 0) for k in keys}
-    out = model(
-        input_ids=padded("input_ids", pad_id),
-        attention_mask=mask,
-        position_ids=positions,
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=1,
-        **aligned,
-        **(extra or {}),
-    )
-    logits = out.logits[:, -1].float()
-    fed = torch.tensor(lengths, device=device) > 0
-    tails = {k: v[:, -1:] for k, v in aligned.items()}
-    if rows is not None:  # a row fed nothing keeps its logits and tails
-        logits = torch.where(fed[:, None], logits, rows.logits)
-        for k in list(tails):
-            shape = (-1,) + (1,) * (tails[k].dim() - 1)
-            tails[k] = torch.where(fed.view(shape), tails[k], rows.tails[k])
-    ids = [(rows.ids[b] if rows else []) + p["input_ids"].tolist() for b, p in enumerate(pieces)]
+    old_logits = None if fresh else rows.logits
+    out_logits, tails = [], {k: [] for k in keys}
+    for b, (s, p) in enumerate(zip(slots, pieces)):
+        out_logits.append(logits[at[s]] if s in at else old_logits[b])
+        for k in keys:
+            tails[k].append(p[k][-1:].to(logits.device) if s in at else rows.tails[k][b])
+    ids = [([] if fresh else rows.ids[b]) + p["input_ids"].tolist() for b, p in enumerate(pieces)]
     if meter is not None:
-        meter.prompt += sum(lengths)
-    return Rows(out.cache, mask, start + torch.tensor(lengths, device=device), logits, ids, tails)
+        meter.prompt += sum(len(p["input_ids"]) for p in pieces)
+    return Rows(cache, slots, torch.stack(out_logits), ids, {k: torch.stack(v) for k, v in tails.items()})
 
 
 def _step(model: torch.nn.Module, rows: Rows, tokens: list[int]) -> Rows:
     """Feeds one generated token to each row."""
-    device = rows.mask.device
-    ids = torch.tensor(tokens, device=device)[:, None]
-    mask = torch.cat([rows.mask, torch.ones_like(ids)], dim=1)
-    out = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=rows.positions[:, None],
-        cache=rows.cache,
-        use_cache=True,
-        logits_to_keep=1,
-        **rows.tails,
-    )
+    device = rows.logits.device
+    pieces = {
+        s: {"input_ids": torch.tensor([t], device=device), **{k: v[b] for k, v in rows.tails.items()}}
+        for b, (s, t) in enumerate(zip(rows.slots, tokens))
+    }
+    logits = forward(model, rows.cache, pieces)
     fed = [r + [t] for r, t in zip(rows.ids, tokens)]
-    return Rows(out.cache, mask, rows.positions + 1, out.logits[:, -1].float(), fed, rows.tails)
+    return Rows(rows.cache, rows.slots, logits, fed, rows.tails)
 
 
 Pick = Callable[
@@ -277,14 +244,15 @@ def decode(
 
     Args:
         model: the model, in eval mode.
-        rows: the rows to continue (``Rows.repeat`` of a prefix).
+        rows: the rows to continue (``Rows.repeat`` of a prefix); their slots are fed in place.
         pick: chooses each live row's next token (``greedy`` or ``sample_with``).
         max_new_tokens: limit per row.
         eos: ids that end a row.
         stop: ``ids -> bool``: an extra end (a stop string).
         meter: adds the tokens generated (the end-of-turn token too).
-        keep_final: also return each row as it ended (its cache without its last token) so that a
-            later prompt that continues it needs to feed only that token.
+        keep_final: also return each row as it ended (its slot, fed all but its last token) so that a
+            later prompt that continues it needs to feed only that token; otherwise a row's slot is
+            given back when it ends.
 
     Returns:
         Each row's new ids, and each row as it ended (None without ``keep_final``).
@@ -303,12 +271,20 @@ def decode(
                 out[r].append(t)
             if t in eos or len(out[r]) >= max_new_tokens or (stop is not None and stop(out[r])):
                 ended.append(j)
-        for j in ended if keep_final else ():
-            final[live[j]] = rows.select([j])
+        for j in ended:
+            if keep_final:
+                final[live[j]] = rows.select([j])
+            else:
+                rows.cache.free([rows.slots[j]])
         keep = [j for j in range(len(live)) if j not in ended]
         if not keep:
-            break
+            return out, final
         if ended:
             rows, live, tokens = rows.select(keep), [live[j] for j in keep], [tokens[j] for j in keep]
         rows = _step(model, rows, tokens)
+    if keep_final:  # rows cut at max_new_tokens without ending
+        for j, r in enumerate(live):
+            final[r] = rows.select([j])
+    else:
+        rows.free()
     return out, final

@@ -6,7 +6,7 @@ stage's closing tag; keep the winner of a knockout of pairwise comparisons judge
 itself (a judging prompt per stage, with the image); continue from the winner.
 
 Differences from the reference demo: the N candidates are decoded as one batch over their shared
-prefix (``cotune.infer.prefix``): the prompt is fed once per search, not once per candidate and
+prefix (``cotune.infer.prefix``, in one ``cotune.infer.cache.BatchCache``): the prompt is fed once per search, not once per candidate and
 stage, since each stage continues the winner's cache; each candidate draws from its own random
 stream (seeded from the global one, so ``seed`` reproduces a search), and equals the same candidate
 decoded alone. Each knockout round is judged in one batch over the judging prompt's shared beginning
@@ -34,6 +34,7 @@ import torch
 
 from cotune.data.chat import prompt_ids
 from cotune.data.cot import STAGES, follows_format
+from cotune.infer.cache import BatchCache
 from cotune.infer.generate import (
     StopOnText,
     TokenMeter,
@@ -44,7 +45,6 @@ from cotune.infer.generate import (
     seeded,
 )
 from cotune.infer.prefix import (
-    ImageMemo,
     Rows,
     appended,
     decode,
@@ -53,6 +53,7 @@ from cotune.infer.prefix import (
     generators,
     greedy,
     image_inputs,
+    new_cache,
     one_row,
     same_inputs,
     sample_with,
@@ -153,7 +154,8 @@ class ModelJudge:
         model, processor, family: the model that judges (normally the one that generated).
         meter: counts the tokens the judging spends.
         max_new_tokens: length of the judge's answer ("Since ..., I choose response N.").
-        images: encodes the image (share the sampler's to encode it once per search).
+        cache: where the rows and the image's keys and values live (share the sampler's to
+            encode the image once per search).
     """
 
     def __init__(
@@ -163,12 +165,12 @@ class ModelJudge:
         family: ModelFamily,
         meter: TokenMeter,
         max_new_tokens: int = 64,
-        images: ImageMemo | None = None,
+        cache: BatchCache | None = None,
     ) -> None:
         self.model, self.processor, self.family = model, processor, family
         self.meter = meter
         self.max_new_tokens = max_new_tokens
-        self.images = images or ImageMemo(model, family)
+        self.cache = cache or new_cache(model)
         self.transcript: list[dict] = []  # every comparison with the judge's words, for --verbose
         self._prefix: Rows | None = None  # the current stage's shared beginning, fed
         self._prefix_images: dict = {}  # the image inputs it was fed with
@@ -209,37 +211,28 @@ class ModelJudge:
         kept = self._prefix.ids[0] if self._prefix is not None else None
         fits = kept is not None and all(row[: len(kept)] == kept for row in ids)
         if not (fits and same_inputs(pictures, self._prefix_images)):
+            if self._prefix is not None:
+                self._prefix.free()
             shared = min(_common_prefix([*ids, blank]), min(map(len, ids)) - 1)
             first = one_row(batches[0], 0, shared, keys)
-            self._prefix = feed(self.model, family, None, [first], self.images(pictures), self.meter)
+            self._prefix = feed(self.model, self.cache, [first], pictures, self.meter)
             self._prefix_images = pictures
         base, start = self._prefix, len(self._prefix.ids[0])
         common = min(_common_prefix(ids), min(map(len, ids)) - 1)
         if len(items) > 1 and common > start:  # this round's pairs share more (first responses alike)
-            base = feed(
-                self.model,
-                family,
-                base.select([0]),
-                [one_row(batches[0], start, common, keys)],
-                None,
-                self.meter,
-            )
+            piece = [one_row(batches[0], start, common, keys)]
+            base = feed(self.model, base.repeat(1), piece, None, self.meter)
             start = common
         pieces = [one_row(b, start, None, keys) for b in batches]
-        return feed(self.model, family, base.repeat(len(items)), pieces, None, self.meter)
+        rows = base.repeat(len(items), keep=base is self._prefix)
+        return feed(self.model, rows, pieces, None, self.meter)
 
     def __call__(self, stage, messages, images, context, pairs) -> list[int]:
         eos = self.family.end_of_turn_ids(self.processor.tokenizer)
         with evaluating(self.model):
             rows = self._rows(stage, messages, images, context, pairs)
-            outs, _ = decode(
-                self.model,
-                rows.select(list(range(len(pairs)))),
-                greedy,
-                self.max_new_tokens,
-                eos,
-                meter=self.meter,
-            )
+            # the judged prompts are kept as fed, for the logit fallback: the answers go in copies
+            outs, _ = decode(self.model, rows.repeat(1), greedy, self.max_new_tokens, eos, meter=self.meter)
         self.meter.calls += 1
         answers = self.processor.tokenizer.batch_decode(outs, skip_special_tokens=True)
         choices = [parse_choice(a) for a in answers]
@@ -249,6 +242,7 @@ class ModelJudge:
             fallback = self.logit_choice(stage, messages, images, context, unclear_pairs, fed)
             for k, c in zip(unclear, fallback):
                 choices[k] = c
+        rows.free()
         for pair, answer, choice, k in zip(pairs, answers, choices, range(len(pairs))):
             self.transcript.append(
                 dict(stage=stage, pair=pair, answer=answer, choice=choice, by_logits=k in unclear)
@@ -267,10 +261,13 @@ class ModelJudge:
         if ids_1[:-1] != ids_2[:-1]:  # a tokenizer that merges the digit with what precedes it
             return [0] * len(pairs)
         with evaluating(self.model):
-            if fed is None:
+            own = fed is None
+            if own:
                 fed = self._rows(stage, messages, images, context, pairs)
             pieces = [appended(fed, b, ids_1[:-1]) for b in range(len(pairs))]
-            rows = feed(self.model, self.family, fed, pieces, None, self.meter)
+            rows = feed(self.model, fed, pieces, None, self.meter)
+            if own:  # (``__call__`` frees the rows it passes)
+                fed.free()
         self.meter.calls += 1
         return [int(row[ids_2[-1]] > row[ids_1[-1]]) for row in rows.logits]
 
@@ -288,7 +285,8 @@ class ModelSampler:
         model, processor, family, messages, images: the model and the conversation before the reply.
         meter: counts the tokens spent.
         max_new_tokens, temperature, top_p: per candidate (temperature 0: greedy).
-        images_memo: encodes the image (share the judge's to encode it once per search).
+        cache: where the rows and the image's keys and values live (share the judge's to encode
+            the image once per search).
     """
 
     def __init__(
@@ -302,20 +300,25 @@ class ModelSampler:
         max_new_tokens: int = 256,
         temperature: float = 0.7,
         top_p: float = 0.9,
-        images_memo: ImageMemo | None = None,
+        cache: BatchCache | None = None,
     ) -> None:
         self.model, self.processor, self.family = model, processor, family
         self.messages, self.images = messages, images
         self.meter = meter
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
-        self.images_memo = images_memo or ImageMemo(model, family)
+        self.cache = cache or new_cache(model)
         self.seeds: list[int] = []
         self._ended: list[Rows | None] = []  # the last call's candidates as they ended
 
     def _resume(self, ids: list[int]) -> Rows | None:
-        """A copy of the longest kept candidate whose fed ids begin ``ids``."""
+        """The longest kept candidate whose fed ids begin ``ids`` (the others' slots are given back)."""
         fits = [r for r in self._ended if r is not None and ids[: len(r.ids[0])] == r.ids[0]]
-        return max(fits, key=lambda r: len(r.ids[0])).select([0]) if fits else None
+        best = max(fits, key=lambda r: len(r.ids[0])) if fits else None
+        for r in self._ended:
+            if r is not None and r is not best:
+                r.free()
+        self._ended = []
+        return best
 
     def __call__(self, prefix: list[int], stop: str | None, n: int) -> list[list[int]]:
         tokenizer, keys = self.processor.tokenizer, self.family.token_keys
@@ -334,14 +337,14 @@ class ModelSampler:
         with evaluating(self.model):
             rows = self._resume(ids)
             if rows is None:
-                extra = self.images_memo(image_inputs(self.family, batch))
-                rows = feed(self.model, self.family, None, [one_row(batch, 0, None, keys)], extra, self.meter)
+                extra = image_inputs(self.family, batch)
+                rows = feed(self.model, self.cache, [one_row(batch, 0, None, keys)], extra, self.meter)
             elif len(rows.ids[0]) < len(ids):  # its last token, counted when it was generated
                 self.meter.prompt += len(ids) - len(rows.ids[0]) - 1
-                rows = feed(self.model, self.family, rows, [one_row(batch, len(rows.ids[0]), None, keys)])
+                rows = feed(self.model, rows, [one_row(batch, len(rows.ids[0]), None, keys)])
             out, self._ended = decode(
                 self.model,
-                rows.repeat(n),
+                rows.repeat(n, keep=False),
                 pick,
                 self.max_new_tokens,
                 eos,
@@ -427,10 +430,10 @@ def stage_search(
     Returns:
         The reply, every stage's candidates and winner, and the tokens spent.
     """
-    meter, memo = TokenMeter(), ImageMemo(model, family)
-    judge = judge or ModelJudge(model, processor, family, meter, images=memo)
+    meter, cache = TokenMeter(), new_cache(model, slots=2 * beam_size + 2)
+    judge = judge or ModelJudge(model, processor, family, meter, cache=cache)
     sampler = sampler or ModelSampler(
-        model, processor, family, messages, images, meter, max_new_tokens, temperature, top_p, memo
+        model, processor, family, messages, images, meter, max_new_tokens, temperature, top_p, cache
     )
     tokenizer = processor.tokenizer
     eos = set(family.end_of_turn_ids(tokenizer))
@@ -471,10 +474,10 @@ def best_of_n(
     A reply that does not follow the four-stage format loses its match; the judge compares whole
     replies ("which response answers the question better"). Arguments as in ``stage_search``.
     """
-    meter, memo = TokenMeter(), ImageMemo(model, family)
-    judge = judge or ModelJudge(model, processor, family, meter, images=memo)
+    meter, cache = TokenMeter(), new_cache(model, slots=2 * n + 2)
+    judge = judge or ModelJudge(model, processor, family, meter, cache=cache)
     sampler = sampler or ModelSampler(
-        model, processor, family, messages, images, meter, max_new_tokens, temperature, top_p, memo
+        model, processor, family, messages, images, meter, max_new_tokens, temperature, top_p, cache
     )
     tokenizer = processor.tokenizer
     with seeded(seed):

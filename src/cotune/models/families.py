@@ -101,8 +101,11 @@ class ModelFamily:
         return inputs
 
     def end_of_turn_ids(self, tokenizer: Any) -> list[int]:
-        """Ids that end a reply: the family's end-of-turn tokens and the tokenizer's EOS."""
+        """Ids that end a reply: the family's end-of-turn tokens, the tokenizer's EOS and every id of
+        the checkpoint's ``generation_config.eos_token_id`` (``load_processor`` keeps them on the
+        tokenizer as ``generation_eos_ids``)."""
         ids = [tokenizer.convert_tokens_to_ids(t) for t in self.end_of_turn_tokens] + [tokenizer.eos_token_id]
+        ids += list(getattr(tokenizer, "generation_eos_ids", ()))
         return [t for t in dict.fromkeys(ids) if t is not None and t != tokenizer.unk_token_id]
 
     def image_token_id(self, tokenizer) -> int:

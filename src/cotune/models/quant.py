@@ -11,10 +11,12 @@ not needed: cotune's activation checkpointing is the non-reentrant (composable) 
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
 
+from cotune.models.dtypes import DTYPES
 from cotune.models.families import ModelFamily
 
 
@@ -39,7 +41,6 @@ def bnb_config(family: ModelFamily, quantization: str, options: Any, base_dtype:
         ) from e
     from transformers import BitsAndBytesConfig
 
-    from cotune.models.load import DTYPES
     from cotune.options.quant import QuantizationConfig
 
     options = options if options is not None else QuantizationConfig()
@@ -83,7 +84,6 @@ def sharded_quantization(
     import dataclasses
 
     from cotune.config import ConfigError
-    from cotune.models.load import DTYPES
 
     if quantization != "4bit":
         raise ConfigError(
@@ -120,3 +120,48 @@ def quantized_layer_counts(model: torch.nn.Module) -> dict[str, int]:
             name = type(module).__name__
             counts[name] = counts.get(name, 0) + 1
     return counts
+
+
+def bitsandbytes_for(quantization: str) -> None:
+    """Before a base is loaded: bitsandbytes in the process for a quantized one, kept out otherwise."""
+    if quantization:
+        let_bitsandbytes_in()
+    else:
+        keep_bitsandbytes_out()
+
+
+def keep_bitsandbytes_out() -> None:
+    """For a process whose base is not quantized: peft loads as if bitsandbytes were not installed.
+
+    peft imports bitsandbytes as it is imported itself (and again for every LoRA layer it makes, when
+    installed), and bitsandbytes prints kernel-loading messages on import, for every run. Importing
+    peft while ``bitsandbytes`` is marked absent in ``sys.modules`` makes peft remember it as absent
+    (its availability checks are cached); the mark is removed at once, so anything else may still
+    import bitsandbytes. ``let_bitsandbytes_in`` undoes it for a quantized base loaded later.
+    """
+    if "bitsandbytes" in sys.modules or "peft" in sys.modules:
+        return  # already imported, or peft's checks already made: nothing to keep out
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]  # import and find_spec: absent
+    try:
+        from peft import import_utils
+
+        import_utils.is_bnb_available()
+        import_utils.is_bnb_4bit_available()
+    finally:
+        if sys.modules.get("bitsandbytes", 0) is None:
+            del sys.modules["bitsandbytes"]
+
+
+def let_bitsandbytes_in() -> None:
+    """Before a quantized base: peft sees bitsandbytes again (after ``keep_bitsandbytes_out``)."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        return  # bnb_config says how to install it
+    import_utils = sys.modules.get("peft.import_utils")
+    if import_utils is not None:
+        import_utils.is_bnb_available.cache_clear()
+        import_utils.is_bnb_4bit_available.cache_clear()
+    helpers = sys.modules.get("peft.helpers")
+    if helpers is not None and getattr(helpers, "bnb", None) is None:
+        helpers.bnb = bitsandbytes

@@ -104,10 +104,35 @@ def cookbook_only(key: str, value: Any) -> list | None:
     raise ConfigError(f"--{key} {value}: {why}")
 
 
-def cookbook_notes(given: list[tuple[str, Any]]) -> list[str]:
-    """One line for each way a command line means something else in cotune than in the cookbook
-    (``given``: the options the line set), said before any work."""
+# Options cotune has only so that a cookbook command line runs: a line that sets one was written for the
+# cookbook, where a missing --use_peft means a full fine-tune.
+COOKBOOK_ONLY = (
+    "one_gpu", "peft_method", "use_fast_kernels", "use_wandb", "dist_checkpoint_root_folder",
+    "dist_checkpoint_folder", "lora_config.task_type",
+)  # fmt: skip
+
+
+def cookbook_spelled(flag: str) -> bool:
+    """Whether ``--flag`` (its name, without dashes or value) is the cookbook's spelling of a cotune option
+    (``train_config.lr``, ``fsdp_config.pure_bf16``) or a cookbook field cotune accepts without effect."""
+    key = flag.split("=", 1)[0].replace("-", "_")
+    section, _, field = key.rpartition(".")
+    return translate(key) != key or (section in ("", *COOKBOOK_SECTIONS) and field in IGNORED)
+
+
+def cookbook_notes(given: list[tuple[str, Any]], argv: list[str] = ()) -> list[str]:
+    """One line for each way a command line means something else in cotune than in the cookbook, said
+    before any work; only for a line written for the cookbook (it sets a ``COOKBOOK_ONLY`` option or
+    spells a flag the cookbook's way).
+
+    Args:
+        given: the options the line set (``Parsed.given``).
+        argv: the line's words (the flags as typed).
+    """
     paths = {p for p, _ in given}
+    typed = [a[2:] for a in argv if a.startswith("--")]
+    if not (paths & set(COOKBOOK_ONLY) or any(map(cookbook_spelled, typed))):
+        return []
     notes = []
     if "use_peft" not in paths:
         notes.append(

@@ -14,6 +14,10 @@ from typing import Any
 
 from cotune.options.fields import ConfigError, opt
 
+# The date Llama 3.x templates fall back to without ``strftime_now``; any fixed date makes rendering
+# reproducible, and this one is what the model saw in Meta's own examples.
+DEFAULT_DATE_STRING = "26 Jul 2024"
+
 
 @dataclass
 class DataOptions:
@@ -50,6 +54,11 @@ class SystemPromptOptions:
 
     system_prompt: str = opt(
         "", "Optional system prompt prepended to every conversation (Mllama refuses it with images)."
+    )
+    date_string: str = opt(
+        DEFAULT_DATE_STRING,
+        "The date a chat template writes into a conversation (Llama 3.2's 'Today Date' of image-less "
+        "ones): fixed, so a record renders to the same tokens on any day.",
     )
 
 

@@ -51,7 +51,12 @@ class TrainingOptions:
     warmup_steps: int = opt(0, "Linear warm-up steps (constant, linear, cosine).")
     mixed_precision: bool = opt(True, "Use bf16 autocast where the device supports it (LoRA weights fp32).")
     use_fp16: bool = opt(False, "Use fp16 autocast instead of bf16 (GPU).")
-    pure_bf16: bool = opt(False, "Load the frozen base in bf16 (LoRA weights stay fp32).")
+    pure_bf16: bool = opt(
+        False,
+        "Load the base in bf16 (LoRA weights stay fp32). A full fine-tune then updates bf16 weights in place, "
+        "as the cookbook does (add --fsdp_config.optimizer anyprecision to keep small updates); without "
+        "it, a full fine-tune of a bf16 base keeps fp32 master weights and computes in bf16.",
+    )
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     use_fast_kernels: bool = opt(True, "Use PyTorch SDPA attention.")
     use_peft: bool = opt(

@@ -1,20 +1,20 @@
 """Images named in a request: ``data:`` URLs, or files inside ``--allowed_media_dir`` when an operator
-names one. The server never fetches a URL. The pixel count is checked from the header, before the
-image is decoded (a decompression bomb is refused without being expanded)."""
+names one. The server never fetches a URL. Pictures are decoded by training's own decoder
+(``cotune.data.images.load_image``): the format, pixel count and aspect ratio are checked from the
+header, before the image is decoded (a decompression bomb is refused without being expanded)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
-import warnings
 from pathlib import Path
 
 from PIL import Image
 
+from cotune.data.images import load_image
 from cotune.serve.protocol import APIError
 
-FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF")  # MPO: what many phones' JPEGs open as
 
 
 def load_image_url(url: str, param: str, max_pixels: int, media_dir: str = "") -> Image.Image:
@@ -64,24 +64,11 @@ def _media_file_bytes(url: str, param: str, media_dir: str) -> bytes:
 
 
 def _decode(data: bytes, param: str, max_pixels: int) -> Image.Image:
+    """The picture through training's own decoder (``cotune.data.images.load_image``): the same pixels
+    as ``cotune generate`` gets from the same file."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))  # reads the header only
-            if image.format not in FORMATS:
-                raise APIError(
-                    400, f"image format {image.format} is not accepted ({', '.join(FORMATS)})", param
-                )
-            width, height = image.size
-            if width * height > max_pixels or width < 1 or height < 1:
-                raise APIError(
-                    400, f"the image is {width}x{height}, over the limit of {max_pixels:,} pixels", param
-                )
-            image.load()
-            return image.convert("RGB")
-    except APIError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise APIError(400, "the image is over the decompression limit", param) from None
+        return load_image(data, max_pixels=max_pixels, formats=FORMATS, name="the image")
+    except ValueError as e:
+        raise APIError(400, str(e), param) from None
     except Exception as e:  # PIL raises many kinds for broken data
         raise APIError(400, f"the image does not decode: {type(e).__name__}", param) from None

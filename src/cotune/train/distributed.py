@@ -51,7 +51,11 @@ def under_torchrun() -> bool:
 
 
 def init_distributed(fsdp: bool = False) -> DistInfo:
-    """Joins the process group when launched by torchrun (nccl on GPU, gloo on CPU).
+    """Joins the process group when launched by torchrun: nccl for GPU tensors, gloo for CPU ones.
+
+    On a GPU the group has both backends ("cpu:gloo,cuda:nccl"): with ``fsdp_config.cpu_offload`` the
+    sharded parameters and gradients live in CPU memory, and gradient clipping and the adapter
+    gather run collectives on them.
 
     Args:
         fsdp: FSDP needs a process group even in one process; with ``fsdp`` and a world of one, a
@@ -66,7 +70,7 @@ def init_distributed(fsdp: bool = False) -> DistInfo:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = process_group_backend(device)
     if not dist.is_initialized():
         if world > 1:
             dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
@@ -75,6 +79,11 @@ def init_distributed(fsdp: bool = False) -> DistInfo:
     return DistInfo(
         rank=rank, world_size=world, local_rank=local, device=device, local_world_size=local_world
     )
+
+
+def process_group_backend(device: torch.device) -> str:
+    """gloo on CPU; on a GPU nccl for GPU tensors and gloo for the CPU tensors of ``cpu_offload``."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
 def launch_torchrun(argv: list[str], nproc_per_node: int) -> int:
@@ -123,7 +132,11 @@ def device_mesh(strategy: str, info: DistInfo, replicate_degree: int = 0):
 
 
 def wrap_fsdp(
-    root: torch.nn.Module, layers: list[torch.nn.Module], fsdp_cfg: Any, info: DistInfo
+    root: torch.nn.Module,
+    layers: list[torch.nn.Module],
+    fsdp_cfg: Any,
+    info: DistInfo,
+    param_dtype: torch.dtype | None = None,
 ) -> torch.nn.Module:
     """Shards ``root`` with FSDP2: each of ``layers`` is one unit, then the root.
 
@@ -133,6 +146,8 @@ def wrap_fsdp(
         layers: the repeated blocks, from ``layer_modules(model, family)``.
         fsdp_cfg: a ``cotune.config.FsdpConfig``.
         info: this process's ``DistInfo``.
+        param_dtype: all-gather and compute in this dtype on any device, gradients reduced in fp32
+            (a full fine-tune's fp32 master weights over a bf16 base); None: as ``mixed_precision`` says.
 
     Returns:
         ``root``, now an FSDP module (its parameters are DTensors).
@@ -145,9 +160,12 @@ def wrap_fsdp(
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mesh = device_mesh(fsdp_cfg.sharding_strategy, info, fsdp_cfg.replicate_degree)
-    mp = MixedPrecisionPolicy()
-    if fsdp_cfg.mixed_precision and info.device.type == "cuda":
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    compute = compute_dtype(fsdp_cfg, info, param_dtype)
+    mp = (
+        MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+        if compute
+        else MixedPrecisionPolicy()
+    )
     offload = (
         CPUOffloadPolicy(pin_memory=info.device.type == "cuda") if fsdp_cfg.cpu_offload else OffloadPolicy()
     )
@@ -167,6 +185,7 @@ def shard_for_training(
     info: DistInfo,
     activation_checkpointing: bool = False,
     from_rank0: bool = False,
+    param_dtype: torch.dtype | None = None,
 ) -> str:
     """``wrap_fsdp``, then, with ``from_rank0`` (``low_cpu_fsdp``), ``load_from_rank0``.
 
@@ -174,6 +193,7 @@ def shard_for_training(
         root, layers, fsdp_cfg, info: as for ``wrap_fsdp``.
         activation_checkpointing: the top-level ``gradient_checkpointing``: recompute every unit.
         from_rank0: the processes other than the first built ``root`` on the meta device.
+        param_dtype: as for ``wrap_fsdp``.
 
     Returns:
         A line that says how the model is sharded, for the log.
@@ -181,18 +201,29 @@ def shard_for_training(
     if activation_checkpointing:
         fsdp_cfg = dataclasses.replace(fsdp_cfg, fsdp_activation_checkpointing=True)
     full_state = root.state_dict() if (from_rank0 and info.is_main) else None
-    wrap_fsdp(root, layers, fsdp_cfg, info)
+    wrap_fsdp(root, layers, fsdp_cfg, info, param_dtype)
     if from_rank0:
         load_from_rank0(root, full_state, info)
     on = {True: "on", False: "off"}
-    mixed = fsdp_cfg.mixed_precision and info.device.type == "cuda"
+    compute = compute_dtype(fsdp_cfg, info, param_dtype)
+    mixed = f"{str(compute).removeprefix('torch.')} compute, fp32 reduction" if compute else "off"
     return (
         f"fsdp: {fsdp_cfg.sharding_strategy} over {info.world_size} process(es) on {info.num_nodes} node(s), "
-        f"{len(layers)} layer units + root; mixed precision {'bf16/fp32' if mixed else 'off (fp32)'}, "
+        f"{len(layers)} layer units + root; mixed precision {mixed}, "
         f"activation checkpointing {on[bool(fsdp_cfg.fsdp_activation_checkpointing)]}, "
         f"cpu offload {on[bool(fsdp_cfg.cpu_offload)]}; base weights read by "
         f"{'process 0 only' if from_rank0 else 'every process'}"
     )
+
+
+def compute_dtype(
+    fsdp_cfg: Any, info: DistInfo, param_dtype: torch.dtype | None = None
+) -> torch.dtype | None:
+    """The dtype FSDP all-gathers and computes in: ``param_dtype`` when given, bf16 on a GPU with
+    ``fsdp_config.mixed_precision``, else None (the parameters' own)."""
+    if param_dtype is not None:
+        return param_dtype
+    return torch.bfloat16 if fsdp_cfg.mixed_precision and info.device.type == "cuda" else None
 
 
 def load_from_rank0(root: torch.nn.Module, full_state: dict | None, info: DistInfo) -> None:

@@ -52,6 +52,8 @@ from cotune.train.step import (
     autocast,
     batch_label_stages,
     build_scheduler,
+    fused_adamw,
+    keeps_master_weights,
     label_tokens,
     optimizer_step,
     optimizer_steps_per_epoch,
@@ -175,7 +177,7 @@ def setup(cfg: TrainConfig, log=print) -> Run:
     out = _prepare_output_dir(cfg, dist)
     resume_from = resume.checkpoint_to_resume(out, cfg.resume, dist.is_main)
 
-    processor = load_processor(cfg.tokenizer_name or cfg.model_name)
+    processor = load_processor(cfg.tokenizer_name or cfg.model_name, cfg.data.date_string)
     model, family, base_dtype, from_rank0 = build_model(cfg, dist, sharded, main_log)
     if dist.device.type == "cpu":  # tuned for the steps only: loading (4-bit quantization above all)
         trim_cpu_heap()  # frees temporaries that a tuned heap would keep for the whole run (GiBs)
@@ -183,7 +185,7 @@ def setup(cfg: TrainConfig, log=print) -> Run:
     data, steps_per_epoch, total_steps = build_training_data(cfg, processor, family, dist, main_log)
     loss_model = ChunkedLossModel(model, family=family)
     if sharded:  # after add_lora (LoRA weights fp32, the same on every rank), before the optimizer
-        shard_model(cfg, dist, loss_model, model, family, from_rank0, main_log)
+        shard_model(cfg, dist, loss_model, model, family, from_rank0, main_log, base_dtype)
     optimizer, scheduler, scaler = build_optimizer(cfg, dist, model, steps_per_epoch, total_steps)
     resumed = None
     if resume_from is not None:  # the weights, optimizer, schedule and scaler where the checkpoint was
@@ -266,6 +268,7 @@ def build_model(
         peft_model = add_lora(model, family, cfg.lora_config, from_checkpoint=cfg.from_peft_checkpoint)
     else:  # a full fine-tune: the model's own weights, those the freeze options leave
         peft_model = choose_trainable(model, cfg)
+        set_master_weights(peft_model, cfg, base_dtype, log)
     if cfg.gradient_checkpointing and not sharded:  # under FSDP: wrap_fsdp checkpoints the same layers
         distributed.checkpoint_activations(layer_modules(peft_model, family))  # text and vision layers
     peft_model.train()
@@ -275,6 +278,24 @@ def build_model(
         f"model: {cfg.model_name} ({family.name}, {base_dtype}{', ' + cfg.quantization if cfg.quantization else ''}); {what} {trainable:,} of {total:,} parameters"
     )
     return peft_model, family, base_dtype, from_rank0
+
+
+def set_master_weights(
+    model: torch.nn.Module, cfg: TrainConfig, base_dtype: torch.dtype, log: Callable[[str], None]
+) -> None:
+    """A full fine-tune of a bf16 base: its trainable weights become fp32 master weights (the compute
+    stays in ``base_dtype``: autocast, or FSDP's mixed precision); ``pure_bf16`` with AdamW is warned of."""
+    if keeps_master_weights(cfg, base_dtype):
+        for p in model.parameters():
+            p.data = p.data.float() if p.requires_grad else p.data
+        log(
+            f"full fine-tune in {base_dtype}: trainable weights kept in fp32 (master weights), compute in {base_dtype}"
+        )
+    elif cfg.pure_bf16 and cfg.fsdp_config.optimizer != "anyprecision":
+        log(
+            "warning: pure_bf16 full fine-tune with AdamW: updates smaller than half a bf16 step are lost; add "
+            "--fsdp_config.optimizer anyprecision (Kahan-compensated) or drop --pure_bf16 (fp32 master weights)"
+        )
 
 
 def choose_trainable(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
@@ -326,12 +347,15 @@ def shard_model(
     family: ModelFamily,
     from_rank0: bool,
     log: Callable[[str], None],
+    base_dtype: torch.dtype = torch.float32,
 ) -> None:
-    """FSDP2: each of the family's layers of ``model`` one unit, ``loss_model`` the root."""
+    """FSDP2: each of the family's layers of ``model`` one unit, ``loss_model`` the root; over fp32
+    master weights (``keeps_master_weights``) parameters are all-gathered and computed in ``base_dtype``."""
     layers = layer_modules(model, family)
+    compute = base_dtype if keeps_master_weights(cfg, base_dtype) else None
     log(
         distributed.shard_for_training(
-            loss_model, layers, cfg.fsdp_config, dist, cfg.gradient_checkpointing, from_rank0
+            loss_model, layers, cfg.fsdp_config, dist, cfg.gradient_checkpointing, from_rank0, compute
         )
     )
     if dist.enabled:
@@ -347,11 +371,14 @@ def build_optimizer(
     steps_per_epoch: int,
     total_steps: int,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, torch.amp.GradScaler | None]:
-    """AdamW (or the cookbook's anyprecision AdamW) over the trainable parameters, its schedule, and
-    fp16's GradScaler on a GPU."""
+    """AdamW (fused on a GPU; or the cookbook's anyprecision AdamW) over the trainable parameters, its
+    schedule, and fp16's GradScaler on a GPU."""
     params = [p for p in model.parameters() if p.requires_grad]
-    adamw = AnyPrecisionAdamW if cfg.fsdp_config.optimizer == "anyprecision" else torch.optim.AdamW
-    optimizer = adamw(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.fsdp_config.optimizer == "anyprecision":
+        optimizer = AnyPrecisionAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        fused = fused_adamw(params) or None  # None: torch's default (for-each)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch, total_steps)
     scaler = torch.amp.GradScaler("cuda") if (cfg.use_fp16 and dist.device.type == "cuda") else None
     return optimizer, scheduler, scaler
@@ -529,7 +556,7 @@ def train_step(run: Run, state: LoopState, group: list[dict]) -> StepStats | Non
         return None
     step_loss = torch.zeros((), dtype=torch.float64, device=dist.device)
     for batch in group:
-        with autocast(cfg, dist.device):
+        with autocast(cfg, dist.device, run.base_dtype):
             loss_sum, _ = run.loss_model(**model_inputs(run, batch))
         loss = loss_sum * dist.world_size / n_step  # data-parallel gradients are averaged over ranks
         (run.scaler.scale(loss) if run.scaler else loss).backward()
@@ -553,8 +580,10 @@ def log_step(run: Run, state: LoopState, stats: StepStats, meter: Throughput, ba
         )
         if stats.grad_norm is not None:
             record["grad_norm"] = stats.grad_norm
-        run.metrics.write(**record)
         memory = torch.cuda.max_memory_allocated() / 2**30 if run.dist.device.type == "cuda" else None
+        if memory is not None:
+            record["max_memory_gib"] = round(memory, 3)
+        run.metrics.write(**record)
         run.trackers.log(
             {"train/loss": stats.loss, "train/lr": stats.lr, "train/grad_norm": stats.grad_norm,
              "train/tokens_per_s": tps, "train/epoch": state.epoch, "train/max_memory_gib": memory},
@@ -570,7 +599,15 @@ def validate(run: Run, state: LoopState) -> None:
     inputs = functools.partial(model_inputs, run)
     stages_of = functools.partial(batch_label_stages, run.processor.tokenizer, state.val_stages)
     loss, by_stage = validation_loss(
-        run.loss_model, run.data.val, inputs, run.cfg, run.dist.device, run.stand_in, run.warn, stages_of
+        run.loss_model,
+        run.data.val,
+        inputs,
+        run.cfg,
+        run.dist.device,
+        run.stand_in,
+        run.warn,
+        stages_of,
+        base_dtype=run.base_dtype,
     )
     state.eval_losses.append(loss)
     stage_losses = {f"eval_loss_{s.lower()}": v for s, v in by_stage.items()}  # LLaVA-CoT data only
@@ -716,6 +753,9 @@ def export_adapter(run: Run, where: Path, with_processor: bool = True) -> Path |
     extra = functools.partial(_save_processor, run.processor) if with_processor else None
     if not run.cfg.use_peft:
         state = distributed.gather_full_state(run.model) if run.sharded else None
+        if run.dist.is_main and keeps_master_weights(run.cfg, run.base_dtype):  # saved in the base's dtype
+            full = state or run.model.state_dict()
+            state = {k: v.to(run.base_dtype) if v.is_floating_point() else v for k, v in full.items()}
         return save_model(run.model, where, state_dict=state, extra=extra) if run.dist.is_main else None
     state = distributed.gather_trainable_state(run.model) if run.sharded else None
     if not run.dist.is_main:

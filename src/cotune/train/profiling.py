@@ -9,6 +9,7 @@ as in llama-cookbook) whose trace goes to ``profiler_dir`` for TensorBoard or Pe
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,15 +18,45 @@ from typing import Any
 
 import torch
 
-# dense bf16 peak FLOP/s by device name fragment (the vendors' datasheets, without sparsity)
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+# Dense bf16 tensor-core peak FLOP/s by the name ``torch.cuda.get_device_name()`` gives (the vendors'
+# datasheets, without sparsity), the most specific pattern first: "NVIDIA H100 80GB HBM3" is the
+# SXM part, "NVIDIA H100 PCIe" and "NVIDIA H100 NVL" are not; "H20" and "L4" are names of their own.
+PEAK_BF16: list[tuple[str, str, float]] = [
+    (r"\bGH200\b", "GH200", 989e12),
+    (r"\bH200\b.*\bNVL\b", "H200 NVL", 835e12),
+    (r"\bH200\b", "H200 SXM", 989e12),
+    (r"\bH100\b.*\bPCIe\b", "H100 PCIe", 756e12),
+    (r"\bH100\b.*\bNVL\b", "H100 NVL", 835e12),
+    (r"\bH100\b", "H100 SXM", 989e12),
+    (r"\bH800\b.*\bPCIe\b", "H800 PCIe", 756e12),
+    (r"\bH800\b", "H800 SXM", 989e12),
+    (r"\bH20\b", "H20", 148e12),
+    (r"\bB200\b", "B200", 2250e12),
+    (r"\bA100\b", "A100", 312e12),  # SXM4 and PCIe, 40 and 80 GB: the same peak
+    (r"\bA800\b", "A800", 312e12),
+    (r"\bL40S\b", "L40S", 362e12),
+    (r"\bL40\b", "L40", 181e12),
+    (r"\bL4\b", "L4", 121e12),
+    (r"\bA10G\b", "A10G", 70e12),
+    (r"\bA10\b", "A10", 125e12),
+]
+
+
+def peak_bf16(device_name: str) -> tuple[str, float] | None:
+    """(the card, its dense bf16 peak FLOP/s) for a ``torch.cuda.get_device_name()`` string; None
+    for a card not in ``PEAK_BF16`` (MFU is then not reported)."""
+    for pattern, card, peak in PEAK_BF16:
+        if re.search(pattern, device_name, flags=re.IGNORECASE):
+            return card, peak
+    return None
 
 
 def device_peak(device: torch.device) -> float | None:
+    """The dense bf16 peak FLOP/s of ``device`` (None on CPU or an unknown card)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+    found = peak_bf16(torch.cuda.get_device_name(device))
+    return found[1] if found else None
 
 
 class StepProfiler:

@@ -5,11 +5,16 @@ an empty ``Trackers``). Each logs scalars against the optimizer step, the resolv
 the start and the adapter's path at the end. A resumed run continues the same run on the same step
 axis: the W&B and MLflow run ids are kept in ``output_dir/trackers.json``, TensorBoard writes to the
 same directory and drops what the abandoned run logged after the checkpoint (``purge_step``).
+
+The ecosystem's own settings win over cotune's defaults when set: ``WANDB_DIR`` (where W&B writes;
+default the run's directory) and ``MLFLOW_TRACKING_URI`` (default a SQLite file in the run's directory;
+``--mlflow_tracking_uri`` still overrides both).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -68,7 +73,7 @@ class WandbTracker:
             group=w.group or None,
             notes=w.notes or None,
             mode=w.mode or None,
-            dir=str(out),
+            dir=os.environ.get("WANDB_DIR") or str(out),
             config=config,
             id=run_id,
             resume="allow" if run_id else None,
@@ -89,7 +94,8 @@ class MlflowTracker:
         from mlflow.tracking import MlflowClient
 
         # MLflow 3 refuses its old file store: the default is a SQLite file next to the run's artifacts
-        self.client = MlflowClient(uri or f"sqlite:///{(out / 'mlflow.db').resolve()}")
+        uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(out / 'mlflow.db').resolve()}"
+        self.client = MlflowClient(uri)
         if run_id is None:
             found = self.client.get_experiment_by_name(experiment)
             artifacts = (out / "mlruns").resolve().as_uri()
