@@ -102,12 +102,12 @@ def write_checkpoint(out: Path, tiny: bool) -> dict:
     import torch
     from transformers import MllamaForConditionalGeneration
 
-    from cotune.demo.tiny import build_tiny_mllama
+    from cotune.demo.tiny import BUILD_MARKER, build_tiny_mllama
 
     config = build_config(tiny)
     tile = config.vision_config.image_size
     build_tiny_mllama(out, seed=0, image_size=tile)  # the processor: tokenizer, template, tile size
-    for stale in [out / "config.json", *out.glob("model*.safetensors*")]:
+    for stale in [out / "config.json", out / BUILD_MARKER, *out.glob("model*.safetensors*")]:
         stale.unlink()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()

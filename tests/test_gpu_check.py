@@ -32,14 +32,16 @@ def test_gpu_check_dry_run_runs_cotune_train_end_to_end(tmp_path):
         assert found["steps"] == 8 and len(found["eval_losses"]) == 2  # before step 1 and at the end
         assert found["tokens_per_s"] > 0 and found["seconds_to_first_step"] > 0
         assert found["tflops_per_s_per_process"] > 0  # the FLOP counter ran (no MFU: no GPU peak on CPU)
-        assert (tmp_path / "work" / "runs" / name / "checkpoints" / "step_00000004").is_dir()
+        log = (tmp_path / "work" / f"{name}.log").read_text()
+        assert "checkpoints/step_00000004 (step 4)" in log  # then replaced by the epoch's end (keep 1)
+        assert (tmp_path / "work" / "runs" / name / "checkpoints" / "step_00000008").is_dir()
     log = (tmp_path / "work" / "fsdp_lora.log").read_text()
     assert "fsdp: full_shard over 1 process(es)" in log
     assert "4bit" in (tmp_path / "work" / "qlora.log").read_text()
     config = json.loads((tmp_path / "work" / "model" / "config.json").read_text())
     assert config["text_config"]["vocab_size"] == 128256  # the real vocabulary; tiny layers
-    processor = json.loads((tmp_path / "work" / "model" / "preprocessor_config.json").read_text())
-    assert processor["max_image_tiles"] == 4
+    processor = json.loads((tmp_path / "work" / "model" / "processor_config.json").read_text())
+    assert processor["image_processor"]["max_image_tiles"] == 4
 
 
 def test_a_failed_run_fails_the_check(tmp_path):

@@ -124,8 +124,8 @@ def test_a_system_prompt_with_images_is_one_error_naming_the_option(tiny_real, s
 @pytest.mark.slow
 def test_train_generate_chat_stage_search_eval_and_merge_on_the_real_files(tiny_real, shapes, tmp_path):
     """Every verb on a checkpoint whose tokenizer has no pad token. Train, generate, chat and stage search
-    run in one fresh process, which must never import bitsandbytes (no base is quantized) nor print the
-    cookbook note (a cotune line)."""
+    run in one fresh process, which must not import bitsandbytes (no base is quantized) nor print the
+    cookbook note (a cotune line), and still trains QLoRA when a 4-bit base comes after."""
     from cotune.cli import main
     from cotune.config import load_config
 
@@ -150,14 +150,24 @@ def test_train_generate_chat_stage_search_eval_and_merge_on_the_real_files(tiny_
         model, processor, family = load_model_with_adapters("{tiny_real}", [AdapterSpec("a", "{run}/adapter")])
         found = stage_search(model, processor, family, [user_message("How many?", 1)], ["{image}"], beam_size=2,
                              max_new_tokens=3, seed=0)
-        print(json.dumps({{"codes": codes, "stages": len(found.steps), "bitsandbytes": "bitsandbytes" in sys.modules}}))
+        bnb = "bitsandbytes" in sys.modules
+        print("--- 4-bit ---", flush=True)
+        print("--- 4-bit ---", file=sys.stderr, flush=True)
+        # a 4-bit base later in the same process still gets peft's 4-bit LoRA layers
+        from cotune.config import LoraConfig
+        from cotune.models.load import add_lora, load_base_model
+        quantized = add_lora(*load_base_model("{tiny_real}", quantization="4bit"), LoraConfig(r=4))
+        qlora = any(type(m).__module__ == "peft.tuners.lora.bnb" for m in quantized.modules())
+        print(json.dumps({{"codes": codes, "stages": len(found.steps), "bitsandbytes": bnb, "qlora": qlora}}))
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["codes"] == [0, 0, 0] and result["stages"] > 0
     assert not result["bitsandbytes"], "bitsandbytes was imported without a quantized base"
-    assert "gemm_4bit" not in proc.stdout + proc.stderr and "without --use_peft" not in proc.stdout
+    assert result["qlora"]
+    before = proc.stdout.split("--- 4-bit ---")[0] + proc.stderr.split("--- 4-bit ---")[0]
+    assert "gemm_4bit" not in before and "bitsandbytes" not in before and "without --use_peft" not in before
     assert load_config(run / "config.yaml").data.date_string == "26 Jul 2024"  # saved with the run
 
     assert main(["eval", str(run / "config.yaml"), "--adapter", f"a={run / 'adapter'}", "--data", str(shapes["test"]),

@@ -36,16 +36,17 @@ def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int, total_ste
 
 
 def keeps_master_weights(cfg: TrainConfig, base_dtype: torch.dtype) -> bool:
-    """A full fine-tune of a bf16 or fp16 base (``--torch_dtype``, ``auto`` on a GPU), ``pure_bf16`` off:
-    its trainable weights are kept in fp32 and only the compute is in ``base_dtype``.
+    """A full fine-tune of a bf16 base (``--torch_dtype bf16``, ``auto`` on a GPU), ``pure_bf16`` off: its
+    trainable weights are kept in fp32 and only the compute is in bf16.
 
     An AdamW step of lr 1e-5 is below half a bf16 step (2**-8 relative) for most weights, so bf16
     weights updated in place keep a fraction of the updates (the tiny model: 0.3 relative error
     after one step; fp32 masters: 0.02, the bf16 gradients' noise). ``pure_bf16`` keeps the
     cookbook's meaning (the weights themselves in bf16; ``--fsdp_config.optimizer anyprecision``
-    Kahan-compensates their updates); LoRA weights are fp32 in every case.
+    Kahan-compensates their updates); LoRA weights are fp32 in every case. An fp16 base is left as
+    it is (fp16 compute would need a gradient scaler the cookbook only pairs with ``use_fp16``).
     """
-    return not cfg.use_peft and not cfg.pure_bf16 and base_dtype in (torch.bfloat16, torch.float16)
+    return not cfg.use_peft and not cfg.pure_bf16 and base_dtype == torch.bfloat16
 
 
 def autocast(cfg: TrainConfig, device: torch.device, base_dtype: torch.dtype = torch.float32):
