@@ -58,6 +58,7 @@ _AFFIRMATIONS = re.compile(
     r"\b(there (?:is|are)|present|presence|visible|seen|shows?|showing|demonstrates?|evidence of|"
     r"positive for|detected|identified|appears?|contains?|has|have)\b"
 )
+_SHORT = 12  # distinct words: negations and affirmations decide only answers this short
 _LEADS = re.compile(
     r"^(?:(?:the )?(?:final |correct )?answer(?: is)?|answer|conclusion|so|thus|therefore)\s+"
 )
@@ -85,7 +86,8 @@ def yes_no(text: str) -> str:
     In order: a leading yes/no word decides ("Yes, there is a fracture."); a hedge is no answer
     ("Not sure"); VLMEvalKit's rule (the word "yes" without "no", or "no" without "yes"); a negation
     reads as no ("No evidence of fracture", "There is no crack", "The part isn't cracked"); an
-    affirmation as yes ("There is a fracture", "A crack is visible").
+    affirmation as yes ("There is a fracture", "A crack is visible"). The last two only in a short
+    answer (up to 12 distinct words): in a whole paragraph they are said in passing.
     """
     words = _LEADS.sub("", _words(text))
     if not words:
@@ -102,6 +104,8 @@ def yes_no(text: str) -> str:
         return "yes"
     if "no" in tokens and "yes" not in tokens:
         return "no"
+    if len(tokens) > _SHORT:  # a long reply mentions "not" or "there is" in passing: no answer
+        return UNKNOWN
     if _NEGATIONS.search(words):
         return "no"
     if _AFFIRMATIONS.search(words):
