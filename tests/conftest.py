@@ -68,3 +68,30 @@ def prompt(shapes):
 
     sample = load_samples(shapes["test"])[0][0]
     return [user_message("How many shapes are there?", n_images=1)], sample.images[:1]
+
+
+@pytest.fixture(scope="session")
+def colour_run(tiny_mllama, tmp_path_factory):
+    """An adapter trained 200 steps on 'what colour is the shape?' with one shape per picture (the
+    demo's pictures): the answer is in the pixels and nowhere else (six colours, chance is 1 in 6).
+    Returns (finetune's result, the data's paths). Used by test_vision.py and, as a teacher, by
+    test_reason_e2e.py."""
+    from cotune.config import load_config
+    from cotune.demo.synthetic import write_synthetic_dataset
+    from cotune.run_demo import DEMO_CONFIG, DEMO_DATA
+    from cotune.train.loop import finetune
+
+    colour_only = {
+        **{k: v for k, v in DEMO_DATA.items() if k != "n_train"},
+        "tasks": ("colour",),
+        "follow_up_rate": 0.0,
+    }
+    root = tmp_path_factory.mktemp("colour")
+    data = write_synthetic_dataset(root / "data", n_train=400, n_test=48, seed=1, **colour_only)
+    overrides = [
+        ("model_name", str(tiny_mllama)), ("dataset", str(data["train"])),
+        ("data.test_file", str(data["test"])), ("output_dir", str(root / "run")),
+        ("run_validation", "False"), ("progress", "False"), ("keep_last_checkpoints", "0"),
+    ]  # fmt: skip
+    result = finetune(load_config(DEMO_CONFIG, overrides), log=lambda *_: None)
+    return result, data

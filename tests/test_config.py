@@ -141,6 +141,7 @@ def test_every_verb_takes_its_sections_from_the_registry():
         "studio",
         "tiny-model",
         "synth-data",
+        "data-pairs",
     }
     assert VERBS["plan"].sections == (
         *VERBS["train"].sections,
@@ -170,9 +171,9 @@ def test_every_verb_help_lists_its_options_and_no_other(verb, capsys):
     "argv, message",
     [
         (["eval", "--lr", "1e-5"], "cotune eval does not take --lr (taken by: train, demo, plan)"),
-        (["train", "--max_new_tokens", "8"], "cotune train does not take --max_new_tokens (taken by: generate, chat, eval, studio)"),
+        (["train", "--max_new_tokens", "8"], "cotune train does not take --max_new_tokens (taken by: generate, chat, eval, studio, data-pairs)"),
         (["merge", "--image_ablation"], "cotune merge does not take --image_ablation (taken by: eval)"),
-        (["generate", "--data.max_seq_len", "9", "hi"], "cotune generate does not take --data.max_seq_len (taken by: train, demo, data, eval, merge, plan)"),
+        (["generate", "--data.max_seq_len", "9", "hi"], "cotune generate does not take --data.max_seq_len (taken by: train, demo, data, eval, merge, plan, data-pairs)"),
         (["chat", "--lora_config.r", "4"], "cotune chat does not take --lora_config.r (taken by: train, demo, plan)"),
         (["train", "--batch_size", "2"], "(taken by: eval). Did you mean --val_batch_size, --batch_size_training?"),
         (["data", "check", "train.jsonl", "--lr", "1"], "cotune data does not take --lr (taken by: train, demo, plan)"),

@@ -12,19 +12,9 @@ import json
 
 import pytest
 
-from cotune.config import load_config
 from cotune.data.records import load_samples
-from cotune.demo.synthetic import COLOURS, write_synthetic_dataset
+from cotune.demo.synthetic import COLOURS
 from cotune.eval.ablation import derangement, with_blank_images, with_shuffled_images
-from cotune.run_demo import DEMO_CONFIG, DEMO_DATA
-from cotune.train.loop import finetune
-
-# the demo's pictures (one large shape on a one-tile picture), every question on the colour
-COLOUR_ONLY = {
-    **{k: v for k, v in DEMO_DATA.items() if k != "n_train"},
-    "tasks": ("colour",),
-    "follow_up_rate": 0.0,
-}
 
 
 def test_derangement_never_keeps_a_sample_in_place():
@@ -47,19 +37,7 @@ def test_shuffled_and_blank_images_keep_each_prompt_and_its_image_count(shapes):
     assert image.getextrema() == ((128, 128), (128, 128), (128, 128)) and image.size == (64, 64)
 
 
-@pytest.fixture(scope="module")
-def colour_run(tiny_mllama, tmp_path_factory):
-    """An adapter trained 400 steps on 'what colour is the shape?' with one shape per picture:
-    the answer is in the pixels and nowhere else (six colours, chance is 1 in 6)."""
-    root = tmp_path_factory.mktemp("colour")
-    data = write_synthetic_dataset(root / "data", n_train=400, n_test=48, seed=1, **COLOUR_ONLY)
-    overrides = [
-        ("model_name", str(tiny_mllama)), ("dataset", str(data["train"])),
-        ("data.test_file", str(data["test"])), ("output_dir", str(root / "run")),
-        ("run_validation", "False"), ("progress", "False"), ("keep_last_checkpoints", "0"),
-    ]  # fmt: skip
-    result = finetune(load_config(DEMO_CONFIG, overrides), log=lambda *_: None)
-    return result, data
+# colour_run: tests/conftest.py (a session fixture: `cotune data reason`'s end-to-end test uses it as a teacher)
 
 
 @pytest.mark.slow

@@ -36,6 +36,12 @@ verbs:
                                              merge the adapter into a standard HF checkpoint
   data check DATA [--model_name M]           validate a dataset as training would (exit 1: bad records)
   data preview DATA [--augment 8]            PNG grid of samples, their augmentations and text
+  data import SOURCE --output DIR [--kind folder|table|coco|vqa|vlmeval|dicom]
+                                             folders, tables, COCO/VQA, VLMEvalKit TSV, DICOM -> LLaVA-CoT JSONL
+  data reason IN.jsonl --output OUT.jsonl --teacher_url URL [--attempts K]
+                                             four-stage replies from a teacher, kept when the answer is right
+  data pairs DATA --source attempts|samples|stages [--model_name BASE --adapter DIR] [--pairs_file pairs.jsonl]
+                                             preference pairs for train --method dpo
 """
 
 
@@ -184,10 +190,66 @@ def cmd_studio(argv: list[str]) -> int:
     return run_studio_command(parsed.options, parsed.given)
 
 
+def _data_source(sub: str, argv: list[str]) -> tuple[Parsed, str] | None:
+    """``cotune data SUB``'s options and its one positional path (None after printing ``--help``)."""
+    if "--help" in argv or "-h" in argv:
+        print(verb_help("data").replace("check|preview|import|reason", sub, 1))
+        return None
+    parsed = parse_args("data", argv)
+    if len(parsed.words) != 1:
+        raise ConfigError(f"usage: cotune data {sub} SOURCE --output ... (got {parsed.words or 'no SOURCE'})")
+    return parsed, parsed.words[0]
+
+
+def cmd_data_import(argv: list[str]) -> int:
+    got = _data_source("import", argv)
+    if got is None:
+        return 0
+    parsed, source = got
+    cfg = parsed.options
+    from cotune.data.sources import import_source
+
+    if not cfg.source.output_dir:
+        raise ConfigError("give the folder to write with --output DIR")
+    print(import_source(source, cfg.source.output_dir, cfg.source, cfg.data).summary())
+    return 0
+
+
+def cmd_data_reason(argv: list[str]) -> int:
+    got = _data_source("reason", argv)
+    if got is None:
+        return 0
+    parsed, source = got
+    cfg = parsed.options
+    from cotune.data.reason import format_reason_report, reason_records
+
+    if not cfg.reason.output_dir:
+        raise ConfigError("give the training file to write with --output OUT.jsonl")
+    report = reason_records(source, cfg.reason.output_dir, cfg.reason, cfg.data, seed=cfg.seed)
+    print(format_reason_report(report))
+    return 1 if report.failed else 0
+
+
+DATA_VERBS = {"import": cmd_data_import, "reason": cmd_data_reason}
+
+
 def cmd_data(argv: list[str]) -> int:
+    if argv and argv[0] == "pairs":  # generates with the model: its body is in infer, above data
+        return cmd_data_pairs(argv[1:])
+    if argv and argv[0] in DATA_VERBS:
+        return DATA_VERBS[argv[0]](argv[1:])
     from cotune.data.check import run_data_command
 
     return run_data_command(argv)
+
+
+def cmd_data_pairs(argv: list[str]) -> int:
+    parsed = _options("data-pairs", argv)
+    if parsed is None:
+        return 0
+    from cotune.infer.pairs import run_pairs_command
+
+    return run_pairs_command(parsed.options, _one_dir("data-pairs", parsed))
 
 
 VERBS = {
@@ -203,6 +265,7 @@ VERBS = {
     "plan": cmd_plan,
     "studio": cmd_studio,
     "data": cmd_data,
+    "data-pairs": cmd_data_pairs,  # also ``cotune data pairs``
 }
 
 
@@ -220,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"cotune {verb}: error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:  # DataError and other input problems: no traceback for the user
-        if type(e).__name__ in ("DataError",):
+    except (ValueError, RuntimeError) as e:  # DataError and other input problems: no traceback for the user
+        if type(e).__name__ in ("DataError", "TeacherError"):
             print(f"cotune {verb}: error: {e}", file=sys.stderr)
             return 2
         raise

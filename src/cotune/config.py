@@ -51,6 +51,7 @@ from cotune.options.fields import (
     Section,
     SeedOptions,
 )
+from cotune.options.pairs import PairsOptions
 from cotune.options.parse import (
     ALIASES,
     BOOL_WORDS,
@@ -64,6 +65,7 @@ from cotune.options.parse import (
 from cotune.options.plan import PlanOptions
 from cotune.options.quant import QuantizationConfig, QuantizationOptions
 from cotune.options.serve import ServeOptions, check_serve
+from cotune.options.sources import ImportOptions, ReasonOptions, check_reason
 from cotune.options.studio import StudioOptions, check_studio
 from cotune.options.tracking import (
     ProfilingOptions,
@@ -129,6 +131,9 @@ SECTIONS = {
         Section("preview", "preview", PreviewOptions),
         Section("tiny-model", "tiny_model", TinyModelOptions),
         Section("synth-data", "synth_data", SynthDataOptions),
+        Section("import", "source", ImportOptions),
+        Section("reason", "reason", ReasonOptions, check_reason),
+        Section("pairs", "pairs", PairsOptions),
     )
 }
 
@@ -164,8 +169,19 @@ VERBS = {
         (*_TRAIN, "demo"), "cotune demo [CONFIG.yaml] [--workdir DIR] [--n_eval N] [--option value ...]"
     ),
     "data": Verb(
-        ("model", "seed", "data", "system prompt", "augmentation", "preview"),
-        "cotune data check|preview [CONFIG.yaml] DATA [--option value ...]",
+        (
+            "model",
+            "seed",
+            "data",
+            "system prompt",
+            "held-out file",
+            "validation split",
+            "augmentation",
+            "preview",
+            "import",
+            "reason",
+        ),
+        "cotune data check|preview|import|reason [CONFIG.yaml] DATA [--option value ...]",
         "DATA",
     ),
     "generate": Verb(
@@ -199,6 +215,12 @@ VERBS = {
         ("seed", "tiny-model"), "cotune tiny-model [CONFIG.yaml] DIR [--family mllama|llava]", "DIR"
     ),
     "synth-data": Verb(("seed", "synth-data"), "cotune synth-data [CONFIG.yaml] DIR [--n_train N]", "DIR"),
+    "data-pairs": Verb(
+        (*_USE, "seed", "data", "system prompt", "generation", "decoding", "pairs"),
+        "cotune data pairs [CONFIG.yaml] DATA --source attempts|samples|stages [--model_name BASE --adapter DIR] "
+        "[--pairs_file pairs.jsonl]",
+        "DATA",
+    ),
 }
 
 CATALOG = Catalog({verb: [SECTIONS[n] for n in v.sections] for verb, v in VERBS.items()})

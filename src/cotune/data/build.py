@@ -20,7 +20,8 @@ from cotune.data.batching import (
 )
 from cotune.data.cookbook import cookbook_dataset
 from cotune.data.dataset import SFTDataset, encode_samples
-from cotune.data.records import DataError, Problem, Sample, load_samples, report_problems, split_train_test
+from cotune.data.records import DataError, Problem, Sample, load_samples, report_problems
+from cotune.data.split import split_for_training
 from cotune.models.families import ModelFamily
 
 
@@ -99,7 +100,9 @@ def build_data(
         total += len(val_samples) + len(val_problems)
         train_samples = samples
     else:
-        train_samples, val_samples = split_train_test(samples, d.test_split_ratio, d.split_seed)
+        train_samples, val_samples = split_for_training(
+            samples, d.test_split_ratio, d.split_seed, d.split_by, log=log if rank == 0 else None
+        )
     train_enc, p1, s1 = encode_samples(train_samples, processor, family, d.max_seq_len, d.overlength)
     val_enc, p2, s2 = encode_samples(val_samples, processor, family, d.max_seq_len, d.overlength)
     problems += p1 + p2

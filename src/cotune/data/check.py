@@ -20,6 +20,7 @@ from typing import Any
 from cotune.data.augment import augment_conflicts
 from cotune.data.cot import STAGES, parse_stages
 from cotune.data.records import Problem, Sample, problem_order
+from cotune.data.split import check_split
 
 TAG_HINT = ("<SUMMARY>", "<CONCLUSION>")
 
@@ -45,6 +46,7 @@ class CheckReport:
     lengths: list[int] = field(default_factory=list)
     label_tokens: list[int] = field(default_factory=list)
     model_name: str = ""
+    split: str = ""  # the held-out side training would use: balance, near-duplicates (data/split.py)
 
     @property
     def exit_code(self) -> int:
@@ -126,6 +128,11 @@ def check_data(
     report.images_per_record = Counter(len(s.images) for s in samples)
     _cot_warnings(samples, report)
     report.warnings += [Problem(str(path), c) for c in augment_conflicts(cfg.data.augment, samples)]
+    held_out = (
+        load_data_file(cfg, cfg.data.test_file, log=None)[0] if getattr(cfg.data, "test_file", "") else None
+    )
+    report.split, duplicates = check_split(cfg, samples, held_out)
+    report.warnings += duplicates
     if processor is not None:
         d = cfg.data
         encoded, token_problems, stats = encode_samples(
@@ -178,6 +185,8 @@ def format_report(r: CheckReport) -> str:
         rows.append(("tokens", "not checked (give --model_name to render with the real processor)"))
     if r.cot:
         rows.append(("four-stage format", f"{r.cot_ok} of {r.cot_replies} replies follow it"))
+    if r.split:
+        rows += [("held out" if k == 0 else "", line) for k, line in enumerate(r.split.splitlines())]
     width = max(len(k) for k, _ in rows)
     lines = [f"  {k.ljust(width)}  {v}" for k, v in rows]
     if r.problems:
@@ -269,6 +278,10 @@ DATA_USAGE = """usage:
       exit code 1 when any record would be skipped
   cotune data preview [CONFIG.yaml] DATA [--augment 8] [--samples 4] [--out preview.png]
       a PNG grid: a few samples, their augmentations (data.augment.* settings) and rendered text
+  cotune data import SOURCE --output DIR [--kind K] [--question T] [--labels L.csv] [--window W]
+      folders of pictures, tables, COCO/VQA, VLMEvalKit TSV, DICOM -> LLaVA-CoT JSONL + images
+  cotune data reason IN.jsonl --output OUT.jsonl --teacher_url URL [--teacher_model M] [--attempts K]
+      four-stage replies from a teacher, kept when their CONCLUSION gives the known answer
 """
 
 

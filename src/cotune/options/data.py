@@ -79,6 +79,11 @@ class SplitOptions:
 
     test_split_ratio: float = opt(0.1, "Fraction held out for validation when no test file is given.")
     split_seed: int = opt(42, "Seed of the train/test split.")
+    split_by: str = opt(
+        "",
+        "Record field whose groups (a patient, a part serial, a device) must stay on one side of the "
+        "seeded split; the split is then stratified by answer and each side's balance printed.",
+    )
 
 
 def check_split(s: Any, prefix: str) -> None:

@@ -97,6 +97,23 @@ class TrainingOptions:
     dist_checkpoint_folder: str = opt("", "Cookbook: with dist_checkpoint_root_folder, sets output_dir.")
     log_every_steps: int = opt(1, "Write a metrics line every N optimizer steps.")
     progress: bool = opt(True, "Show a progress bar.")
+    method: str = opt(
+        "sft",
+        "Training objective: sft (imitate the replies) or dpo (prefer each pair's chosen reply over its "
+        "rejected one; the dataset is a pairs file, see cotune data pairs).",
+        choices=("sft", "dpo"),
+    )
+    beta: float = opt(0.1, "dpo: strength of the pull towards the reference (DPO's beta).", positive=True)
+    dpo_sft_weight: float = opt(
+        0.0,
+        "dpo: weight of an SFT term, the chosen reply's mean token NLL, added per pair (RPO; keeps the "
+        "four-stage format). 0: pure DPO.",
+    )
+    ref_adapter: str = opt(
+        "",
+        "dpo: the reference, a frozen adapter directory loaded beside the trained one (usually the SFT "
+        "adapter you start from with --from_peft_checkpoint). Empty: the base with the adapter disabled.",
+    )
 
 
 def check_training(t: Any, prefix: str) -> None:
@@ -138,8 +155,28 @@ def check_training(t: Any, prefix: str) -> None:
             f"option '{prefix}from_peft_checkpoint' starts from an adapter: it needs --use_peft True "
             "(a full fine-tune starts from --model_name)"
         )
+    check_preference(t, prefix)
     if t.dist_checkpoint_root_folder and t.dist_checkpoint_folder and t.output_dir == "runs/default":
         t.output_dir = str(Path(t.dist_checkpoint_root_folder) / t.dist_checkpoint_folder)
+
+
+def check_preference(t: Any, prefix: str) -> None:
+    """The options of ``method: dpo`` and what it cannot be combined with."""
+    if t.method != "dpo":
+        if t.ref_adapter:
+            raise ConfigError(f"option '{prefix}ref_adapter' is the reference of DPO: add --method dpo")
+        return
+    if not t.use_peft:
+        raise ConfigError(
+            f"option '{prefix}method' dpo trains a LoRA adapter (its reference is the base or a frozen "
+            "adapter, never a second model copy): drop --use_peft False"
+        )
+    if getattr(t, "batching_strategy", "padding") == "packing":
+        raise ConfigError(
+            f"option '{prefix}method' dpo batches pairs by padding: use --batching_strategy padding"
+        )
+    if t.dpo_sft_weight < 0:
+        raise ConfigError(f"option '{prefix}dpo_sft_weight' must be >= 0, got {t.dpo_sft_weight}")
 
 
 @dataclass

@@ -26,6 +26,7 @@ def save_adapter(
     out_dir: str | Path,
     state_dict: dict | None = None,
     extra: Callable[[Path], None] | None = None,
+    adapters: list[str] | None = None,
 ) -> Path:
     """Writes ``adapter_config.json`` + ``adapter_model.safetensors`` atomically.
 
@@ -35,9 +36,12 @@ def save_adapter(
         state_dict: the adapter weights when they are not local to this process (FSDP gathers them
             first); by default PEFT takes them from the model.
         extra: writes more files into the directory before it is published (e.g. the processor).
+        adapters: which of the model's adapters to write (None: all; DPO leaves out its reference).
     """
     with atomic_dir(out_dir) as tmp:
-        peft_model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+        peft_model.save_pretrained(
+            str(tmp), state_dict=state_dict, safe_serialization=True, selected_adapters=adapters
+        )
         if extra is not None:
             extra(tmp)
     return Path(out_dir)

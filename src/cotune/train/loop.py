@@ -6,9 +6,10 @@ validation loss, the losses so far) and calls named steps, each a function of th
 state: ``train_step`` (one optimizer step over an accumulation group), ``log_step``, ``validate``
 and ``checkpoint``. No step keeps state of its own.
 
-Loss convention: every optimizer step minimises the mean cross-entropy over all label tokens of
-the step (all micro-batches, all ranks). Each micro-batch's summed loss is divided by that global
-token count before backward, so gradient accumulation and data parallelism give the same update
+Loss convention: every optimizer step minimises the mean of the objective (``train/objectives.py``,
+``cfg.method``: SFT's cross-entropy per label token, DPO's loss per pair) over all its units in the
+step (all micro-batches, all ranks). Each micro-batch's summed loss is divided by that global
+count of units before backward, so gradient accumulation and data parallelism give the same update
 as one large batch.
 """
 
@@ -46,6 +47,7 @@ from cotune.train.metrics import (
     read_metrics,
     write_cookbook_metrics,
 )
+from cotune.train.objectives import REFERENCE, attach_reference, build_objective
 from cotune.train.profiling import StepProfiler
 from cotune.train.step import (
     accumulation_groups,
@@ -54,12 +56,10 @@ from cotune.train.step import (
     build_scheduler,
     fused_adamw,
     keeps_master_weights,
-    label_tokens,
     optimizer_step,
     optimizer_steps_per_epoch,
     stand_in_batch,
     usable_batches,
-    validation_loss,
 )
 from cotune.train.trackers import Trackers, open_trackers
 
@@ -95,6 +95,7 @@ class Run:
     started: str = field(
         default_factory=lambda: time.strftime("%Y-%m-%d_%H-%M-%S")
     )  # names save_metrics' JSON  # report_to (first process; none elsewhere)
+    objective: Any = None  # what a step minimises: objectives.SFT or objectives.DPO (cfg.method)
 
     @property
     def global_batch(self) -> int:
@@ -144,6 +145,7 @@ class StepStats(NamedTuple):
     lr: float  # the learning rate the update used
     grad_norm: float | None  # before clipping; None without clipping
     tokens: int  # real tokens of the step, all ranks
+    extra: dict = {}  # the objective's statistics (DPO: rewards, margins, log-probs), means over the step
 
 
 @dataclass
@@ -224,6 +226,7 @@ def setup(cfg: TrainConfig, log=print) -> Run:
         task=task_metrics.task_subset(data.val_samples, cfg.eval_generate_samples, cfg.seed, dist.world_size)
         if cfg.run_validation
         else None,
+        objective=build_objective(cfg, model),
     )
 
 
@@ -266,6 +269,8 @@ def build_model(
     torch.manual_seed(cfg.seed)  # LoRA init does not depend on how much randomness loading used
     if cfg.use_peft:
         peft_model = add_lora(model, family, cfg.lora_config, from_checkpoint=cfg.from_peft_checkpoint)
+        if getattr(cfg, "ref_adapter", ""):  # DPO's frozen reference, beside the trained adapter
+            attach_reference(peft_model, cfg.ref_adapter)
     else:  # a full fine-tune: the model's own weights, those the freeze options leave
         peft_model = choose_trainable(model, cfg)
         set_master_weights(peft_model, cfg, base_dtype, log)
@@ -322,7 +327,12 @@ def build_training_data(
     Returns:
         The data, the optimizer steps of an epoch, and those of the run (``max_train_step`` included).
     """
-    data = build_data(cfg, processor, family, dist.rank, dist.world_size, log=log)
+    if getattr(cfg, "method", "sft") == "dpo":  # preference pairs: chosen and rejected rows together
+        from cotune.data.pair_batches import build_pair_data
+
+        data = build_pair_data(cfg, processor, family, dist.rank, dist.world_size, log=log)
+    else:
+        data = build_data(cfg, processor, family, dist.rank, dist.world_size, log=log)
     for line in data.report:
         log(f"data: {line}")
     steps_per_epoch = optimizer_steps_per_epoch(len(data.train), cfg.gradient_accumulation_steps)
@@ -548,26 +558,40 @@ def train_step(run: Run, state: LoopState, group: list[dict]) -> StepStats | Non
     Returns what the step measured, or None (and no step) when the group has no label token on
     any rank.
     """
-    cfg, dist = run.cfg, run.dist
-    # the step's loss is the mean over every label token of the step, on every rank
-    counts = torch.tensor([float(sum(label_tokens(b) for b in group))], device=dist.device)
+    cfg, dist, objective = run.cfg, run.dist, run.objective
+    # the step's loss is the mean over every unit of the step (label tokens; DPO: pairs), on every rank
+    counts = torch.tensor([float(sum(objective.units(b) for b in group))], device=dist.device)
     n_step = float(distributed.all_reduce_sum(counts)[0])
     if n_step == 0:
         return None
     step_loss = torch.zeros((), dtype=torch.float64, device=dist.device)
+    sums: dict[str, torch.Tensor] = {}
     for batch in group:
         with autocast(cfg, dist.device, run.base_dtype):
-            loss_sum, _ = run.loss_model(**model_inputs(run, batch))
+            loss_sum, stats = objective.loss_sum(run.loss_model, model_inputs(run, batch), batch)
         loss = loss_sum * dist.world_size / n_step  # data-parallel gradients are averaged over ranks
         (run.scaler.scale(loss) if run.scaler else loss).backward()
         step_loss += loss_sum.detach().double()
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0) + v
+    extra = _mean_stats(sums, n_step, dist.device)
     clip = cfg.gradient_clipping_threshold if cfg.gradient_clipping else None
     lr, grad_norm = optimizer_step(run.model, run.optimizer, run.scheduler, run.scaler, clip)
     state.step += 1
     mean_loss = float(distributed.all_reduce_sum(step_loss)) / n_step
     state.train_losses.append(mean_loss)
     tokens = sum(count_tokens(b) for b in group) * dist.world_size
-    return StepStats(loss=mean_loss, lr=lr, grad_norm=grad_norm, tokens=tokens)
+    return StepStats(loss=mean_loss, lr=lr, grad_norm=grad_norm, tokens=tokens, extra=extra)
+
+
+def _mean_stats(sums: dict[str, torch.Tensor], n_step: float, device: torch.device) -> dict[str, float]:
+    """The objective's summed statistics as means over the step's units, all ranks (collective when
+    there are any: every rank has the same keys, the objective's)."""
+    if not sums:
+        return {}
+    keys = sorted(sums)
+    total = distributed.all_reduce_sum(torch.stack([sums[k].to(device) for k in keys]))
+    return {k: float(v) / n_step for k, v in zip(keys, total.tolist())}
 
 
 def log_step(run: Run, state: LoopState, stats: StepStats, meter: Throughput, bar: tqdm) -> None:
@@ -580,13 +604,15 @@ def log_step(run: Run, state: LoopState, stats: StepStats, meter: Throughput, ba
         )
         if stats.grad_norm is not None:
             record["grad_norm"] = stats.grad_norm
+        record.update(stats.extra)
         memory = torch.cuda.max_memory_allocated() / 2**30 if run.dist.device.type == "cuda" else None
         if memory is not None:
             record["max_memory_gib"] = round(memory, 3)
         run.metrics.write(**record)
         run.trackers.log(
             {"train/loss": stats.loss, "train/lr": stats.lr, "train/grad_norm": stats.grad_norm,
-             "train/tokens_per_s": tps, "train/epoch": state.epoch, "train/max_memory_gib": memory},
+             "train/tokens_per_s": tps, "train/epoch": state.epoch, "train/max_memory_gib": memory}
+            | {f"train/{k}": v for k, v in stats.extra.items()},
             state.step,
         )  # fmt: skip
         bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}", tok_s=f"{tps:.0f}")
@@ -598,7 +624,7 @@ def validate(run: Run, state: LoopState) -> None:
     saved as ``best_adapter`` (the loss at step 0 is the base model's: a reference, never the best)."""
     inputs = functools.partial(model_inputs, run)
     stages_of = functools.partial(batch_label_stages, run.processor.tokenizer, state.val_stages)
-    loss, by_stage = validation_loss(
+    loss, by_stage, extra = run.objective.validate(
         run.loss_model,
         run.data.val,
         inputs,
@@ -612,6 +638,7 @@ def validate(run: Run, state: LoopState) -> None:
     state.eval_losses.append(loss)
     stage_losses = {f"eval_loss_{s.lower()}": v for s, v in by_stage.items()}  # LLaVA-CoT data only
     task = validate_task(run)  # eval_generate_samples: {} when off
+    stage_losses |= {f"eval_{k}": v for k, v in extra.items()}  # DPO: reward accuracy, margins, ...
     run.metrics.write(
         step=state.step,
         epoch=state.epoch,
@@ -623,13 +650,15 @@ def validate(run: Run, state: LoopState) -> None:
     run.trackers.log(
         {"eval/loss": loss, "eval/perplexity": perplexity(loss)}
         | {f"eval/loss_{s.lower()}": v for s, v in by_stage.items()}
-        | {f"eval/{k.removeprefix('eval_')}": v for k, v in task.items()},
+        | {f"eval/{k.removeprefix('eval_')}": v for k, v in task.items()}
+        | {f"eval/{k}": v for k, v in extra.items()},
         state.step,
     )
     per_stage = ", ".join(f"{s.lower()} {v:.4f}" for s, v in by_stage.items())
     run.log(
         f"validation at step {state.step}: loss {loss:.4f}, perplexity {perplexity(loss):.2f}"
         + (f" ({per_stage})" if per_stage else "")
+        + "".join(f", {k} {v:.4f}" for k, v in extra.items())
     )
     by_accuracy = run.cfg.best_adapter_metric == "accuracy"
     better = task["eval_accuracy"] > state.best_eval_accuracy if by_accuracy else loss < state.best_eval_loss
@@ -760,7 +789,8 @@ def export_adapter(run: Run, where: Path, with_processor: bool = True) -> Path |
     state = distributed.gather_trainable_state(run.model) if run.sharded else None
     if not run.dist.is_main:
         return None
-    return save_adapter(run.model, where, state_dict=state, extra=extra)
+    trained = [a for a in run.model.peft_config if a != REFERENCE]  # never DPO's frozen reference
+    return save_adapter(run.model, where, state_dict=state, extra=extra, adapters=trained)
 
 
 def _save_processor(processor: Any, directory: Path) -> None:

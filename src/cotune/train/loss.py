@@ -28,6 +28,11 @@ def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+def _chunk_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, weight).float()
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
 def _chunk_token_losses(
     hc: torch.Tensor, wc: torch.Tensor, yc: torch.Tensor, logits: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,11 +69,18 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``h @ w.T`` against ``y``, with d/dh computed in forward, chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, h, w, y, chunk_size: int, compute_dtype: torch.dtype, need_grad: bool):
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
+    def forward(
+        ctx, h, w, y, chunk_size: int, compute_dtype: torch.dtype, need_grad: bool, rows=None, n_rows=0
+    ):
+        # rows: the row of each position; then the result is a sum per row (n_rows,), not one scalar
+        shape = () if rows is None else (n_rows,)
+        total = torch.zeros(shape, dtype=torch.float32, device=h.device)
         grad = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
         for start, losses, exp, sums, wc in _frozen_head_chunks(h, w, y, chunk_size, compute_dtype):
-            total += losses.sum()
+            if rows is None:
+                total += losses.sum()
+            else:
+                total.index_add_(0, rows[start : start + exp.shape[0]], losses)
             if need_grad:  # d/dh of the summed loss: softmax @ W - W[y] = (exp @ W) / sums - W[y]
                 g = grad[start : start + exp.shape[0]]
                 if compute_dtype == torch.float32:
@@ -77,14 +89,15 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
                     g.copy_(torch.mm(exp.to(compute_dtype), wc))
                 g.div_(sums).sub_(wc[y[start : start + exp.shape[0]]].float())
         if need_grad:
-            ctx.save_for_backward(grad)
+            ctx.save_for_backward(grad, rows)
         ctx.h_dtype = h.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        (grad,) = ctx.saved_tensors
-        return (grad * grad_total).to(ctx.h_dtype), None, None, None, None, None
+        grad, rows = ctx.saved_tensors
+        scale = grad_total if rows is None else grad_total[rows][:, None]
+        return (grad * scale).to(ctx.h_dtype), None, None, None, None, None, None, None
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -136,6 +149,36 @@ def chunked_cross_entropy(
     return total, n
 
 
+def row_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 512
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``chunked_cross_entropy`` summed per row, with its gradient: what a preference objective needs
+    (a reply's log-probability is minus its row's sum).
+
+    Returns:
+        (fp32 sums of shape (batch,), label tokens per row (batch,)).
+    """
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    h, y = hidden[:, :-1][keep], targets[keep]
+    n_rows = labels.shape[0]
+    rows = torch.arange(n_rows, device=labels.device)[:, None].expand_as(targets)[keep]
+    zero = hidden[..., :0].sum().float()  # still part of the graph when there is no label
+    total = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device) + zero
+    if h.shape[0] == 0:
+        return total, keep.sum(dim=1)
+    if not weight.requires_grad and type(weight) in (torch.Tensor, torch.nn.Parameter):
+        need_grad = torch.is_grad_enabled() and h.requires_grad
+        dtype = _compute_dtype(hidden, weight)
+        sums = _FrozenHeadCrossEntropy.apply(h, weight, y, chunk_size, dtype, need_grad, rows, n_rows)
+        return total + sums, keep.sum(dim=1)
+    for start in range(0, h.shape[0], chunk_size):  # trainable (or sharded) head: recompute in backward
+        end = start + chunk_size
+        losses = checkpoint(_chunk_losses, h[start:end], weight, y[start:end], use_reentrant=False)
+        total = total.index_add(0, rows[start:end], losses)
+    return total, keep.sum(dim=1)
+
+
 @torch.no_grad()
 def label_token_losses(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 512
@@ -177,10 +220,11 @@ class ChunkedLossModel(torch.nn.Module):
         self.family = family
 
     def forward(
-        self, labels: torch.Tensor, per_token: bool = False, **inputs: Any
+        self, labels: torch.Tensor, per_token: bool = False, per_row: bool = False, **inputs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss_sum, n_label_tokens); with ``per_token``, the (batch, seq) losses instead of their sum
-        (``label_token_losses``: what eval groups by sample and by stage)."""
+        (``label_token_losses``: what eval groups by sample and by stage); with ``per_row``, the sums
+        and counts of each row, with gradient (``row_cross_entropy``: what DPO compares)."""
         core = inner_model(self.model)
         dummy = inputs.pop(DUMMY_PIXELS, None)
         anchor = None
@@ -192,7 +236,8 @@ class ChunkedLossModel(torch.nn.Module):
         if per_token:
             losses = label_token_losses(out.last_hidden_state, core.lm_head.weight, labels, self.chunk_size)
             return losses, (labels[:, 1:] != IGNORE_INDEX).sum()
-        total, n = chunked_cross_entropy(out.last_hidden_state, core.lm_head.weight, labels, self.chunk_size)
+        loss_fn = row_cross_entropy if per_row else chunked_cross_entropy
+        total, n = loss_fn(out.last_hidden_state, core.lm_head.weight, labels, self.chunk_size)
         if anchor is not None:
             total = total + 0.0 * anchor
         return total, n
