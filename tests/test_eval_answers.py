@@ -56,7 +56,6 @@ def _yes_no_file(shapes, tmp_path, n=4):
     return path, picked
 
 
-@pytest.mark.slow
 def test_eval_on_a_yes_no_set_reports_the_clinical_view(tiny_mllama, shapes, tmp_path):
     data, rows = _yes_no_file(shapes, tmp_path)
     adapter = make_adapter(tiny_mllama, tmp_path / "run" / "adapter", seed=5)
@@ -125,5 +124,4 @@ def test_benchmark_file_evaluates_per_category(tiny_mllama, tmp_path):
     assert set(none["accuracy_by_task"]) == {"colour", "shape", "hallucination"}
     assert none["accuracy_by_kind"]["choice"]["n"] == 4 and none["accuracy_by_kind"]["yes_no"]["n"] == 1
     md = (out / "eval.md").read_text()
-    print(md)
     assert "category: colour" in md and "## Answers: multiple choice" in md
