@@ -44,6 +44,10 @@ def test_answer_kind(gold, question, options, kind):
         ("Not sure", ""),
         ("It cannot be determined from the image.", ""),
         ("purple", ""),
+        (
+            "The image shows a red circle on a white background and there is nothing else in the picture at all.",
+            "",
+        ),
     ],
 )
 def test_yes_no_labels(text, label):

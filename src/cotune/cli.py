@@ -144,7 +144,7 @@ def cmd_eval(argv: list[str]) -> int:
     parsed = _options("eval", argv)
     if parsed is None:
         return 0
-    from cotune.eval.evaluate import run_eval_command
+    from cotune.eval.command import run_eval_command
 
     return run_eval_command(parsed.options)
 

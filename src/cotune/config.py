@@ -87,7 +87,9 @@ from cotune.options.use import (
     PreviewOptions,
     PromptOptions,
     SynthDataOptions,
+    TaskMetricsOptions,
     TinyModelOptions,
+    check_task_metrics,
 )
 
 __all__ = [
@@ -123,6 +125,7 @@ SECTIONS = {
         Section("tracking", "", TrackingOptions, check_tracking),
         Section("wandb", "wandb_config", WandbConfig),
         Section("profiling", "", ProfilingOptions, check_profiling),
+        Section("task metrics", "", TaskMetricsOptions, check_task_metrics),
         Section("generation", "generation", GenerationOptions),
         Section("decoding", "generation", DecodingOptions),
         Section("eval", "eval", EvalOptions),
@@ -160,7 +163,7 @@ class Verb:
 
 _TRAIN = ("model", "dtype", "training", "seed", "lora", "custom_dataset", "data", "system prompt")
 _TRAIN += ("held-out file", "validation split", "augmentation", "fsdp", "quantization", "quantization_config")
-_TRAIN += ("tracking", "wandb", "profiling")
+_TRAIN += ("tracking", "wandb", "profiling", "task metrics")
 _TRAIN += ("validation subset", "data cache")
 _USE = ("model", "dtype", "device", "adapters", "quantization", "quantization_config")
 _GENERATE = (*_USE, "seed", "system prompt", "prompt", "generation", "decoding")
@@ -198,7 +201,7 @@ VERBS = {
         "PROMPT",
     ),
     "eval": Verb(
-        (*_USE, *_READ, "generation", "eval"),
+        (*_USE, *_READ, "generation", "eval", "tracking", "wandb"),
         "cotune eval [CONFIG.yaml] --model_name BASE --adapter DIR [--adapter ...] --data TEST.jsonl",
     ),
     "merge": Verb(

@@ -21,6 +21,10 @@ from __future__ import annotations
 import math
 import re
 import string
+from typing import Any
+
+from cotune.data.cot import parse_stages
+from cotune.data.sample import Sample
 
 KINDS = ("yes_no", "choice", "number", "text")
 UNKNOWN = ""  # the label of an answer that gives none (a hedge, or no option)
@@ -54,6 +58,7 @@ _AFFIRMATIONS = re.compile(
     r"\b(there (?:is|are)|present|presence|visible|seen|shows?|showing|demonstrates?|evidence of|"
     r"positive for|detected|identified|appears?|contains?|has|have)\b"
 )
+_SHORT = 12  # distinct words: negations and affirmations decide only answers this short
 _LEADS = re.compile(
     r"^(?:(?:the )?(?:final |correct )?answer(?: is)?|answer|conclusion|so|thus|therefore)\s+"
 )
@@ -81,7 +86,8 @@ def yes_no(text: str) -> str:
     In order: a leading yes/no word decides ("Yes, there is a fracture."); a hedge is no answer
     ("Not sure"); VLMEvalKit's rule (the word "yes" without "no", or "no" without "yes"); a negation
     reads as no ("No evidence of fracture", "There is no crack", "The part isn't cracked"); an
-    affirmation as yes ("There is a fracture", "A crack is visible").
+    affirmation as yes ("There is a fracture", "A crack is visible"). The last two only in a short
+    answer (up to 12 distinct words): in a whole paragraph they are said in passing.
     """
     words = _LEADS.sub("", _words(text))
     if not words:
@@ -98,6 +104,8 @@ def yes_no(text: str) -> str:
         return "yes"
     if "no" in tokens and "yes" not in tokens:
         return "no"
+    if len(tokens) > _SHORT:  # a long reply mentions "not" or "there is" in passing: no answer
+        return UNKNOWN
     if _NEGATIONS.search(words):
         return "no"
     if _AFFIRMATIONS.search(words):
@@ -296,3 +304,50 @@ def score_answer(
         "label": normalize_answer(prediction, kind, options, aliases),
         "gold_label": normalize_answer(gold, kind, options, aliases),
     }
+
+
+# ----------------------------------------------------------------------------- a sample's gold answer
+
+
+def first_turn(sample: Sample) -> tuple[list[dict], str]:
+    """The messages before the first reply, and that reply's text (the reference; '' when none)."""
+    k = next((i for i, m in enumerate(sample.messages) if m["role"] == "assistant"), len(sample.messages))
+    if k == len(sample.messages):
+        return sample.messages, ""
+    reply = sample.messages[k]["content"]
+    text = reply if isinstance(reply, str) else "".join(c.get("text", "") for c in reply)
+    return sample.messages[:k], text
+
+
+def gold_answer(sample: Sample) -> str | None:
+    """The record's ``answer`` field, else the CONCLUSION of the reference reply, else None."""
+    answer = sample.meta.get("answer")
+    if isinstance(answer, str | int | float) and str(answer).strip():
+        return str(answer).strip()
+    return parse_stages(first_turn(sample)[1]).get("CONCLUSION") or None
+
+
+def question_text(sample: Sample) -> str:
+    """The text of the last user message before the first reply (what a yes/no guess looks at)."""
+    for m in reversed(first_turn(sample)[0]):
+        if m["role"] == "user":
+            c = m["content"]
+            return c if isinstance(c, str) else " ".join(i.get("text", "") for i in c if isinstance(i, dict))
+    return ""
+
+
+def sample_answer_settings(sample: Sample, kind: str = "auto") -> dict[str, Any]:
+    """How to score a sample's answer: ``{"kind", "options"}``.
+
+    The record's own ``answer_kind`` field wins, then ``kind`` (a dataset-wide setting, 'auto':
+    guess from the gold answer and the question); ``options`` are the record's (``{"A": ...}``).
+    """
+    options = sample.meta.get("options") if isinstance(sample.meta.get("options"), dict) else None
+    own = sample.meta.get("answer_kind")
+    if own in KINDS:
+        return {"kind": own, "options": options}
+    if kind in KINDS:
+        return {"kind": kind, "options": options}
+    gold = gold_answer(sample)
+    guessed = answer_kind(gold, question_text(sample), options) if gold is not None else "text"
+    return {"kind": guessed, "options": options}

@@ -37,6 +37,7 @@ class DataBundle:
     train_sampler: Any = None
     report: list[str] = field(default_factory=list)
     cookbook: bool = False
+    val_samples: list = field(default_factory=list)  # the validation Samples (task metrics answer them)
 
 
 def _loader(dataset, sampler, collate, workers: int, pin: bool = False) -> torch.utils.data.DataLoader:
@@ -127,7 +128,10 @@ def build_data(
         val = _loader(val_ds, val_sampler, _padding_collator(processor, family), workers, pin)
     report.append(f"loader: {workers} worker processes" + (", pinned memory" if pin else ""))
     train = _loader(train_ds, train_sampler, train_collate, workers, pin)
-    return DataBundle(train=train, val=val, train_sampler=train_sampler, report=report)
+    val_samples = full_samples(cfg, splits) if getattr(cfg, "eval_generate_samples", 0) else []
+    return DataBundle(
+        train=train, val=val, train_sampler=train_sampler, report=report, val_samples=val_samples
+    )
 
 
 @dataclass
@@ -141,6 +145,8 @@ class Splits:
     report: list[str]
     train_samples: list[Sample]  # for the augmentation check (without text when from the cache)
     train_flags: Any = None  # their ``augment.mention_flags`` when they carry no text
+    val_samples: list[Sample] = field(default_factory=list)  # without messages when from the cache
+    val_path: str = ""  # the file they come from
 
 
 class _ReadFile:
@@ -210,7 +216,27 @@ def encode_splits(cfg: Any, processor: Any, family: ModelFamily, rank: int, worl
     if problems:
         report.append(f"skipped {len(problems)} records (see the list above)")
     train_samples = [everything[k] for k in train_pos]
-    return Splits(train, val, problems, total, report, train_samples, main.flags(train_pos))
+    held_out = val_source.samples()
+    return Splits(
+        train,
+        val,
+        problems,
+        total,
+        report,
+        train_samples,
+        main.flags(train_pos),
+        val_samples=[held_out[k] for k in val_pos],
+        val_path=d.test_file or cfg.dataset,
+    )
+
+
+def full_samples(cfg: Any, splits: Splits) -> list[Sample]:
+    """The validation samples with their messages (task metrics answer their questions): as they are
+    when read in memory, else read again from their file (a cache entry keeps no text)."""
+    if all(s.messages for s in splits.val_samples):
+        return splits.val_samples
+    by_place = {s.where: s for s in load_data_file(cfg, splits.val_path, None)[0]}
+    return [by_place[s.where] for s in splits.val_samples if s.where in by_place]
 
 
 def validation_subset(encoded: Sequence[Encoded], limit: int, seed: int) -> tuple[Sequence[Encoded], str]:

@@ -1,4 +1,4 @@
-"""The bodies of ``cotune generate``, ``chat`` and ``merge`` (``eval``'s is ``eval.evaluate.run_eval_command``).
+"""The bodies of ``cotune generate``, ``chat`` and ``merge`` (``eval``'s is ``eval.command.run_eval_command``).
 
 Their options are ``cotune.config``'s sections, as every verb's: ``cfg`` is the verb's configuration
 (``CONFIG_CLASSES[verb]``) with the model, adapters, ``data`` (system prompt; for eval and merge

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cotune.options.fields import opt
+from cotune.options.fields import ConfigError, opt
 
 
 @dataclass
@@ -49,10 +49,40 @@ class EvalOptions:
     image_ablation: bool = opt(
         False,
         "Also evaluate with images shuffled across samples and with blank images: does the model "
-        "look at the image? (accuracy and CONCLUSION loss per condition, 'image reliance' row)",
+        "look at the image? (accuracy, recall per answer class and CONCLUSION loss per condition, "
+        "'image reliance' row)",
     )
     output_dir: str = opt(
-        "", "Where eval.json, eval.md and predictions.jsonl go (default: RUN/eval next to RUN/adapter)."
+        "",
+        "Where eval.json, eval.md, the confusion PNGs and predictions.jsonl go (default: RUN/eval next to "
+        "RUN/adapter).",
+    )
+    benchmark: str = opt(
+        "",
+        "A benchmark file in VLMEvalKit's TSV layout (MMBench, MMStar, AI2D, HallusionBench, ...) to "
+        "evaluate instead of --data: prompts built and answers scored as VLMEvalKit does, accuracy "
+        "overall and per category.",
+    )
+    answer_kind: str = opt(
+        "auto",
+        "How answers are compared: auto (guessed per record from its gold answer and question), yes_no, "
+        "choice, number or text. A record's own answer_kind field wins.",
+        choices=("auto", "yes_no", "choice", "number", "text"),
+    )
+    answer_aliases: dict = opt(
+        {},
+        "Answers that mean the same: {canonical: [other, ...]}, e.g. {'fracture line': ['crack']} "
+        "(YAML, or a flag value in YAML flow style).",
+    )
+    positive_class: str = opt(
+        "yes",
+        "The positive answer of yes/no questions, for sensitivity, specificity, PPV, NPV and ROC AUC.",
+        choices=("yes", "no"),
+    )
+    roc: bool = opt(
+        True,
+        "For yes/no questions, score the model's probability of 'yes' at the CONCLUSION (one extra "
+        "forward pass per question) and report ROC AUC.",
     )
 
 
@@ -107,3 +137,32 @@ class SynthDataOptions:
 
     n_train: int = opt(400, "Training records.", positive=True)
     n_test: int = opt(40, "Held-out records.", positive=True)
+
+
+@dataclass
+class TaskMetricsOptions:
+    """Task metrics during training: answers generated at each validation (off by default)."""
+
+    eval_generate_samples: int = opt(
+        0,
+        "At each validation, greedily answer this many validation questions (a fixed, seeded subset, "
+        "those with a gold answer) and log their accuracy, per gold class too, to metrics.jsonl and the "
+        "trackers; the cost is printed. 0: off. One process only for now.",
+    )
+    eval_generate_max_new_tokens: int = opt(256, "Longest reply of those answers.", positive=True)
+    best_adapter_metric: str = opt(
+        "loss",
+        "What best_adapter keeps: the lowest validation loss, or the highest task accuracy (needs "
+        "eval_generate_samples; ties go to the earlier step).",
+        choices=("loss", "accuracy"),
+    )
+
+
+def check_task_metrics(o: TaskMetricsOptions, prefix: str) -> None:
+    if o.eval_generate_samples < 0:
+        raise ConfigError(f"{prefix}eval_generate_samples must be 0 (off) or a number of questions")
+    if o.best_adapter_metric == "accuracy" and not o.eval_generate_samples:
+        raise ConfigError(
+            f"{prefix}best_adapter_metric accuracy needs answers to score: set {prefix}eval_generate_samples "
+            "(e.g. 64)"
+        )

@@ -35,7 +35,7 @@ from cotune.models.families import ModelFamily, layer_modules, text_layer_index,
 from cotune.models.load import add_lora, load_base_model, load_processor, resolve_dtype, trainable_parameters
 from cotune.models.quant import sharded_quantization
 from cotune.runtime import trim_cpu_heap, tune_cpu_allocator
-from cotune.train import distributed, resume
+from cotune.train import distributed, resume, task_metrics
 from cotune.train.anyprecision import AnyPrecisionAdamW
 from cotune.train.checkpoint import save_adapter, save_model
 from cotune.train.loss import ChunkedLossModel
@@ -91,6 +91,7 @@ class Run:
     resumed: resume.TrainerState | None = None  # the checkpoint this run continues, if any
     resumed_from: Path | None = None
     trackers: Trackers = field(default_factory=Trackers)
+    task: task_metrics.TaskSubset | None = None  # eval_generate_samples: questions answered at validation
     started: str = field(
         default_factory=lambda: time.strftime("%Y-%m-%d_%H-%M-%S")
     )  # names save_metrics' JSON  # report_to (first process; none elsewhere)
@@ -132,6 +133,7 @@ class LoopState:
     train_losses: list[float] = field(default_factory=list)
     eval_losses: list[float] = field(default_factory=list)
     best_adapter_dir: Path | None = None
+    best_eval_accuracy: float = -math.inf  # best_adapter_metric accuracy (not kept across a resume)
     audited: bool = False
     val_stages: dict = field(default_factory=dict)
 
@@ -221,6 +223,9 @@ def setup(cfg: TrainConfig, log=print) -> Run:
         resumed=resumed,
         resumed_from=resume_from,
         trackers=trackers,
+        task=task_metrics.task_subset(data.val_samples, cfg.eval_generate_samples, cfg.seed, dist.world_size)
+        if cfg.run_validation
+        else None,
         objective=build_objective(cfg, model),
     )
 
@@ -634,13 +639,20 @@ def validate(run: Run, state: LoopState) -> None:
     )
     state.eval_losses.append(loss)
     stage_losses = {f"eval_loss_{s.lower()}": v for s, v in by_stage.items()}  # LLaVA-CoT data only
+    task = validate_task(run)  # eval_generate_samples: {} when off
     stage_losses |= {f"eval_{k}": v for k, v in extra.items()}  # DPO: reward accuracy, margins, ...
     run.metrics.write(
-        step=state.step, epoch=state.epoch, eval_loss=loss, eval_perplexity=perplexity(loss), **stage_losses
+        step=state.step,
+        epoch=state.epoch,
+        eval_loss=loss,
+        eval_perplexity=perplexity(loss),
+        **stage_losses,
+        **task,
     )
     run.trackers.log(
         {"eval/loss": loss, "eval/perplexity": perplexity(loss)}
         | {f"eval/loss_{s.lower()}": v for s, v in by_stage.items()}
+        | {f"eval/{k.removeprefix('eval_')}": v for k, v in task.items()}
         | {f"eval/{k}": v for k, v in extra.items()},
         state.step,
     )
@@ -650,10 +662,25 @@ def validate(run: Run, state: LoopState) -> None:
         + (f" ({per_stage})" if per_stage else "")
         + "".join(f", {k} {v:.4f}" for k, v in extra.items())
     )
-    if state.step > 0 and loss < state.best_eval_loss:
-        if run.cfg.save_model:
-            state.best_adapter_dir = export_adapter(run, run.out / saved_name(run.cfg, "best_"))
-        state.best_eval_loss = loss
+    by_accuracy = run.cfg.best_adapter_metric == "accuracy"
+    better = task["eval_accuracy"] > state.best_eval_accuracy if by_accuracy else loss < state.best_eval_loss
+    if state.step > 0 and better and run.cfg.save_model:
+        state.best_adapter_dir = export_adapter(run, run.out / saved_name(run.cfg, "best_"))
+    if state.step > 0:
+        state.best_eval_loss = min(state.best_eval_loss, loss)
+        state.best_eval_accuracy = max(state.best_eval_accuracy, task.get("eval_accuracy", -math.inf))
+
+
+def validate_task(run: Run) -> dict:
+    """Task metrics (``eval_generate_samples``): the subset answered and scored, the line logged."""
+    if run.task is None:
+        return {}
+    inputs = functools.partial(model_inputs, run)
+    figures = task_metrics.measure_task(
+        run.model, run.processor, run.family, run.task, run.cfg.eval_generate_max_new_tokens, inputs
+    )
+    run.log(task_metrics.describe(figures))
+    return figures
 
 
 def checkpoint(run: Run, state: LoopState, epoch_complete: bool) -> None:
@@ -783,6 +810,9 @@ def finetune(cfg: TrainConfig, log=print) -> TrainResult:
         what = "adapter" if cfg.use_peft else "model (Hugging Face checkpoint)"
         log(f"{what}: {result.adapter_dir}")
         if result.best_adapter_dir:
-            log(f"best {what.split()[0]} (lowest validation loss): {result.best_adapter_dir}")
+            how = (
+                "highest task accuracy" if cfg.best_adapter_metric == "accuracy" else "lowest validation loss"
+            )
+            log(f"best {what.split()[0]} ({how}): {result.best_adapter_dir}")
         log(f"metrics: {run.out / 'metrics.jsonl'}; plot: {run.out / 'loss.png'}")
     return result
