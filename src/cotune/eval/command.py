@@ -35,6 +35,50 @@ def eval_samples(cfg: Any, log=print) -> tuple[list[Sample], str]:
     return samples, source
 
 
+def _answer_settings(e: Any) -> AnswerSettings:
+    """How ``cotune eval`` scores answers, from its ``eval`` options.
+
+    Args:
+        e: ``cfg.eval``; with ``benchmark`` set, answers are read from the whole reply (as
+            VLMEvalKit scores) and there is no loss (benchmark files have no reference replies).
+
+    Returns:
+        The ``AnswerSettings`` that ``evaluate_models`` scores with.
+    """
+    return AnswerSettings(
+        kind=e.answer_kind,
+        aliases=e.answer_aliases or None,
+        positive=e.positive_class,
+        answer_from="reply" if e.benchmark else "conclusion",
+        roc=e.roc,
+        with_loss=not e.benchmark,
+    )
+
+
+def _write_eval_outputs(cfg: Any, specs: list[AdapterSpec], results: dict[str, Any], log=print) -> None:
+    """Writes eval.json, eval.md, predictions.jsonl and the PNGs, reports to the trackers and logs it all.
+
+    Args:
+        cfg: ``cotune eval``'s options: ``eval.output_dir`` and ``report_to``.
+        specs: the adapters; without ``eval.output_dir`` the files go next to the first adapter
+            (its directory's ``eval/``), else to ``./eval``.
+        results: ``evaluate_models``'s results with the run's facts added.
+        log: where the full report and the written paths go.
+    """
+    first = next((s.path for s in specs if s.path), None)
+    out_dir = cfg.eval.output_dir or (str(Path(first).parent / "eval") if first else "eval")
+    paths = write_results(results, out_dir)
+    trackers = open_trackers(cfg, to_dict(cfg), Path(out_dir), True, None)  # --report_to (none by default)
+    trackers.log(tracker_figures(results), 0)
+    trackers.finish({"eval_md": str(paths["md"])})
+    log(full_report(results))
+    pngs = ", ".join(str(p) for p in paths["png"])
+    log(
+        f"eval: wrote {paths['json']}, {paths['md']}, {paths['predictions']}"
+        + (f" and {pngs}" if pngs else "")
+    )
+
+
 def run_eval(cfg: Any, specs: list[AdapterSpec], log=print) -> dict[str, Any]:
     """What ``cotune eval`` runs: load once, evaluate the base ('none') and every adapter, write the files.
 
@@ -61,14 +105,7 @@ def run_eval(cfg: Any, specs: list[AdapterSpec], log=print) -> dict[str, Any]:
         cfg.quantization, cfg.quantization_config,
     )  # fmt: skip
     processor.date_string = d.date_string  # the template's date, as training rendered it
-    answers = AnswerSettings(
-        kind=e.answer_kind,
-        aliases=e.answer_aliases or None,
-        positive=e.positive_class,
-        answer_from="reply" if e.benchmark else "conclusion",
-        roc=e.roc,
-        with_loss=not e.benchmark,
-    )
+    answers = _answer_settings(e)
     conditions = tuple(IMAGE_CONDITIONS) if e.image_ablation else ("true",)
     results = evaluate_models(
         model, processor, family, samples, names, e.batch_size, max_new_tokens, d.max_seq_len, log,
@@ -90,18 +127,7 @@ def run_eval(cfg: Any, specs: list[AdapterSpec], log=print) -> dict[str, Any]:
             "positive_class": e.positive_class,
         },
     )
-    first = next((s.path for s in specs if s.path), None)
-    out_dir = e.output_dir or (str(Path(first).parent / "eval") if first else "eval")
-    paths = write_results(results, out_dir)
-    trackers = open_trackers(cfg, to_dict(cfg), Path(out_dir), True, None)  # --report_to (none by default)
-    trackers.log(tracker_figures(results), 0)
-    trackers.finish({"eval_md": str(paths["md"])})
-    log(full_report(results))
-    pngs = ", ".join(str(p) for p in paths["png"])
-    log(
-        f"eval: wrote {paths['json']}, {paths['md']}, {paths['predictions']}"
-        + (f" and {pngs}" if pngs else "")
-    )
+    _write_eval_outputs(cfg, specs, results, log)
     return results
 
 

@@ -164,6 +164,68 @@ def _no_loss() -> dict[str, Any]:
     return {"loss": nan, "perplexity": nan, "label_tokens": 0, "stage_loss": stages, "stage_tokens": {}}
 
 
+def _reference_loss(
+    model: torch.nn.Module,
+    processor: Any,
+    family: ModelFamily,
+    samples: list[Sample],
+    batch_size: int,
+    max_seq_len: int,
+    overlength: str,
+    label: str,
+    log=print,
+) -> dict[str, Any]:
+    """The active adapter's loss against the reference replies, in total and per stage.
+
+    Args:
+        samples: the samples, encoded exactly as training encodes them.
+        max_seq_len: the longest sample kept whole; longer ones follow ``overlength``.
+        overlength: ``data.overlength`` ('drop' or 'truncate'), as in training.
+        label: the model and condition, for the progress bar.
+        log: where the samples left out of the loss are named.
+
+    Returns:
+        ``loss_by_stage``'s metrics.
+    """
+    encoded, problems, _ = encode_samples(samples, processor, family, max_seq_len, overlength)
+    for p in problems:
+        log(f"eval: left out of the loss: {p}")
+    dataset = SFTDataset(encoded, processor, family)
+    stages = [label_stages(processor.tokenizer, e.input_ids, e.labels) for e in encoded]
+    return loss_by_stage(model, processor, family, dataset, stages, batch_size, f"loss ({label})")
+
+
+def _yes_no_probabilities(
+    model: torch.nn.Module,
+    processor: Any,
+    family: ModelFamily,
+    samples: list[Sample],
+    replies: list[str],
+    golds: list[Any],
+    settings: list[dict[str, Any]],
+    batch_size: int,
+) -> list[float | None]:
+    """The active adapter's P(yes) at the CONCLUSION of each reply to a yes/no question.
+
+    Args:
+        replies: the model's replies to ``samples``, in order.
+        golds: each sample's gold answer (None: unscored, so no probability either).
+        settings: each sample's answer settings (``sample_answer_settings``); only 'yes_no' is scored.
+
+    Returns:
+        Per sample, P(yes), or None where it is not a scored yes/no question.
+    """
+    yes_no = [i for i, (g, st) in enumerate(zip(golds, settings)) if g is not None and st["kind"] == "yes_no"]
+    probabilities: list[float | None] = [None] * len(samples)
+    if not yes_no:  # no forward passes (nor model inputs) without a yes/no question
+        return probabilities
+    prompts = [(first_turn(samples[i])[0], samples[i].images) for i in yes_no]
+    probs = yes_probabilities(model, processor, family, prompts, [replies[i] for i in yes_no], batch_size)
+    for i, p in zip(yes_no, probs):
+        probabilities[i] = p
+    return probabilities
+
+
 def evaluate_condition(
     model: torch.nn.Module,
     processor: Any,
@@ -191,15 +253,12 @@ def evaluate_condition(
     answers = answers or AnswerSettings()
     label = f"{name}{desc}"
     settings = [sample_answer_settings(s, answers.kind) for s in samples]
+    golds = [gold_answer(s) for s in samples]
     with use_adapter(model, name):
         if answers.with_loss:
-            tokenizer = processor.tokenizer
-            encoded, problems, _ = encode_samples(samples, processor, family, max_seq_len, overlength)
-            for p in problems:
-                log(f"eval: left out of the loss: {p}")
-            dataset = SFTDataset(encoded, processor, family)
-            stages = [label_stages(tokenizer, e.input_ids, e.labels) for e in encoded]
-            metrics = loss_by_stage(model, processor, family, dataset, stages, batch_size, f"loss ({label})")
+            metrics = _reference_loss(
+                model, processor, family, samples, batch_size, max_seq_len, overlength, label, log
+            )
         else:
             metrics = _no_loss()
         start = time.perf_counter()
@@ -207,18 +266,11 @@ def evaluate_condition(
             model, processor, family, samples, batch_size, max_new_tokens, label
         )
         seconds = time.perf_counter() - start
-        golds = [gold_answer(s) for s in samples]
-        yes_no = [
-            i for i, (g, st) in enumerate(zip(golds, settings)) if g is not None and st["kind"] == "yes_no"
-        ]
         probabilities: list[float | None] = [None] * len(samples)
-        if answers.roc and yes_no:
-            prompts = [(first_turn(samples[i])[0], samples[i].images) for i in yes_no]
-            probs = yes_probabilities(
-                model, processor, family, prompts, [replies[i] for i in yes_no], batch_size
+        if answers.roc:
+            probabilities = _yes_no_probabilities(
+                model, processor, family, samples, replies, golds, settings, batch_size
             )
-            for i, p in zip(yes_no, probs):
-                probabilities[i] = p
     metrics.update(
         generation_metrics(
             replies, golds, [sample_task(s) for s in samples], settings, answers.aliases, answers.answer_from
@@ -242,6 +294,71 @@ def _ablation_figures(suffix: str, metrics: dict[str, Any]) -> dict[str, Any]:
         f"accuracy_by_task{suffix}": metrics["accuracy_by_task"],
         f"answers{suffix}": metrics["answers"],
     }
+
+
+def _evaluate_ablations(
+    model: torch.nn.Module,
+    processor: Any,
+    family: ModelFamily,
+    ablated: dict[str, list[Sample]],
+    name: str,
+    batch_size: int,
+    max_new_tokens: int,
+    max_seq_len: int,
+    overlength: str,
+    answers: AnswerSettings | None,
+) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """One adapter on the samples with their images changed, once per image condition.
+
+    Args:
+        ablated: per image condition ('shuffled', 'blank'), the samples with their images changed.
+        name: the adapter ('none': the base).
+
+    Returns:
+        The keys the conditions add to the model's results (``_ablation_figures``), and per
+        condition the replies, keyed as predictions.jsonl names them (``reply_shuffled_images``, ...).
+    """
+    figures: dict[str, Any] = {}
+    other_replies: dict[str, list[str]] = {}
+    for condition, changed in ablated.items():
+        # silent: the true-image pass already named the samples left out of the loss
+        other = evaluate_condition(
+            model, processor, family, changed, name, batch_size, max_new_tokens, max_seq_len,
+            log=lambda *_: None, desc=f", {condition} images", overlength=overlength, answers=answers,
+        )  # fmt: skip
+        figures.update(_ablation_figures(IMAGE_CONDITIONS[condition], other))
+        other_replies["reply" + IMAGE_CONDITIONS[condition]] = other["replies"]
+    return figures, other_replies
+
+
+def _prediction_rows(
+    samples: list[Sample],
+    golds: list[Any],
+    replies: list[str],
+    scores: list[dict[str, Any] | None],
+    probabilities: list[float | None],
+    other_replies: dict[str, list[str]],
+) -> list[dict[str, Any]]:
+    """One model's rows of predictions.jsonl: per sample its id, gold, reply, score and P(yes).
+
+    Args:
+        other_replies: the replies under each image condition (``_evaluate_ablations``), added to
+            each row under their keys.
+
+    Returns:
+        One dict per sample, in the order of ``samples``.
+    """
+    return [
+        {
+            "id": s.id,
+            "gold": g,
+            "reply": r,
+            "score": sc,
+            "yes_probability": p,
+            **{k: v[i] for k, v in other_replies.items()},
+        }
+        for i, (s, g, r, sc, p) in enumerate(zip(samples, golds, replies, scores, probabilities))
+    ]
 
 
 def evaluate_models(
@@ -287,29 +404,18 @@ def evaluate_models(
         replies, scores = metrics.pop("replies"), metrics.pop("scores")
         probabilities = metrics.pop("yes_probability")
         metrics["conclusion_loss"] = metrics["stage_loss"]["CONCLUSION"]
-        other_replies: dict[str, list[str]] = {}  # predictions.jsonl's reply_shuffled_images, ...
-        for condition, changed in ablated.items():
-            other = evaluate_condition(
-                model, processor, family, changed, name, batch_size, max_new_tokens, max_seq_len,
-                log=lambda *_: None, desc=f", {condition} images", overlength=overlength, answers=answers,
-            )  # fmt: skip
-            metrics.update(_ablation_figures(IMAGE_CONDITIONS[condition], other))
-            other_replies["reply" + IMAGE_CONDITIONS[condition]] = other["replies"]
+        figures, other_replies = _evaluate_ablations(
+            model, processor, family, ablated, name, batch_size, max_new_tokens, max_seq_len,
+            overlength, answers,
+        )  # fmt: skip
+        metrics.update(figures)
         if "shuffled" in ablated and metrics["accuracy"] is not None:
             metrics["image_reliance"] = metrics["accuracy"] - metrics["accuracy_shuffled_images"]
         results["models"][name] = metrics
         correct[name] = [None if sc is None else sc["correct"] for sc in scores]
-        results["predictions"][name] = [
-            {
-                "id": s.id,
-                "gold": g,
-                "reply": r,
-                "score": sc,
-                "yes_probability": p,
-                **{k: v[i] for k, v in other_replies.items()},
-            }
-            for i, (s, g, r, sc, p) in enumerate(zip(samples, golds, replies, scores, probabilities))
-        ]
+        results["predictions"][name] = _prediction_rows(
+            samples, golds, replies, scores, probabilities, other_replies
+        )
         log(summary_line(name, metrics, ablated))
     results["comparisons"] = compare_models(correct)
     return results

@@ -189,12 +189,7 @@ def setup(cfg: TrainConfig, log=print) -> Run:
     if sharded:  # after add_lora (LoRA weights fp32, the same on every rank), before the optimizer
         shard_model(cfg, dist, loss_model, model, family, from_rank0, main_log, base_dtype)
     optimizer, scheduler, scaler = build_optimizer(cfg, dist, model, steps_per_epoch, total_steps)
-    resumed = None
-    if resume_from is not None:  # the weights, optimizer, schedule and scaler where the checkpoint was
-        resumed = resume.load_checkpoint(resume_from, loss_model, optimizer, scheduler, scaler)
-        main_log(f"resuming from {resume_from}: step {resumed.step}, epoch {resumed.epoch}")
-    elif cfg.resume == "auto":
-        main_log(f"resume: no checkpoint in {out / resume.CHECKPOINTS} yet; starting from the beginning")
+    resumed = _resume_training(cfg, out, resume_from, loss_model, optimizer, scheduler, scaler, main_log)
     if dist.is_main:
         _record_start(cfg, out, resumed, main_log)
     metrics_file = out / "metrics.jsonl" if (dist.is_main and cfg.save_metrics) else None
@@ -394,6 +389,40 @@ def build_optimizer(
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch, total_steps)
     scaler = torch.amp.GradScaler("cuda") if (cfg.use_fp16 and dist.device.type == "cuda") else None
     return optimizer, scheduler, scaler
+
+
+def _resume_training(
+    cfg: TrainConfig,
+    out: Path,
+    resume_from: Path | None,
+    loss_model: ChunkedLossModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    log: Callable[[str], None],
+) -> resume.TrainerState | None:
+    """Loads the checkpoint to resume from, if there is one, into the freshly built run.
+
+    Args:
+        cfg: the run's configuration (``cfg.resume`` says whether a missing checkpoint is expected).
+        out: the run's output directory, where ``resume='auto'`` looks for checkpoints.
+        resume_from: the checkpoint ``resume.checkpoint_to_resume`` chose, or None.
+        loss_model: the (possibly sharded) model the weights load into.
+        optimizer: the optimizer whose state is restored.
+        scheduler: the learning-rate schedule whose position is restored.
+        scaler: the gradient scaler whose state is restored (None without one).
+        log: where the first process's lines go.
+
+    Returns:
+        Where the checkpoint left off (step, epoch, ...), or None when starting from the beginning.
+    """
+    if resume_from is not None:  # the weights, optimizer, schedule and scaler where the checkpoint was
+        resumed = resume.load_checkpoint(resume_from, loss_model, optimizer, scheduler, scaler)
+        log(f"resuming from {resume_from}: step {resumed.step}, epoch {resumed.epoch}")
+        return resumed
+    if cfg.resume == "auto":
+        log(f"resume: no checkpoint in {out / resume.CHECKPOINTS} yet; starting from the beginning")
+    return None
 
 
 def _prepare_output_dir(cfg: TrainConfig, dist: distributed.DistInfo) -> Path:
