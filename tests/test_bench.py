@@ -23,8 +23,8 @@ def test_bench_sides_train_the_same_batches(tiny_mllama, processor, tmp_path, ca
         while str(BENCH) in sys.path:  # train_bench adds it too
             sys.path.remove(str(BENCH))
     # the session's processor instead of loading the same files three more times (speed only)
-    monkeypatch.setattr("cotune.train.loop.load_processor", lambda path: processor)
-    monkeypatch.setattr("cotune.models.load.load_processor", lambda path: processor)
+    monkeypatch.setattr("cotune.train.loop.load_processor", lambda path, *a, **k: processor)
+    monkeypatch.setattr("cotune.models.load.load_processor", lambda path, *a, **k: processor)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: thread hand-offs cost more than they save on a shared box
     args = argparse.Namespace(seq_len=64, batch_size=2, warmup_steps=1, steps=1)
@@ -66,8 +66,8 @@ def test_bench_qlora_sides_train_the_same_4bit_base(tiny_mllama, processor, tmp_
     finally:
         while str(BENCH) in sys.path:
             sys.path.remove(str(BENCH))
-    monkeypatch.setattr("cotune.train.loop.load_processor", lambda path: processor)
-    monkeypatch.setattr("cotune.models.load.load_processor", lambda path: processor)
+    monkeypatch.setattr("cotune.train.loop.load_processor", lambda path, *a, **k: processor)
+    monkeypatch.setattr("cotune.models.load.load_processor", lambda path, *a, **k: processor)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     args = argparse.Namespace(seq_len=64, batch_size=2, warmup_steps=1, steps=1)
