@@ -55,9 +55,6 @@ class ModelFamily:
             row, in order); each sample's text must reach only its own images. None: no packing.
         token_keys: the batch entries laid out along the text (one row per token), which left
             padding for generation moves with the tokens.
-        encode_images: ``(model, image inputs) -> inputs``: the images encoded once, as inputs the
-            forward takes instead of the pixels (Mllama: ``cross_attention_states``), so that several
-            prompts about one image share its encoding; None: the pixels go to every prefill.
         end_of_turn_tokens: the tokens that end an assistant turn in the chat template (besides
             the tokenizer's EOS): generation stops at them.
         unquantized_modules: module names a 4-bit or 8-bit base keeps in its own dtype (transformers'
@@ -81,7 +78,6 @@ class ModelFamily:
     dummy_vision_pass: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
     collate_packed_images: Callable[[list[list[dict]], int, int], dict] | None = None
     token_keys: tuple[str, ...] = ("input_ids", "attention_mask")
-    encode_images: Callable[[torch.nn.Module, dict], dict] | None = None
     end_of_turn_tokens: tuple[str, ...] = ("<|eot_id|>",)  # Llama 3's chat format
     unquantized_modules: tuple[str, ...] = ("lm_head",)
 
@@ -159,27 +155,6 @@ def mllama_image_inputs(processor: Any, images: list[list[Any]]) -> dict:
         "aspect_ratio_mask": out["aspect_ratio_mask"][0],
         "num_tiles": list(out["num_tiles"][0]),
     }
-
-
-def mllama_encode_images(model: torch.nn.Module, inputs: dict) -> dict:
-    """The vision tower and projector run once: ``cross_attention_states`` for the forward.
-
-    What ``MllamaModel.forward`` computes from ``pixel_values`` (with the active adapter, whose LoRA
-    may sit in the vision tower); the forward takes the result instead of the pixels.
-
-    Args:
-        model: an Mllama model, PEFT-wrapped or not.
-        inputs: ``pixel_values``, ``aspect_ratio_ids`` and ``aspect_ratio_mask`` of a collated batch.
-    """
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    core = inner.model  # MllamaModel
-    states = core.vision_model(
-        pixel_values=inputs["pixel_values"],
-        aspect_ratio_ids=inputs["aspect_ratio_ids"],
-        aspect_ratio_mask=inputs["aspect_ratio_mask"],
-    ).last_hidden_state
-    states = core.multi_modal_projector(states).reshape(-1, states.shape[-2], core.hidden_size)
-    return {"cross_attention_states": states}
 
 
 def mllama_cross_attention_mask(
@@ -353,7 +328,6 @@ MLLAMA = ModelFamily(
     dummy_image_inputs=mllama_dummy_image_inputs,
     collate_packed_images=mllama_collate_packed_images,
     token_keys=("input_ids", "attention_mask", "cross_attention_mask"),
-    encode_images=mllama_encode_images,
 )
 
 
