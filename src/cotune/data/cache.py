@@ -301,8 +301,8 @@ def remove_stale(root: Path, older_than: float = STALE_SECONDS) -> None:
         try:
             if time.time() - tmp.stat().st_mtime > older_than:
                 shutil.rmtree(tmp, ignore_errors=True)
-        except OSError:
-            pass
+        except OSError:  # renamed into place or removed by another process meanwhile: nothing to clean
+            continue
 
 
 def prepare_file(

@@ -34,7 +34,7 @@ class _Pieces:
             self.q.put(text)
 
     def flush(self) -> None:
-        pass
+        """Nothing to flush: every write is already on the queue (``respond`` calls it as on a file)."""
 
 
 def messages_for(question: str, n_images: int, system_prompt: str = "") -> list[dict]:
