@@ -122,8 +122,14 @@ def _rss_gib() -> tuple[float, float]:
 
 
 def _cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    """CPU seconds of this process and of its finished children (the workers that prepared data)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _workers_peak_gib() -> float:
+    """The peak resident memory of the largest finished child (a data preparation worker), GiB."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
 
 
 def rank_main(argv: list[str]) -> None:
@@ -158,7 +164,7 @@ def rank_main(argv: list[str]) -> None:
     loop.train_step, loop.build_training_data = train_step, build_training_data
     cfg = load_config(None, [tuple(a.split("=", 1)) for a in argv])
     loop.finetune(cfg, log=print if rank == 0 else (lambda s: None))
-    record["peak_gib"] = _peak_gib()
+    record["peak_gib"], record["workers_peak_gib"] = _peak_gib(), _workers_peak_gib()
     Path(os.environ["BENCH_OUT"], f"rank{rank}.json").write_text(json.dumps(record))
 
 
@@ -216,11 +222,14 @@ def describe(label: str, result: dict) -> str:
         f"GiB/process; data step: peak +{extra:.2f} GiB, then +{rss:.2f} GiB resident"
     )
     shares = result["shares"]
-    if shares and len(shares) > 1:
+    if shares:
         total = sum(s["records"] for s in shares)
         line += "; prepared " + " / ".join(
             f"{s['records'] / total:.0%} in {s['seconds']:.0f} s" for s in shares
         )
+        workers = max(s.get("workers", 1) for s in shares)
+        if workers > 1:
+            line += f" by {workers} worker processes each (peak {max(r.get('workers_peak_gib', 0) for r in ranks):.2f} GiB)"
     return line
 
 

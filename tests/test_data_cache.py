@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from cotune.config import load_config
-from cotune.data import cache, prepared
+from cotune.data import cache, prepared, shard_pool
 from cotune.data.build import build_data, encode_splits, loader_settings
+from cotune.data.chat import SystemPromptRefused
 from cotune.data.check import check_data
 from cotune.data.records import problem_order
 from cotune.models.families import MLLAMA
@@ -114,6 +115,40 @@ def test_two_shares_merge_into_the_one_process_entry(processor, messy, tmp_path)
     assert whole.problems == two.problems and whole.encode_problems == two.encode_problems
     first, second = [s["records"] for s in two.meta["shares"]]
     assert second - first in (0, 1) and first + second == len(whole) + 2  # with the 2 of bad images
+
+
+def test_worker_processes_build_the_entry_one_process_builds_alone(processor, messy, tmp_path):
+    cfg = load_config(None, options(messy, tmp_path / "c", ("data.max_seq_len", "300")))
+    cfg.data.prepare_workers = 0
+    alone = cache.prepare_file(messy, cfg.data, processor, MLLAMA, tmp_path / "one", log=lambda s: None)
+    cfg.data.prepare_workers = 2  # explicit: the pool even for these few records, cut in 8 parts
+    pooled = cache.prepare_file(messy, cfg.data, processor, MLLAMA, tmp_path / "two", log=lambda s: None)
+    assert pooled.meta["shares"][0]["workers"] == 2 and alone.meta["shares"][0]["workers"] == 1
+    assert sorted(alone.arrays) == sorted(pooled.arrays)
+    for name, values in alone.arrays.items():
+        assert values.dtype == pooled.arrays[name].dtype and np.array_equal(values, pooled.arrays[name]), name
+    assert alone.problems == pooled.problems and len(alone.problems) == 4  # 2 read, 2 images
+    assert alone.encode_problems == pooled.encode_problems and list(alone.encode_problems) == [
+        6
+    ]  # past the first part
+    assert [p.name for p in (tmp_path / "two").iterdir()] == [pooled.folder.name]  # parts removed
+
+
+def test_a_workers_error_stops_the_build_as_it_would_alone(processor, messy, tmp_path):
+    cfg = load_config(None, options(messy, tmp_path / "c", ("data.system_prompt", "Be brief.")))
+    cfg.data.prepare_workers = 2
+    with pytest.raises(SystemPromptRefused, match="data.system_prompt"):
+        cache.prepare_file(messy, cfg.data, processor, MLLAMA, tmp_path / "c", log=lambda s: None)
+    assert not any((p / "meta.json").exists() for p in (tmp_path / "c").iterdir())
+
+
+def test_the_pool_is_used_where_a_process_has_cpus_to_itself(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert shard_pool.pool_workers(-1, 100_000) == 4 and shard_pool.pool_workers(-1, 100) == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert shard_pool.pool_workers(-1, 100_000) == 0  # one CPU each: encode in the process
+    assert shard_pool.pool_workers(3, 10) == 3 and shard_pool.pool_workers(1, 10**6) == 0
 
 
 def test_a_killed_build_leaves_no_entry_and_pickles_stay_small(processor, messy, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 # glibc mallopt parameters (malloc.h)
@@ -59,3 +60,10 @@ def trim_cpu_heap() -> bool:
     except (OSError, AttributeError, TypeError):
         return False
     return True
+
+
+def cpus_per_process() -> int:
+    """The CPUs this process may use (its affinity), shared evenly by the processes of a job on
+    this node (``LOCAL_WORLD_SIZE``, set by torchrun); at least 1."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))

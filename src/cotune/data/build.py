@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from cotune.data.dataset import Encoded, EncodeStats, SFTDataset, encode_samples
 from cotune.data.records import DataError, Problem, Sample, load_samples, report_problems
 from cotune.data.split import split_for_training
 from cotune.models.families import ModelFamily
+from cotune.runtime import cpus_per_process
 
 
 @dataclass
@@ -261,9 +261,7 @@ def loader_settings(requested: int, device_type: str) -> tuple[int, bool]:
         return requested, pin
     if not pin:
         return 0, False
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    per_process = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(0, min(8, per_process - 1)), True
+    return max(0, min(8, cpus_per_process() - 1)), True
 
 
 def _padding_collator(processor: Any, family: ModelFamily) -> PaddingCollator:

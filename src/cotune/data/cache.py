@@ -19,9 +19,10 @@ into place when complete: a process killed while writing leaves no half entry (a
 folder is removed by a later build after a day).
 
 Within one job (``torchrun``) each process reads the file, checks the images of and tokenizes its
-contiguous share of the records, writes it as a shard; the first process concatenates the shards
-(in order, so the result equals one process's) and renames the entry into place while the others
-wait at a barrier.
+contiguous share of the records, writes it as a shard (``shards``), spreading the share over worker
+processes when it has more than one CPU to itself (``shard_pool``, ``data.prepare_workers``); the
+first process concatenates the shards (in order, so the result equals one process's) and renames
+the entry into place while the others wait at a barrier.
 """
 
 from __future__ import annotations
@@ -32,20 +33,15 @@ import os
 import secrets
 import shutil
 import time
-from array import array
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from cotune.data.augment import mention_flags
-from cotune.data.chat import IGNORE_INDEX
-from cotune.data.dataset import KEPT, TRUNCATED, encode_one
-from cotune.data.prepared import DTYPES, STRINGS, EncodedFile
-from cotune.data.records import check_sample_images, read_samples
-from cotune.data.sample import Problem, Sample
+from cotune.data.prepared import EncodedFile
+from cotune.data.records import read_samples
+from cotune.data.shard_pool import encode_share
+from cotune.data.shards import concat_shards, share_bounds
 from cotune.models.families import ModelFamily
 
 CACHE_VERSION = 1
@@ -130,7 +126,7 @@ def code_fingerprint() -> str:
     """A hash of the modules that turn records into tokens (reading, checks, chat rendering and
     masking, the max_seq_len policy): a cotune whose encoding changed builds new entries."""
     digest = hashlib.sha256()
-    for name in ("formats", "sample", "records", "images", "chat", "dataset", "cache", "prepared"):
+    for name in ("formats", "sample", "records", "images", "chat", "dataset", "cache", "prepared", "shards"):
         digest.update((Path(__file__).parent / f"{name}.py").read_bytes())
     return digest.hexdigest()
 
@@ -142,96 +138,7 @@ def cache_key(path: str | Path, d: Any, processor_hash: str) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
 
 
-# ----------------------------------------------------------------------------- writing a shard
-
-
-class _Strings:
-    """A growing column of strings: UTF-8 bytes and offsets."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.offsets = array("q", [0])
-
-    def append(self, text: str) -> None:
-        self.data += text.encode()
-        self.offsets.append(len(self.data))
-
-
-@dataclass
-class Shard:
-    """One process's share of a file, in the columns of an entry (see ``EncodedFile``)."""
-
-    problems: list[Problem]  # records unusable when read or checked
-    encode_problems: dict[int, str]  # position among the checked samples -> why not kept
-    status: array
-    rendered: array
-    mentions: array
-    token_offsets: array
-    ids: array
-    labels: array
-    strings: dict[str, _Strings]
-
-    @classmethod
-    def empty(cls) -> Shard:
-        return cls([], {}, array("b"), array("i"), array("B"), array("q", [0]), array("i"), array("B"),
-                   {name: _Strings() for name in STRINGS})  # fmt: skip
-
-    def add(self, sample: Sample, processor: Any, family: ModelFamily, d: Any) -> None:
-        """Encodes ``sample`` (an image-checked one) and appends it."""
-        r = encode_one(sample, processor, family, d.max_seq_len, d.overlength)
-        position = len(self.status)
-        self.status.append(r.status)
-        self.rendered.append(r.rendered_len)
-        self.mentions.append(mention_flags(sample))
-        for name, value in zip(STRINGS, _sample_strings(sample)):
-            self.strings[name].append(value)
-        if r.status not in (KEPT, TRUNCATED):
-            self.encode_problems[position] = r.reason
-            return
-        mask = [lab != IGNORE_INDEX for lab in r.labels]
-        if any(lab != tok for lab, tok, m in zip(r.labels, r.input_ids, mask) if m):
-            raise AssertionError("a label differs from its token: the cache stores labels as a mask")
-        self.ids.extend(r.input_ids)
-        self.labels.extend(mask)
-        self.token_offsets.append(len(self.ids))
-
-    def save(self, folder: Path, info: dict) -> None:
-        folder.mkdir(parents=True)
-        for name in ("status", "rendered", "mentions", "token_offsets", "ids", "labels"):
-            np.save(folder / f"{name}.npy", np.frombuffer(getattr(self, name), dtype=DTYPES[name]))
-        for name, column in self.strings.items():
-            np.save(folder / f"{name}.bytes.npy", np.frombuffer(bytes(column.data), dtype=np.uint8))
-            np.save(folder / f"{name}.offsets.npy", np.frombuffer(column.offsets, dtype=np.int64))
-        info = info | {
-            "problems": [[p.where, p.reason] for p in self.problems],
-            "encode_problems": {str(k): v for k, v in self.encode_problems.items()},
-        }
-        (folder / "info.json").write_text(json.dumps(info))
-
-
-def _sample_strings(sample: Sample) -> tuple[str, str, str, str]:
-    return sample.where, str(sample.id), "\0".join(sample.images), json.dumps(sample.meta)
-
-
-def share_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """The contiguous ``[lo, hi)`` of ``n`` records that process ``rank`` prepares."""
-    return n * rank // world_size, n * (rank + 1) // world_size
-
-
-def build_shard(
-    samples: list[Sample], problems: list[Problem], processor: Any, family: ModelFamily, d: Any, log=None
-) -> Shard:
-    """Checks the images of ``samples`` (one process's share) and encodes those that pass."""
-    from tqdm.auto import tqdm
-
-    good, image_problems = check_sample_images(samples, d.image_workers, decode=d.image_check == "decode")
-    shard = Shard.empty()
-    shard.problems = problems + image_problems
-    for s in tqdm(
-        good, desc="tokenizing", unit="record", disable=log is None or len(good) < 2000, dynamic_ncols=True
-    ):
-        shard.add(s, processor, family, d)
-    return shard
+# ----------------------------------------------------------------------------- joining the shares
 
 
 def merge_shards(folder: Path, world_size: int, meta: dict) -> None:
@@ -244,34 +151,11 @@ def merge_shards(folder: Path, world_size: int, meta: dict) -> None:
             f"{folder}: the shares of {', '.join(missing)} are missing: the data cache folder must be "
             "shared by every process of the job (set data.cache_dir to a shared folder, or data.cache false)"
         )
-    infos = [json.loads((s / "info.json").read_text()) for s in shards]
-    for name in ("status", "rendered", "mentions", "ids", "labels"):
-        np.save(folder / f"{name}.npy", np.concatenate([np.load(s / f"{name}.npy") for s in shards]))
-    _concat_offsets(folder, "token_offsets", shards)
-    for name in STRINGS:
-        np.save(
-            folder / f"{name}.bytes.npy", np.concatenate([np.load(s / f"{name}.bytes.npy") for s in shards])
-        )
-        _concat_offsets(folder, f"{name}.offsets", shards)
-    problems, encode_problems, before = [], {}, 0
-    for s, info in zip(shards, infos):
-        problems += info["problems"]
-        encode_problems |= {str(int(k) + before): v for k, v in info["encode_problems"].items()}
-        before += len(np.load(s / "status.npy", mmap_mode="r"))
-    meta = meta | {"problems": problems, "encode_problems": encode_problems, "samples": before}
-    meta["shares"] = [{k: v for k, v in i.items() if k in ("rank", "records", "seconds")} for i in infos]
+    joined = concat_shards(shards, folder)
+    meta = meta | {k: joined[k] for k in ("problems", "encode_problems", "samples")}
+    keep = ("rank", "records", "seconds", "workers")
+    meta["shares"] = [{k: v for k, v in i.items() if k in keep} for i in joined["infos"]]
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
-    for s in shards:
-        shutil.rmtree(s)
-
-
-def _concat_offsets(folder: Path, name: str, shards: list[Path]) -> None:
-    parts, base = [np.zeros(1, dtype=np.int64)], 0
-    for s in shards:
-        offsets = np.load(s / f"{name}.npy")
-        parts.append(offsets[1:] + base)
-        base += int(offsets[-1])
-    np.save(folder / f"{name}.npy", np.concatenate(parts))
 
 
 # ----------------------------------------------------------------------------- preparing a file
@@ -379,10 +263,8 @@ def write_share(
     lo, hi = share_bounds(len(samples), rank, world_size)
     mine, problems = samples[lo:hi], problems if rank == 0 else []  # reading's problems: once
     del samples  # the other shares' records are not kept
-    shard = build_shard(mine, problems, processor, family, d, log=log)
-    shard.save(
-        tmp / f"shard-{rank}", {"rank": rank, "records": hi - lo, "seconds": time.perf_counter() - start}
-    )
+    info = {"rank": rank, "records": hi - lo}
+    encode_share(mine, problems, processor, family, d, tmp / f"shard-{rank}", info, start, log=log)
     return lines
 
 

@@ -25,7 +25,7 @@ PROGRESS_MIN_IMAGES = 2000
 
 
 def check_sample_images(
-    samples: list[Sample], workers: int = 4, decode: bool = True
+    samples: list[Sample], workers: int = 4, decode: bool = True, progress: bool = True
 ) -> tuple[list[Sample], list[Problem]]:
     """Checks every image once, in threads; returns the samples whose images are all usable.
 
@@ -33,6 +33,8 @@ def check_sample_images(
         samples: parsed samples.
         workers: threads.
         decode: decode every image (True), or read only its header (``data.image_check: header``).
+        progress: a progress bar from ``PROGRESS_MIN_IMAGES`` images (False: never, as in a worker
+            process whose parent shows one).
     """
 
     def first_problem(sample: Sample) -> str | None:
@@ -50,7 +52,7 @@ def check_sample_images(
                 total=len(samples),
                 desc=f"checking images ({'decode' if decode else 'header'})",
                 unit="record",
-                disable=n_images < PROGRESS_MIN_IMAGES,
+                disable=not progress or n_images < PROGRESS_MIN_IMAGES,
                 dynamic_ncols=True,
             )
         )

@@ -112,6 +112,12 @@ class DataCacheOptions:
         "Folder of the prepared-data cache (default: $COTUNE_DATA_CACHE, else ~/.cache/cotune/data, "
         "shared by all runs).",
     )
+    prepare_workers: int = opt(
+        -1,
+        "Worker processes that check and tokenize a process's share of a data file as its cache "
+        "entry is built (-1: one per CPU this process has to itself, none for under 4,000 records; "
+        "0: in the process). The entry is the same either way.",
+    )
 
 
 def check_validation_subset(s: Any, prefix: str) -> None:
