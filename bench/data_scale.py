@@ -8,7 +8,8 @@ with an empty data cache (cold) and again with the cache it left (warm), and pri
 * seconds from launch to the end of the first optimizer step (model load, data preparation, the
   bounded validation at step 0 and the step itself);
 * peak resident memory per process, and how much of it the data step added;
-* the share of the preparation (records, seconds) each process did.
+* the share of the preparation (records, seconds) each process did, and the worker processes a
+  process spread its share over (``data.prepare_workers``: one per CPU it has to itself).
 
 With ``--before`` it also runs the same without the cache (``data.cache false``: every process
 reads, checks and tokenizes everything into Python lists) and without validation, the road the
@@ -221,7 +222,7 @@ def describe(label: str, result: dict) -> str:
         f"{label:<22} first step {first:6.1f} s ({cpu:5.1f} CPU s); data {data_s:5.1f} s ({data_cpu:5.1f} CPU s); peak {peak:.2f} "
         f"GiB/process; data step: peak +{extra:.2f} GiB, then +{rss:.2f} GiB resident"
     )
-    shares = result["shares"]
+    shares = result["shares"] if "cold" in label else []  # warm: the entry those shares built
     if shares:
         total = sum(s["records"] for s in shares)
         line += "; prepared " + " / ".join(
