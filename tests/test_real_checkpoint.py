@@ -111,6 +111,21 @@ def test_a_record_renders_to_the_same_tokens_on_any_day(tiny_real, monkeypatch):
     assert "Today Date: 01 Jan 2030" in tokenizer.decode(tokenize_conversation(processor, messages)[0])
 
 
+def test_every_verb_that_renders_a_conversation_takes_the_run_s_date(tiny_real, tmp_path):
+    from cotune.config import VERBS, load_config, load_options, save_config
+    from cotune.infer.adapters import load_model_with_adapters
+
+    run = tmp_path / "config.yaml"
+    save_config(load_config(None, [("data.date_string", "01 Jan 2030")]), run)  # a run trained with it
+    renders = [v for v in VERBS if v not in ("tiny-model", "synth-data")]
+    for verb in renders:  # serve and studio too: the date a run trained with reaches every verb
+        assert load_options(verb, run).options.data.date_string == "01 Jan 2030", verb
+    _, processor, _ = load_model_with_adapters(str(tiny_real), [], device="cpu", date_string="01 Jan 2030")
+    assert "Today Date: 01 Jan 2030" in processor.tokenizer.decode(
+        tokenize_conversation(processor, CONVERSATION)[0]
+    )
+
+
 def test_a_system_prompt_with_images_is_one_error_naming_the_option(tiny_real, shapes, tmp_path, capsys):
     from cotune.cli import main
 

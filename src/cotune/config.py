@@ -39,6 +39,7 @@ from cotune.options.data import (
     DataOptions,
     SplitOptions,
     SystemPromptOptions,
+    TemplateDateOptions,
     TestFileOptions,
     ValidationSubsetOptions,
     check_augment,
@@ -113,6 +114,7 @@ SECTIONS = {
         Section("custom_dataset", "custom_dataset", CustomDatasetConfig),
         Section("data", "data", DataOptions),
         Section("system prompt", "data", SystemPromptOptions),
+        Section("template date", "data", TemplateDateOptions),
         Section("held-out file", "data", TestFileOptions),
         Section("validation split", "data", SplitOptions, check_split),
         Section("validation subset", "data", ValidationSubsetOptions, check_validation_subset),
@@ -161,13 +163,28 @@ class Verb:
     words: str = ""
 
 
-_TRAIN = ("model", "dtype", "training", "seed", "lora", "custom_dataset", "data", "system prompt")
+_TRAIN = (
+    "model",
+    "dtype",
+    "training",
+    "seed",
+    "lora",
+    "custom_dataset",
+    "data",
+    "system prompt",
+    "template date",
+)
 _TRAIN += ("held-out file", "validation split", "augmentation", "fsdp", "quantization", "quantization_config")
 _TRAIN += ("tracking", "wandb", "profiling", "task metrics")
 _TRAIN += ("validation subset", "data cache")
 _USE = ("model", "dtype", "device", "adapters", "quantization", "quantization_config")
-_GENERATE = (*_USE, "seed", "system prompt", "prompt", "generation", "decoding")
-_READ = ("data", "system prompt", "held-out file")  # records read and rendered as training does
+_GENERATE = (*_USE, "seed", "system prompt", "template date", "prompt", "generation", "decoding")
+_READ = (
+    "data",
+    "system prompt",
+    "template date",
+    "held-out file",
+)  # records read and rendered as training does
 
 VERBS = {
     "train": Verb(_TRAIN, "cotune train [CONFIG.yaml] [--option value ...]"),
@@ -180,6 +197,7 @@ VERBS = {
             "seed",
             "data",
             "system prompt",
+            "template date",
             "held-out file",
             "validation split",
             "augmentation",
@@ -209,11 +227,11 @@ VERBS = {
         "cotune merge [CONFIG.yaml] --model_name BASE --adapter DIR --output DIR [--torch_dtype bf16]",
     ),
     "serve": Verb(
-        (*_USE, "serve"),
+        (*_USE, "template date", "serve"),
         "cotune serve [CONFIG.yaml] --model_name BASE [--adapter NAME=DIR ...] [--port 8000] [--api_key KEY]",
     ),
     "studio": Verb(
-        (*_USE, "seed", "system prompt", "generation", "decoding", "studio"),
+        (*_USE, "seed", "system prompt", "template date", "generation", "decoding", "studio"),
         "cotune studio [CONFIG.yaml] [--data FILE ...] [--run DIR ...] [--serve URL] [--adapter NAME=DIR ...] [--port N]",
     ),
     "plan": Verb((*_TRAIN, "plan"), "cotune plan [CONFIG.yaml] [--option value ...] [--gpu_memory 16GB]"),
@@ -222,7 +240,7 @@ VERBS = {
     ),
     "synth-data": Verb(("seed", "synth-data"), "cotune synth-data [CONFIG.yaml] DIR [--n_train N]", "DIR"),
     "data-pairs": Verb(
-        (*_USE, "seed", "data", "system prompt", "generation", "decoding", "pairs"),
+        (*_USE, "seed", "data", "system prompt", "template date", "generation", "decoding", "pairs"),
         "cotune data pairs [CONFIG.yaml] DATA --source attempts|samples|stages [--model_name BASE --adapter DIR] "
         "[--pairs_file pairs.jsonl]",
         "DATA",

@@ -285,13 +285,13 @@ DATA_USAGE = """usage:
 """
 
 
-def _processor_and_family(model_name: str, tokenizer_name: str = "") -> tuple[Any, Any]:
+def _processor_and_family(model_name: str, tokenizer_name: str, date_string: str) -> tuple[Any, Any]:
     from transformers import AutoConfig
 
     from cotune.models.families import family_for
     from cotune.models.load import check_model_dir, load_processor
 
-    processor = load_processor(tokenizer_name or model_name)
+    processor = load_processor(tokenizer_name or model_name, date_string)
     return processor, family_for(AutoConfig.from_pretrained(str(check_model_dir(model_name))))
 
 
@@ -312,7 +312,9 @@ def run_data_command(argv: list[str], log=print) -> int:
     # tokens are checked only against a model named on purpose, not the default one
     named = any(p == "model_name" for p, _ in parsed.given)
     model_name = cfg.model_name if named else ""
-    processor, family = _processor_and_family(model_name, cfg.tokenizer_name) if named else (None, None)
+    processor, family = (
+        _processor_and_family(model_name, cfg.tokenizer_name, cfg.data.date_string) if named else (None, None)
+    )
     if sub == "preview":
         p = cfg.preview
         out = preview_data(cfg, path, p.out, n_augment=p.augment, n_samples=p.samples, processor=processor)

@@ -102,9 +102,8 @@ def run_eval(cfg: Any, specs: list[AdapterSpec], log=print) -> dict[str, Any]:
     samples, source = eval_samples(cfg, log)
     model, processor, family = load_model_with_adapters(
         cfg.model_name, specs, cfg.torch_dtype, cfg.device, cfg.tokenizer_name,
-        cfg.quantization, cfg.quantization_config,
+        cfg.quantization, cfg.quantization_config, d.date_string,
     )  # fmt: skip
-    processor.date_string = d.date_string  # the template's date, as training rendered it
     answers = _answer_settings(e)
     conditions = tuple(IMAGE_CONDITIONS) if e.image_ablation else ("true",)
     results = evaluate_models(

@@ -150,12 +150,14 @@ def load_model_with_adapters(
     tokenizer_name: str = "",
     quantization: str = "",
     quantization_config: Any = None,
+    date_string: str = "",
 ) -> tuple[torch.nn.Module, Any, Any]:
     """Base model (once) + processor + every adapter of ``specs``: what the use commands start with.
 
     Returns:
         (model, processor, family); the model is a PEFT model when any adapter is given.
-        ``quantization`` ('4bit', '8bit') loads the base as training's ``--quantization`` does.
+        ``quantization`` ('4bit', '8bit') loads the base as training's ``--quantization`` does;
+        ``date_string`` is the chat template's date (``data.date_string``; '' for the default).
     """
     from cotune.models.load import load_base_model, load_processor, resolve_dtype
 
@@ -165,7 +167,7 @@ def load_model_with_adapters(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_device = torch.device(device)
-    processor = load_processor(tokenizer_name or model_name)
+    processor = load_processor(tokenizer_name or model_name, *([date_string] if date_string else []))
     base, family = load_base_model(
         model_name,
         resolve_dtype(dtype, torch_device),

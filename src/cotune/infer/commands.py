@@ -31,9 +31,8 @@ def _load(cfg: Any):
     specs = adapter_specs(cfg)
     model, processor, family = load_model_with_adapters(
         cfg.model_name, specs, cfg.torch_dtype, cfg.device, cfg.tokenizer_name,
-        cfg.quantization, cfg.quantization_config,
+        cfg.quantization, cfg.quantization_config, cfg.data.date_string,
     )  # fmt: skip
-    processor.date_string = cfg.data.date_string  # the template's date, as training rendered it
     return specs, model, processor, family
 
 

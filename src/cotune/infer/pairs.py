@@ -236,14 +236,9 @@ def run_pairs_command(cfg: Any, data: str, log=print) -> int:
     samples = samples[: p.first_records] if p.first_records else samples
     specs = parse_adapter_specs(cfg.adapter)
     model, processor, family = load_model_with_adapters(
-        cfg.model_name,
-        specs,
-        cfg.torch_dtype,
-        cfg.device,
-        cfg.tokenizer_name,
-        cfg.quantization,
-        cfg.quantization_config,
-    )
+        cfg.model_name, specs, cfg.torch_dtype, cfg.device, cfg.tokenizer_name,
+        cfg.quantization, cfg.quantization_config, d.date_string,
+    )  # fmt: skip
     g, seed = cfg.generation, max(cfg.seed, 0)
     common = dict(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, seed=seed)
     if p.source == "samples":

@@ -3,7 +3,7 @@ train/validation split and image augmentation.
 
 They share the key ``data`` so that a run's ``config.yaml`` has one ``data`` mapping, but are
 separate sections because verbs take different parts: eval reads and renders records exactly as
-training does (``DataOptions``, ``SystemPromptOptions``, ``TestFileOptions``) but neither splits
+training does (``DataOptions``, ``SystemPromptOptions``, ``TemplateDateOptions``, ``TestFileOptions``) but neither splits
 nor augments; generate and chat take only the system prompt.
 """
 
@@ -55,10 +55,17 @@ class SystemPromptOptions:
     system_prompt: str = opt(
         "", "Optional system prompt prepended to every conversation (Mllama refuses it with images)."
     )
+
+
+@dataclass
+class TemplateDateOptions:
+    """The date the chat template writes, the same for every verb that renders a conversation."""
+
     date_string: str = opt(
         DEFAULT_DATE_STRING,
         "The date a chat template writes into a conversation (Llama 3.2's 'Today Date' of image-less "
-        "ones): fixed, so a record renders to the same tokens on any day.",
+        "ones): fixed, so a record renders to the same tokens on any day; give the one the adapter was "
+        "trained with (a run's config.yaml carries it) to chat, evaluate, sample pairs or serve.",
     )
 
 

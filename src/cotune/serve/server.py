@@ -67,7 +67,7 @@ def build_state(cfg: Any) -> ServerState:
         torch.set_num_threads(serve.num_threads)
     model, processor, family = load_model_with_adapters(
         cfg.model_name, specs, cfg.torch_dtype, cfg.device, cfg.tokenizer_name,
-        cfg.quantization, cfg.quantization_config,
+        cfg.quantization, cfg.quantization_config, cfg.data.date_string,
     )  # fmt: skip
     model.eval()
     text_config = model.config.get_text_config(decoder=True)

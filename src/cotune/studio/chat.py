@@ -77,7 +77,7 @@ class LocalChat:
             c = self.cfg
             self._loaded = load_model_with_adapters(
                 c.model_name, self.specs, c.torch_dtype, c.device, c.tokenizer_name,
-                c.quantization, c.quantization_config,
+                c.quantization, c.quantization_config, c.data.date_string,
             )  # fmt: skip
         return self._loaded
 
