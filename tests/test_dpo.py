@@ -228,6 +228,24 @@ def test_dpo_loss_and_rewards_equal_trl_formula_on_a_fixed_batch(base, processor
     peft.delete_adapter("reference")
 
 
+def test_held_out_pairs_are_a_seeded_subset_read_as_held_out_samples_are(processor, pairs_file):
+    from cotune.config import load_config
+    from cotune.data.pair_batches import build_pair_data
+    from cotune.models.families import MLLAMA
+
+    options = [("method", "dpo"), ("dataset", str(pairs_file)), ("data.test_split_ratio", "0.5")]
+    picked, reports = [], []
+    for limit in ("3", "3", "0"):
+        cfg = load_config(None, [*options, ("data.val_max_samples", limit), ("batch_size_training", "1")])
+        data = build_pair_data(cfg, processor, MLLAMA, log=lambda s: None)
+        picked.append([b["input_ids"][0].tolist() for b in data.val])
+        reports.append(data.report)
+    assert "validation on a seeded subset of 3 of the 4 held-out pairs" in " ".join(reports[0])
+    assert "validation on all 4 held-out pairs" in " ".join(reports[2])
+    assert len(picked[0]) == 3 and picked[0] == picked[1] and len(picked[2]) == 4  # the same 3 each run
+    assert all(row in picked[2] for row in picked[0])
+
+
 def _flags(model, pairs, out: Path, steps: int, **extra) -> list[str]:
     flags = {
         "model_name": model, "dataset": pairs, "output_dir": out, "method": "dpo", "beta": 0.1,

@@ -19,7 +19,7 @@ from cotune.models.load import add_lora, load_base_model
 from cotune.train.distributed import checkpoint_activations
 from cotune.train.loop import build_scheduler, finetune, setup
 from cotune.train.loss import ChunkedLossModel
-from cotune.train.step import STAGE_KEYS, batch_label_stages, validation_loss
+from cotune.train.step import STAGE_KEYS, HeldOut, batch_label_stages, validation_loss
 from helpers import random_lora
 
 
@@ -203,12 +203,11 @@ def test_validation_loss_per_stage_is_eval_s_per_stage_loss(tiny_mllama, process
     peft = random_lora(tiny_mllama, seed=0, std=0.05, targets="all")
     loss_model, cfg = ChunkedLossModel(peft), load_config(None, [])
     inputs = MLLAMA.model_inputs
-    plain, none = validation_loss(loss_model, [batch], inputs, cfg, torch.device("cpu"))
+    held = HeldOut(loss_model, [batch], inputs, cfg, torch.device("cpu"))
+    plain, none = validation_loss(held)
     cache = {}
     stages_of = functools.partial(batch_label_stages, processor.tokenizer, cache)
-    loss, by_stage = validation_loss(
-        loss_model, [batch], inputs, cfg, torch.device("cpu"), stages_of=stages_of
-    )
+    loss, by_stage = validation_loss(held, stages_of)
     assert none == {} and loss == pytest.approx(plain, rel=1e-6)
     with torch.no_grad():
         losses, _ = loss_model(**inputs(batch), per_token=True)
@@ -224,5 +223,5 @@ def test_validation_loss_per_stage_is_eval_s_per_stage_loss(tiny_mllama, process
     assert by_stage == pytest.approx({s: v / n for s, (v, n) in totals.items() if n}, rel=1e-5)
     assert len(cache) == 2
     cache_copy = dict(cache)
-    validation_loss(loss_model, [batch], inputs, cfg, torch.device("cpu"), stages_of=stages_of)
-    assert cache == cache_copy
+    validation_loss(held, stages_of)
+    assert cache == cache_copy and loss_model.training  # back in training mode after the pass

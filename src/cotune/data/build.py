@@ -40,7 +40,7 @@ class DataBundle:
     val_samples: list = field(default_factory=list)  # the validation Samples (task metrics answer them)
 
 
-def _loader(dataset, sampler, collate, workers: int, pin: bool = False) -> torch.utils.data.DataLoader:
+def batch_loader(dataset, sampler, collate, workers: int, pin: bool = False) -> torch.utils.data.DataLoader:
     workers = max(0, workers)  # -1 (num_workers_dataloader's "choose") from a caller that did not resolve it
     return torch.utils.data.DataLoader(
         dataset,
@@ -118,16 +118,11 @@ def build_data(
         val_enc, line = validation_subset(splits.val, getattr(d, "val_max_samples", 0), d.split_seed)
         report.append(line)
         val_ds = SFTDataset(val_enc, processor, family)
-        val_sampler = LengthGroupedBatchSampler(
-            val_ds.lengths,
-            cfg.val_batch_size or cfg.batch_size_training,
-            shuffle=False,
-            rank=rank,
-            world_size=world_size,
+        val = held_out_loader(
+            cfg, val_ds, _padding_collator(processor, family), rank, world_size, workers, pin
         )
-        val = _loader(val_ds, val_sampler, _padding_collator(processor, family), workers, pin)
     report.append(f"loader: {workers} worker processes" + (", pinned memory" if pin else ""))
-    train = _loader(train_ds, train_sampler, train_collate, workers, pin)
+    train = batch_loader(train_ds, train_sampler, train_collate, workers, pin)
     val_samples = full_samples(cfg, splits) if getattr(cfg, "eval_generate_samples", 0) else []
     return DataBundle(
         train=train, val=val, train_sampler=train_sampler, report=report, val_samples=val_samples
@@ -239,18 +234,32 @@ def full_samples(cfg: Any, splits: Splits) -> list[Sample]:
     return [by_place[s.where] for s in splits.val_samples if s.where in by_place]
 
 
-def validation_subset(encoded: Sequence[Encoded], limit: int, seed: int) -> tuple[Sequence[Encoded], str]:
-    """A seeded subset of at most ``limit`` validation samples (0: all), in their order, and the
-    report's line about it."""
+def validation_subset(
+    encoded: Sequence, limit: int, seed: int, unit: str = "samples"
+) -> tuple[Sequence, str]:
+    """A seeded subset of at most ``limit`` validation samples or pairs (0: all), in their order,
+    and the report's line about it."""
     n = len(encoded)
     if not limit or n <= limit:
-        return encoded, f"validation on all {n} held-out samples"
+        return encoded, f"validation on all {n} held-out {unit}"
     picked = sorted(random.Random(seed).sample(range(n), limit))
     subset = encoded.subset(picked) if hasattr(encoded, "subset") else [encoded[i] for i in picked]
     return subset, (
-        f"validation on a seeded subset of {limit} of the {n} held-out samples, the same at every "
+        f"validation on a seeded subset of {limit} of the {n} held-out {unit}, the same at every "
         "validation (data.val_max_samples; 0: all)"
     )
+
+
+def held_out_loader(
+    cfg: Any, dataset: Any, collate: Callable, rank: int, world_size: int, workers: int, pin: bool
+) -> torch.utils.data.DataLoader:
+    """The validation loader of samples or pairs: length-grouped batches of ``val_batch_size``
+    (else ``batch_size_training``), in order, this rank's share of them."""
+    sampler = LengthGroupedBatchSampler(
+        dataset.lengths, cfg.val_batch_size or cfg.batch_size_training, shuffle=False, rank=rank,
+        world_size=world_size,
+    )  # fmt: skip
+    return batch_loader(dataset, sampler, collate, workers, pin)
 
 
 def loader_settings(requested: int, device_type: str) -> tuple[int, bool]:
@@ -366,7 +375,7 @@ def _build_cookbook(cfg, processor, family, rank, world_size, log) -> DataBundle
             rank=rank,
             world_size=world_size,
         )
-        val = _loader(val_ds, val_sampler, collate, cfg.num_workers_dataloader)
+        val = batch_loader(val_ds, val_sampler, collate, cfg.num_workers_dataloader)
         report.append(f"validation: {len(val_ds)} records (split '{cfg.custom_dataset.test_split}')")
-    train = _loader(train_ds, sampler, collate, cfg.num_workers_dataloader)
+    train = batch_loader(train_ds, sampler, collate, cfg.num_workers_dataloader)
     return DataBundle(train=train, val=val, train_sampler=sampler, report=report, cookbook=True)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from cotune.data.batching import LengthGroupedBatchSampler, PaddingCollator
-from cotune.data.build import DataBundle, _loader
+from cotune.data.build import DataBundle, batch_loader, held_out_loader, loader_settings, validation_subset
 from cotune.data.dataset import Encoded, ItemKey, SFTDataset, encode_samples
 from cotune.data.pairs import read_pairs
 from cotune.data.records import DataError, Problem, report_problems, split_train_test
@@ -94,11 +94,14 @@ def build_pair_data(
     rank: int = 0,
     world_size: int = 1,
     log: Callable[[str], None] = print,
+    device_type: str = "cpu",
 ) -> DataBundle:
     """Reads, checks, splits, tokenizes and batches the pairs file ``cfg.dataset`` (``method: dpo``).
 
-    Held-out pairs are ``data.test_file`` or a seeded ``data.test_split_ratio`` of the file; problems
-    are reported with file:line and skipped, or listed in one error with ``data.on_error: raise``.
+    Held-out pairs are ``data.test_file`` or a seeded ``data.test_split_ratio`` of the file, of which
+    validation reads a seeded ``data.val_max_samples``; problems are reported with file:line and
+    skipped, or listed in one error with ``data.on_error: raise``. The loaders are set as
+    ``build_data``'s (``device_type`` 'cuda': worker processes and pinned memory).
     """
     d = cfg.data
     if str(cfg.dataset).endswith(".py") or cfg.dataset == "custom_dataset":
@@ -122,16 +125,13 @@ def build_pair_data(
         train_ds.lengths, cfg.batch_size_training, seed=cfg.seed, rank=rank, world_size=world_size, keys=True
     )
     report = [f"train: {len(train_enc)} pairs", f"validation: {len(val_enc)} pairs"]
+    workers, pin = loader_settings(cfg.num_workers_dataloader, device_type)
     val = None
     if cfg.run_validation and val_enc:
+        val_enc, line = validation_subset(val_enc, d.val_max_samples, d.split_seed, unit="pairs")
+        report.append(line)
         val_ds = PairDataset(val_enc, processor, family)
-        val_sampler = LengthGroupedBatchSampler(
-            val_ds.lengths,
-            cfg.val_batch_size or cfg.batch_size_training,
-            shuffle=False,
-            rank=rank,
-            world_size=world_size,
-        )
-        val = _loader(val_ds, val_sampler, collate, cfg.num_workers_dataloader)
-    train = _loader(train_ds, sampler, collate, cfg.num_workers_dataloader)
+        val = held_out_loader(cfg, val_ds, collate, rank, world_size, workers, pin)
+    report.append(f"loader: {workers} worker processes" + (", pinned memory" if pin else ""))
+    train = batch_loader(train_ds, sampler, collate, workers, pin)
     return DataBundle(train=train, val=val, train_sampler=sampler, report=report)

@@ -50,6 +50,7 @@ from cotune.train.metrics import (
 from cotune.train.objectives import REFERENCE, attach_reference, build_objective
 from cotune.train.profiling import StepProfiler
 from cotune.train.step import (
+    HeldOut,
     accumulation_groups,
     autocast,
     batch_label_stages,
@@ -325,7 +326,7 @@ def build_training_data(
     if getattr(cfg, "method", "sft") == "dpo":  # preference pairs: chosen and rejected rows together
         from cotune.data.pair_batches import build_pair_data
 
-        data = build_pair_data(cfg, processor, family, dist.rank, dist.world_size, log=log)
+        data = build_pair_data(cfg, processor, family, dist.rank, dist.world_size, log, dist.device.type)
     else:
         data = build_data(
             cfg, processor, family, dist.rank, dist.world_size, log=log, device_type=dist.device.type
@@ -655,17 +656,9 @@ def validate(run: Run, state: LoopState) -> None:
     saved as ``best_adapter`` (the loss at step 0 is the base model's: a reference, never the best)."""
     inputs = functools.partial(model_inputs, run)
     stages_of = functools.partial(batch_label_stages, run.processor.tokenizer, state.val_stages)
-    loss, by_stage, extra = run.objective.validate(
-        run.loss_model,
-        run.data.val,
-        inputs,
-        run.cfg,
-        run.dist.device,
-        run.stand_in,
-        run.warn,
-        stages_of,
-        base_dtype=run.base_dtype,
-    )
+    held = HeldOut(run.loss_model, run.data.val, inputs, run.cfg, run.dist.device, run.stand_in, run.warn,
+                   run.base_dtype)  # fmt: skip
+    loss, by_stage, extra = run.objective.validate(held, stages_of)
     state.eval_losses.append(loss)
     stage_losses = {f"eval_loss_{s.lower()}": v for s, v in by_stage.items()}  # LLaVA-CoT data only
     task = validate_task(run)  # eval_generate_samples: {} when off

@@ -7,7 +7,7 @@ row's labels built by the one masking rule (``data.chat``). The loop asks its ob
 * ``units(batch)``: what the step's mean is over (SFT: label tokens; DPO: pairs), summed over the
   step's micro-batches and ranks, so accumulation and data parallelism give one large batch's update;
 * ``loss_sum(loss_model, inputs, batch)``: the micro-batch's summed loss and summed statistics;
-* ``validate(...)``: the held-out loss and statistics.
+* ``validate(held, stages_of)``: the held-out loss and statistics over ``step.HeldOut``'s batches.
 
 DPO (Rafailov et al. 2023), sigmoid loss, the reference being the base with the adapter disabled or a
 frozen adapter loaded beside the trained one (``reference_adapter``), never a second model copy::
@@ -21,7 +21,7 @@ The optional second term is RPO's (and MPO's) SFT term on the chosen reply, per 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from cotune.train import distributed
-from cotune.train.step import autocast, label_tokens, usable_batches, validation_loss
+from cotune.train.step import HeldOut, label_tokens, validation_loss
 
 REFERENCE = "reference"  # the PEFT adapter name of a frozen reference adapter
 # the DPO statistics logged, summed per pair then divided by the pairs (TRL's names after "rewards/")
@@ -122,22 +122,9 @@ class SFT:
         loss_sum, _ = loss_model(**inputs)
         return loss_sum, {}
 
-    def validate(
-        self,
-        loss_model,
-        loader,
-        model_inputs,
-        cfg,
-        device,
-        stand_in,
-        warn,
-        stages_of,
-        base_dtype=torch.float32,
-    ):
+    def validate(self, held: HeldOut, stages_of: Callable | None = None) -> tuple[float, dict, dict]:
         """(loss, loss per stage, no extra statistics): ``step.validation_loss``."""
-        loss, by_stage = validation_loss(
-            loss_model, loader, model_inputs, cfg, device, stand_in, warn, stages_of, base_dtype=base_dtype
-        )
+        loss, by_stage = validation_loss(held, stages_of)
         return loss, by_stage, {}
 
 
@@ -190,58 +177,29 @@ class DPO:
         }
         return anchor + losses.sum(), {k: v.double() for k, v in stats.items()}
 
-    def validate(
-        self,
-        loss_model,
-        loader,
-        model_inputs,
-        cfg,
-        device,
-        stand_in,
-        warn,
-        stages_of=None,
-        base_dtype=torch.float32,
-    ):
-        """(mean DPO loss over the held-out pairs of every rank, no stages, the mean ``DPO_STATS``)."""
-        return preference_validation(
-            self, loss_model, loader, model_inputs, cfg, device, stand_in, warn, base_dtype
+    def validate(self, held: HeldOut, stages_of: Callable | None = None) -> tuple[float, dict, dict]:
+        """The DPO loss and statistics over the held-out pairs of every rank.
+
+        Returns:
+            (mean loss per pair, {} (no loss per stage), {statistic: mean per pair}).
+        """
+        totals = torch.zeros(
+            2 + len(DPO_STATS), dtype=torch.float64, device=held.device
+        )  # loss, pairs, stats
+        for usable in held.batches():
+            loss_sum, stats = self.loss_sum(held.loss_model, held.model_inputs(usable), usable)
+            row = [loss_sum.double(), torch.tensor(float(self.units(usable)), dtype=torch.float64)]
+            row += [stats.get(k, torch.zeros((), dtype=torch.float64)) for k in DPO_STATS]
+            totals += torch.stack([t.to(held.device) for t in row])
+        distributed.all_reduce_sum(totals)
+        pairs = float(totals[1])
+        if pairs == 0:
+            return float("nan"), {}, {}
+        return (
+            float(totals[0]) / pairs,
+            {},
+            {k: float(v) / pairs for k, v in zip(DPO_STATS, totals[2:].tolist())},
         )
-
-
-def preference_validation(
-    objective: DPO,
-    loss_model: torch.nn.Module,
-    loader: Iterable[dict],
-    model_inputs: Callable[[dict], dict],
-    cfg: Any,
-    device: torch.device,
-    stand_in: dict | None = None,
-    warn: Callable[[str], None] | None = None,
-    base_dtype: torch.dtype = torch.float32,
-) -> tuple[float, dict, dict[str, float]]:
-    """The DPO loss and statistics over held-out pairs (at most ``cfg.max_eval_step`` batches).
-
-    Returns:
-        (mean loss per pair, {} (no loss per stage), {statistic: mean per pair}).
-    """
-    loss_model.eval()
-    totals = torch.zeros(2 + len(DPO_STATS), dtype=torch.float64, device=device)  # loss, pairs, stats
-    with torch.no_grad():
-        for i, batch in enumerate(loader):
-            if cfg.max_eval_step and i >= cfg.max_eval_step:
-                break
-            for usable in usable_batches([batch], stand_in, warn, "validation skipped"):
-                with autocast(cfg, device, base_dtype):
-                    loss_sum, stats = objective.loss_sum(loss_model, model_inputs(usable), usable)
-                row = [loss_sum.double(), torch.tensor(float(objective.units(usable)), dtype=torch.float64)]
-                row += [stats.get(k, torch.zeros((), dtype=torch.float64)) for k in DPO_STATS]
-                totals += torch.stack([t.to(device) for t in row])
-    loss_model.train()
-    distributed.all_reduce_sum(totals)
-    pairs = float(totals[1])
-    if pairs == 0:
-        return float("nan"), {}, {}
-    return float(totals[0]) / pairs, {}, {k: float(v) / pairs for k, v in zip(DPO_STATS, totals[2:].tolist())}
 
 
 def build_objective(cfg: Any, model: torch.nn.Module) -> SFT | DPO:

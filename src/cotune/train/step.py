@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -179,55 +180,74 @@ def batch_label_stages(tokenizer: Any, cache: dict, batch: dict) -> torch.Tensor
     return torch.tensor(rows, dtype=torch.long)
 
 
-def validation_loss(
-    loss_model: torch.nn.Module,
-    loader: Iterable[dict],
-    model_inputs: Callable[[dict], dict],
-    cfg: TrainConfig,
-    device: torch.device,
-    stand_in: dict | None = None,
-    warn: Callable[[str], None] | None = None,
-    stages_of: Callable[[dict], torch.Tensor] | None = None,
-    base_dtype: torch.dtype = torch.float32,
-) -> tuple[float, dict[str, float]]:
-    """Token-weighted mean validation loss over the whole validation set (all ranks), and per stage.
+@dataclass
+class HeldOut:
+    """One validation pass's reading of the held-out batches, the same for every objective.
 
-    Args:
-        loss_model: the module the loop calls (returns the summed loss and the label tokens).
+    Attributes:
+        loss_model: the module the loop calls.
         loader: the validation batches; at most ``cfg.max_eval_step`` of them are used (0: all).
         model_inputs: a batch's inputs for ``loss_model``, on the device.
         cfg: the run's configuration (``max_eval_step``, mixed precision).
         device: this process's device.
         stand_in: run in place of an empty batch (several processes), see ``stand_in_batch``.
         warn: told of each validation record that failed to load (it is left out of the loss).
-        stages_of: a batch's label stages (``batch_label_stages``); None: no loss per stage.
         base_dtype: the dtype the base was loaded in (the compute dtype over fp32 master weights).
+    """
+
+    loss_model: torch.nn.Module
+    loader: Iterable[dict]
+    model_inputs: Callable[[dict], dict]
+    cfg: TrainConfig
+    device: torch.device
+    stand_in: dict | None = None
+    warn: Callable[[str], None] | None = None
+    base_dtype: torch.dtype = torch.float32
+
+    def batches(self) -> Iterator[dict]:
+        """The usable batches, each consumed in eval mode, without gradients, under the run's
+        autocast; the model is back in training mode when the pass ends."""
+        self.loss_model.eval()
+        try:
+            with torch.no_grad():
+                for i, batch in enumerate(self.loader):
+                    if self.cfg.max_eval_step and i >= self.cfg.max_eval_step:
+                        break
+                    for usable in usable_batches([batch], self.stand_in, self.warn, "validation skipped"):
+                        with autocast(self.cfg, self.device, self.base_dtype):
+                            yield usable
+        finally:
+            self.loss_model.train()
+
+
+def validation_loss(
+    held: HeldOut, stages_of: Callable[[dict], torch.Tensor] | None = None
+) -> tuple[float, dict[str, float]]:
+    """Token-weighted mean validation loss over the whole validation set (all ranks), and per stage.
+
+    Args:
+        held: the pass over the held-out batches.
+        stages_of: a batch's label stages (``batch_label_stages``); None: no loss per stage.
 
     Returns:
         The loss, and the mean loss of each LLaVA-CoT stage that has label tokens (``STAGE_KEYS``;
         empty without ``stages_of`` or when no label token is in a stage).
     """
-    loss_model.eval()
+    device, loss_model = held.device, held.loss_model
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     by_stage = torch.zeros(len(STAGE_KEYS), 2, dtype=torch.float64, device=device)  # loss sum, tokens
-    with torch.no_grad():
-        for i, batch in enumerate(loader):
-            if cfg.max_eval_step and i >= cfg.max_eval_step:
-                break
-            for usable in usable_batches([batch], stand_in, warn, "validation skipped"):
-                with autocast(cfg, device, base_dtype):
-                    if stages_of is None:
-                        loss_sum, n = loss_model(**model_inputs(usable))
-                    else:  # the same loss, token by token (0 where no label)
-                        losses, n = loss_model(**model_inputs(usable), per_token=True)
-                        loss_sum = losses.sum()
-                        has_label = usable["labels"].to(device) != IGNORE_INDEX
-                        has_label[:, 0] = False  # the first position is never predicted
-                        stages = stages_of(usable).to(device)[has_label]
-                        by_stage[:, 0].index_add_(0, stages, losses[has_label].double())
-                        by_stage[:, 1].index_add_(0, stages, torch.ones_like(stages, dtype=torch.float64))
-                totals += torch.stack([loss_sum.double(), n.double()])
-    loss_model.train()
+    for usable in held.batches():
+        if stages_of is None:
+            loss_sum, n = loss_model(**held.model_inputs(usable))
+        else:  # the same loss, token by token (0 where no label)
+            losses, n = loss_model(**held.model_inputs(usable), per_token=True)
+            loss_sum = losses.sum()
+            has_label = usable["labels"].to(device) != IGNORE_INDEX
+            has_label[:, 0] = False  # the first position is never predicted
+            stages = stages_of(usable).to(device)[has_label]
+            by_stage[:, 0].index_add_(0, stages, losses[has_label].double())
+            by_stage[:, 1].index_add_(0, stages, torch.ones_like(stages, dtype=torch.float64))
+        totals += torch.stack([loss_sum.double(), n.double()])
     distributed.all_reduce_sum(totals)
     loss = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
     if stages_of is None:
