@@ -2,9 +2,11 @@
 
 Method: glibc serves every allocation above 64 KiB with its own mmap and unmaps it on free
 (MALLOC_MMAP_THRESHOLD_ fixed by the caller, and cotune's tune_cpu_allocator not called), so the
-process's resident set follows the live tensors. After loading the model, attaching LoRA and building
-the batch, the kernel's peak-RSS mark is reset (``/proc/self/clear_refs`` = 5); one step (forward,
-backward, AdamW step) runs; the step's memory is the new peak (VmHWM) minus the resident set before.
+process's resident set follows the live tensors. After loading the model, attaching LoRA (or, with
+``use_peft: False``, choosing a full fine-tune's weights) and building the batch, the resident set is
+read; two steps (forward, backward, AdamW step) run, the kernel's peak-RSS mark reset
+(``/proc/self/clear_refs`` = 5) before each; the step's memory is the second step's peak (VmHWM)
+minus the resident set before the first: a later step also holds the AdamW moments the first made.
 
 usage: python plan_probe.py CONFIG.yaml BATCH SEQ  -> prints the bytes
 """
@@ -39,7 +41,12 @@ def main(config: str, batch: int, seq: int) -> int:
         quantization=cfg.quantization,
         quantization_config=cfg.quantization_config,
     )
-    peft = add_lora(model, family, cfg.lora_config)
+    if cfg.use_peft:
+        peft = add_lora(model, family, cfg.lora_config)
+    else:  # a full fine-tune: the base's own weights train (fp32 here: no master weights on top)
+        from cotune.train.loop import choose_trainable
+
+        peft = choose_trainable(model, cfg)
     if cfg.gradient_checkpointing:
         checkpoint_activations(layer_modules(peft, family))
     peft.train()
@@ -50,11 +57,14 @@ def main(config: str, batch: int, seq: int) -> int:
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     gc.collect()
     before = status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    loss_sum, n = loss_model(**inputs)
-    (loss_sum / n).backward()
-    optimizer.step()
+    for _ in range(2):  # the second step is every later one's: AdamW's moments exist from the first on
+        optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        loss_sum, n = loss_model(**inputs)
+        (loss_sum / n).backward()
+        optimizer.step()
     return status("VmHWM") - before
 
 

@@ -44,6 +44,33 @@ def test_qlora_fits_16gb_at_batch_2_by_2048_where_bf16_lora_does_not():
     assert qlora.parts["LoRA parameters"] == bf16.parts["LoRA parameters"]
 
 
+def test_a_full_fine_tune_counts_fp32_master_weights_their_gradients_and_moments():
+    from cotune.plan import advice
+
+    lora, _ = plan_11b()
+    full, cfg = plan_11b(("use_peft", "False"))
+    pure, _ = plan_11b(("use_peft", "False"), ("pure_bf16", "True"))
+    n = 10_670_143_547  # every parameter trains: the count test_the_hand_written_config_is_the_11b rounds
+    assert abs(full.parts["weights"] - 4 * n) < 1e-3 * n and pure.parts["weights"] == lora.parts["weights"]
+    assert (
+        full.parts["gradients"] == full.parts["weights"]
+        and full.parts["optimizer states"] == 2 * full.parts["gradients"]
+    )
+    assert (
+        pure.parts["optimizer states"] == 2 * pure.parts["gradients"] == full.parts["optimizer states"] // 2
+    )
+    assert (
+        full.parts["bf16 weight copies (autocast)"] == pure.parts["weights"]
+        and "bf16 weight copies (autocast)" not in pure.parts
+    )
+    assert "vision tower (trained)" in full.parts and "vision tower (no grad)" in lora.parts
+    assert advice(full, cfg)[0].startswith("--use_peft True") and not any(
+        "4bit" in t for t in advice(full, cfg)
+    )
+    eight, _ = plan_11b(("use_peft", "False"), ("enable_fsdp", "True"), ("nproc_per_node", "8"))
+    assert eight.parts["optimizer states"] == full.parts["optimizer states"] // 8
+
+
 def test_the_command_prints_parts_advice_and_the_last_line(capsys):
     args = ["plan", "--model_name", str(ELEVEN_B), "--gpu_memory", "16GB", "--batch_size_training", "2",
             "--data.max_seq_len", "2048"]  # fmt: skip
@@ -126,6 +153,8 @@ SETTINGS = [
     ("wide_mllama", 4, 1024, {}),
     ("wide_mllama", 4, 1024, {"gradient_checkpointing": True}),
     ("wide_mllama", 4, 1024, {"quantization": "4bit"}),
+    ("wide_mllama", 4, 1024, {"use_peft": False}),
+    ("wide_mllama", 4, 1024, {"use_peft": False, "freeze_layers": True, "num_freeze_layers": 2}),
 ]
 
 
@@ -142,6 +171,8 @@ SETTINGS = [
         "wide-lora",
         "wide-lora-checkpointed",
         "wide-qlora",
+        "wide-full",
+        "wide-full-2-layers-frozen",
     ],
 )
 def test_the_plan_is_within_15_percent_of_a_measured_cpu_step(request, model, tmp_path, batch, seq, options):

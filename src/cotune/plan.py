@@ -6,6 +6,10 @@ What the step holds on top of the weights is counted term by term, as cotune's s
 
 - LoRA parameters (fp32), their gradients (fp32) and AdamW's two moments (fp32); under FSDP all of
   them and the base weights are split over the processes, and one layer is gathered at a time.
+- A full fine-tune (``use_peft`` off) instead trains the base's own weights (all, or the vision side
+  with ``freeze_LLM_only``, less ``num_freeze_layers``): each with a gradient and two AdamW moments in
+  its dtype; over a bf16 base the trained weights are fp32 master weights (4 bytes each, their
+  gradients and moments too) and one process's autocast holds a bf16 copy of them through the step.
 - Activations saved for backward, per token and per text layer. A layer with LoRA on its seven
   linears saves about ``13 H + 5 I`` values (with LoRA dropout: the normed input's three dropout
   copies, q/k/v after RoPE and GQA expansion, the attention output and the o_proj input, its dropout
@@ -26,8 +30,9 @@ from typing import Any
 
 import torch
 
-from cotune.models.families import family_for
+from cotune.models.families import family_for, trained_in_full_finetune, trained_with_llm_frozen
 from cotune.models.load import DTYPES, check_model_dir
+from cotune.train.step import keeps_master_weights
 
 GIB = 2**30
 CHUNK = 512  # chunked_cross_entropy's default chunk_size
@@ -137,16 +142,29 @@ def estimate(cfg: Any, gpu_bytes: int, device: str = "cuda", images_per_sample: 
     base, act = _dtypes(cfg, device)
     world = max(1, cfg.nproc_per_node) if cfg.enable_fsdp else 1
     seq = cfg.context_length if cfg.batching_strategy == "packing" else cfg.data.max_seq_len
-    parts = _weight_parts(model, family, cfg, base.itemsize, act.itemsize, world)
+    if cfg.use_peft:
+        parts = _weight_parts(model, family, cfg, base.itemsize, act.itemsize, world)
+    else:
+        parts = _full_weight_parts(model, cfg, base, world, device, images_per_sample > 0)
     img = image_tokens(config.vision_config) * images_per_sample if hasattr(config, "vision_config") else 0
-    activations, notes = _activation_parts(cfg, config, cfg.batch_size_training * seq, act.itemsize, img)
+    vision_trained = not cfg.use_peft and any(
+        trained_in_full_finetune(config, n, cfg) for n, _ in model.named_parameters() if "vision" in n
+    )
+    activations, notes = _activation_parts(
+        cfg, config, cfg.batch_size_training * seq, act.itemsize, img, vision_trained
+    )
     parts.update(activations)
     if device == "cuda":
         parts["CUDA context"] = CUDA_CONTEXT
     q = cfg.quantization or "none"
+    trains = (
+        f"LoRA r={cfg.lora_config.r}"
+        if cfg.use_peft
+        else f"full fine-tune of {full_finetune_parameters(model, cfg) / 1e9:.2f} B parameters"
+    )
     setting = (
         f"{family.name}, base {str(base).removeprefix('torch.')}, quantization {q}, compute "
-        f"{str(act).removeprefix('torch.')}, batch {cfg.batch_size_training} x {seq} tokens, LoRA r={cfg.lora_config.r}, "
+        f"{str(act).removeprefix('torch.')}, batch {cfg.batch_size_training} x {seq} tokens, {trains}, "
         f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, {world} process(es)"
     )
     return Plan(parts, gpu_bytes, notes, setting)
@@ -162,6 +180,39 @@ def _dtypes(cfg: Any, device: str) -> tuple[torch.dtype, torch.dtype]:
     if device == "cuda" and cfg.mixed_precision and cfg.use_fp16:
         act = torch.float16
     return base, act
+
+
+def full_finetune_parameters(model: torch.nn.Module, cfg: Any, images: bool = True) -> int:
+    """Parameters a full fine-tune trains (``families.trained_in_full_finetune``); with ``images``
+    False, those that get a gradient from text-only batches (the vision side and the cross-attention
+    layers are skipped, so they get neither a gradient nor AdamW moments)."""
+    config = model.config
+    return sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if trained_in_full_finetune(config, n, cfg) and (images or not trained_with_llm_frozen(config, n))
+    )
+
+
+def _full_weight_parts(
+    model, cfg: Any, base: torch.dtype, world: int, device: str, images: bool
+) -> dict[str, int]:
+    """A full fine-tune's weights, gradients and AdamW moments (sharded over ``world``). Over a bf16
+    base the trained weights are fp32 master weights (``step.keeps_master_weights``), so are their
+    gradients and moments, and one process's bf16 autocast keeps a bf16 copy of each for the step."""
+    layers = getattr(model.config, "text_config", model.config).num_hidden_layers
+    total, trained = sum(p.numel() for p in model.parameters()), full_finetune_parameters(model, cfg)
+    stepped = full_finetune_parameters(model, cfg, images)  # those with a gradient and moments
+    wb, master = base.itemsize, keeps_master_weights(cfg, base)
+    tb = 4 if master else wb  # bytes of a trained weight, its gradient and each AdamW moment
+    parts = {"weights": ((total - trained) * wb + trained * tb) // world}
+    if world > 1:
+        parts["weights"] += 2 * total * wb // max(1, layers)  # one gathered layer (and the next, prefetched)
+    elif master and device == "cuda":
+        parts["bf16 weight copies (autocast)"] = trained * wb
+    parts["gradients"] = stepped * tb // world
+    parts["optimizer states"] = 2 * stepped * tb // world
+    return parts
 
 
 def _weight_parts(model, family, cfg: Any, wb: int, b: int, world: int) -> dict[str, int]:
@@ -181,15 +232,31 @@ def _weight_parts(model, family, cfg: Any, wb: int, b: int, world: int) -> dict[
     return parts
 
 
+def _vision_parts(cfg: Any, config: Any, img: int, b: int, trained: bool) -> dict[str, int]:
+    """The vision tower's activations for ``img`` tokens an image, ``b`` bytes a value. Frozen it runs
+    without gradients (one layer's working set and the outputs); trained (a full fine-tune) each of
+    its layers saves about ``9 H + 4 I`` values per token, as a text layer does (estimated, not
+    measured: the CPU check runs text-only batches), or only its input with checkpointing."""
+    v = config.vision_config
+    text_hidden = getattr(config, "text_config", config).hidden_size
+    tokens = cfg.batch_size_training * img
+    outputs = tokens * (getattr(v, "vision_output_dim", v.hidden_size) + text_hidden) * b
+    if not trained:
+        return {"vision tower (no grad)": tokens * (4 * v.hidden_size + v.intermediate_size) * b + outputs}
+    layers = v.num_hidden_layers + getattr(v, "num_global_layers", 0)
+    per_layer = v.hidden_size if cfg.gradient_checkpointing else 9 * v.hidden_size + 4 * v.intermediate_size
+    return {"vision tower (trained)": tokens * layers * per_layer * b + outputs}
+
+
 def _activation_parts(
-    cfg: Any, config: Any, tokens: int, b: int, img: int
+    cfg: Any, config: Any, tokens: int, b: int, img: int, vision_trained: bool = False
 ) -> tuple[dict[str, int], list[str]]:
     """Saved activations, the vision tower's, and the larger of the loss's forward and backward peaks
     (``tokens`` per step, ``b`` bytes per value, ``img`` image tokens per sample); and the notes."""
     text = getattr(config, "text_config", config)
     hidden, inter, layers = text.hidden_size, text.intermediate_size, text.num_hidden_layers
     cross = set(getattr(text, "cross_attention_layers", []) or [])
-    dropout = cfg.lora_config.lora_dropout > 0
+    dropout = cfg.use_peft and cfg.lora_config.lora_dropout > 0  # a full fine-tune has no LoRA dropout
     lora_layer = (
         b * (13 * hidden + 5 * inter) + (6 * hidden + inter) if dropout else b * (9 * hidden + 4 * inter)
     )
@@ -204,12 +271,7 @@ def _activation_parts(
         else full
     }
     if img:
-        v = config.vision_config
-        vis = cfg.batch_size_training * img * (4 * v.hidden_size + v.intermediate_size) * b
-        outputs = (
-            cfg.batch_size_training * img * (getattr(v, "vision_output_dim", v.hidden_size) + hidden) * b
-        )
-        parts["vision tower (no grad)"] = vis + outputs
+        parts.update(_vision_parts(cfg, config, img, b, vision_trained))
     # The forward ends in the loss: its chunk buffer (freed before backward) on top of the saved activations,
     # with the last layer's and the loss's temporaries (about 14 H values per token, measured on CPU).
     # Backward instead holds one recomputed layer (with checkpointing) and that layer's gradients.
@@ -236,7 +298,9 @@ def advice(plan: Plan, cfg: Any) -> list[str]:
     tips = []
     if not cfg.gradient_checkpointing and "activations" in plan.parts:
         tips.append("--gradient_checkpointing True (activations: each layer keeps only its input)")
-    if not cfg.quantization:
+    if not cfg.use_peft:
+        tips.append("--use_peft True (LoRA: no gradients or AdamW moments for the base's weights)")
+    elif not cfg.quantization:
         tips.append(
             "--quantization 4bit (QLoRA: the language model's linears in NF4, about a quarter of bf16)"
         )

@@ -445,6 +445,14 @@ def text_layer_index(name: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def trained_in_full_finetune(config: Any, name: str, cfg: Any) -> bool:
+    """Whether a full fine-tune (``use_peft`` off) trains parameter ``name``: every one, or the vision
+    side (``freeze_LLM_only``), less the first ``num_freeze_layers`` decoder layers (``freeze_layers``)."""
+    train = trained_with_llm_frozen(config, name) if cfg.freeze_LLM_only else True
+    layer = text_layer_index(name)
+    return train and not (cfg.freeze_layers and layer is not None and layer < cfg.num_freeze_layers)
+
+
 def trained_with_llm_frozen(config: Any, name: str) -> bool:
     """llama-cookbook's ``freeze_LLM_only``: whether parameter ``name`` stays trainable. The vision
     tower, the projector and (Mllama) the language model's cross-attention layers, whole; the rest of

@@ -31,7 +31,7 @@ from cotune.data.batching import count_tokens, to_device
 from cotune.data.build import DataBundle, build_data
 from cotune.data.cookbook import audit_batch
 from cotune.files import cleanup_partial
-from cotune.models.families import ModelFamily, layer_modules, text_layer_index, trained_with_llm_frozen
+from cotune.models.families import ModelFamily, layer_modules, trained_in_full_finetune
 from cotune.models.load import add_lora, load_base_model, load_processor, resolve_dtype, trainable_parameters
 from cotune.models.quant import sharded_quantization
 from cotune.runtime import trim_cpu_heap, tune_cpu_allocator
@@ -303,11 +303,7 @@ def choose_trainable(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Modul
     """A full fine-tune's trainable weights: all, or the vision side (``freeze_LLM_only``), less the
     first ``num_freeze_layers`` decoder layers (``freeze_layers``)."""
     for name, p in model.named_parameters():
-        train = trained_with_llm_frozen(model.config, name) if cfg.freeze_LLM_only else True
-        layer = text_layer_index(name)
-        if cfg.freeze_layers and layer is not None and layer < cfg.num_freeze_layers:
-            train = False
-        p.requires_grad_(train)
+        p.requires_grad_(trained_in_full_finetune(model.config, name, cfg))
     return model
 
 
