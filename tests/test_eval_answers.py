@@ -125,3 +125,42 @@ def test_benchmark_file_evaluates_per_category(tiny_mllama, tmp_path):
     assert none["accuracy_by_kind"]["choice"]["n"] == 4 and none["accuracy_by_kind"]["yes_no"]["n"] == 1
     md = (out / "eval.md").read_text()
     assert "category: colour" in md and "## Answers: multiple choice" in md
+
+
+def test_hallusionbench_scores_figures_and_question_groups_as_vlmevalkit(tiny_mllama, tmp_path, monkeypatch):
+    """A HallusionBench-layout file (set, figure and question in the index) answered right but for
+    one question of one edited figure: eval.json, eval.md and the trackers' figures give aAcc, fAcc
+    and qAcc overall, per category and per l2 category."""
+    from cotune.eval import evaluate
+    from cotune.eval.report import tracker_figures
+    from cotune.infer.generate import TokenMeter
+
+    cols = ["index", "question", "answer", "category", "l2-category", "image"]
+    rows = [
+        {"index": f"VD_x_x_{s}_{f}_{q}", "question": f"Is bar {q} taller in figure {s}.{f}?",
+         "answer": "Yes" if (s + f + q) % 2 else "No", "category": "VD" if s else "VS",
+         "l2-category": "chart" if s else "table", "image": png_b64("red" if f else "blue")}
+        for s in range(2) for f in range(2) for q in range(2)
+    ]  # fmt: skip
+    wrong = "VD_x_x_1_1_0"  # set 1, the edited figure, question 0
+
+    def scripted(model, processor, family, samples, *args):
+        flip = {"Yes": "No", "No": "Yes"}
+        replies = [flip[s.meta["answer"]] if s.id == wrong else s.meta["answer"] for s in samples]
+        return [f"{r}." for r in replies], TokenMeter()
+
+    monkeypatch.setattr(evaluate, "generate_replies", scripted)
+    path = write_tsv(tmp_path / "HallusionBench.tsv", rows, cols)
+    out = tmp_path / "eval"
+    argv = ["eval", "--model_name", str(tiny_mllama), "--adapter", "none", "--benchmark", str(path)]
+    assert main([*argv, "--output_dir", str(out), "--eval.roc", "False"]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    consistency = result["models"]["none"]["consistency"]
+    assert tracker_figures(result)["eval/none/hallusion_fAcc"] == 3 / 4
+    assert consistency["Overall"] == {"aAcc": 7 / 8, "fAcc": 3 / 4, "qAcc": 3 / 4, "n": 8}
+    assert (
+        consistency["VD"] == consistency["l2: chart"] == {"aAcc": 3 / 4, "fAcc": 1 / 2, "qAcc": 1 / 2, "n": 4}
+    )
+    assert consistency["VS"] == consistency["l2: table"] == {"aAcc": 1.0, "fAcc": 1.0, "qAcc": 1.0, "n": 4}
+    md = (out / "eval.md").read_text()
+    assert "## HallusionBench consistency" in md and "| Overall | 87.5% / 75.0% / 75.0% (8) |" in md

@@ -172,11 +172,27 @@ def build_vlmeval_prompt(row: dict[str, Any]) -> str:
     return prompt + MCQ_INSTRUCTION
 
 
+def question_group(row: dict[str, Any], path: str | Path = "") -> dict[str, str] | None:
+    """HallusionBench's grouping of a row: its ``l2`` category, question ``set``, ``figure`` (the
+    original or an edited picture) and ``question``, from the ``set_id``, ``figure_id`` and
+    ``question_id`` columns, else (as VLMEvalKit reads its HallusionBench file) from the 4th to 6th
+    '_'-separated parts of the index; None for other benchmarks."""
+    extra = row.get("extra") or {}
+    ids = [str(extra.get(k) or "").strip() for k in ("set_id", "figure_id", "question_id")]
+    if not all(ids):
+        parts = str(row["index"]).split("_")
+        if "hallusion" not in Path(path).name.lower() or len(parts) < 6:
+            return None
+        ids = parts[3:6]
+    return {"l2": row.get("l2_category") or "", "set": ids[0], "figure": ids[1], "question": ids[2]}
+
+
 def benchmark_samples(rows: list[dict[str, Any]], path: str | Path = "") -> list[Sample]:
     """Rows of ``read_vlmeval_tsv`` as evaluation ``Sample``s (a user turn, no reference reply).
 
     Each sample's ``meta`` holds the gold ``answer``, its ``answer_kind``, the ``options``, the
-    ``category`` (also as ``task``, for the per-task view) and the VLMEvalKit ``index``.
+    ``category`` (also as ``task``, for the per-task view), ``l2_category``, the VLMEvalKit ``index``
+    and, for HallusionBench, the ``question_group`` (``question_group``).
     """
     samples = []
     for r in rows:
@@ -189,9 +205,13 @@ def benchmark_samples(rows: list[dict[str, Any]], path: str | Path = "") -> list
             "options": r["options"] or None,
             "category": r["category"],
             "task": r["category"],
+            "l2_category": r["l2_category"],
             "index": r["index"],
             "question": r["question"],
         }
+        group = question_group(r, path)
+        if group is not None:
+            meta["question_group"] = group
         samples.append(
             Sample(
                 id=r["index"],

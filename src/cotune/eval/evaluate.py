@@ -40,7 +40,7 @@ from cotune.data.records import Sample
 from cotune.eval.ablation import IMAGE_CONDITIONS, ablate_images
 from cotune.eval.probability import yes_probabilities
 from cotune.eval.report import fmt, fmt_rate
-from cotune.eval.scoring import answer_metrics, compare_models, generation_metrics
+from cotune.eval.scoring import answer_metrics, compare_models, consistency_accuracy, generation_metrics
 from cotune.infer.adapters import use_adapter
 from cotune.infer.generate import TokenMeter, generate, model_device_dtype
 from cotune.models.families import ModelFamily
@@ -226,6 +226,14 @@ def _yes_no_probabilities(
     return probabilities
 
 
+def _consistency_figures(samples: list[Sample], scores: list[dict | None]) -> dict[str, Any]:
+    """``{"consistency": ...}`` (``scoring.consistency_accuracy``) where the samples carry
+    HallusionBench's question groups, else {}."""
+    groups = [s.meta.get("question_group") for s in samples]
+    consistency = consistency_accuracy(groups, scores, [s.meta.get("category") for s in samples])
+    return {} if consistency is None else {"consistency": consistency}
+
+
 def evaluate_condition(
     model: torch.nn.Module,
     processor: Any,
@@ -277,6 +285,7 @@ def evaluate_condition(
         )
     )
     metrics["answers"] = answer_metrics(metrics["scores"], answers.positive, probabilities)
+    metrics.update(_consistency_figures(samples, metrics["scores"]))
     metrics["replies"] = replies
     metrics["yes_probability"] = probabilities
     metrics["generated_tokens_per_reply"] = meter.generated / max(len(samples), 1)

@@ -1,5 +1,5 @@
-"""What ``cotune eval`` writes: ``eval.md`` (one row per metric, one column per model, then the
-per-class tables, the yes/no clinical table, the confusion matrices and the paired comparisons),
+"""What ``cotune eval`` writes: ``eval.md`` (one row per metric, one column per model, then
+HallusionBench's consistency table where the benchmark has one, the per-class tables, the yes/no clinical table, the confusion matrices and the paired comparisons),
 ``confusion_<model>_<kind>.png``, ``eval.json`` and ``predictions.jsonl``."""
 
 from __future__ import annotations
@@ -10,7 +10,14 @@ from typing import Any
 
 from cotune.data.cot import STAGES
 from cotune.eval.ablation import IMAGE_CONDITIONS
-from cotune.eval.tables import answer_tables, comparison_table, fmt, fmt_rate, write_confusion_pngs
+from cotune.eval.tables import (
+    answer_tables,
+    comparison_table,
+    consistency_table,
+    fmt,
+    fmt_rate,
+    write_confusion_pngs,
+)
 
 
 def markdown_table(results: dict[str, Any]) -> str:
@@ -89,6 +96,9 @@ def tracker_figures(results: dict[str, Any]) -> dict[str, float]:
             auc = (entry.get("roc_auc") or {}).get("value")
             if auc is not None:
                 out[f"eval/{name}/{kind}/roc_auc"] = auc
+        for key, value in (m.get("consistency") or {}).get("Overall", {}).items():
+            if key != "n":
+                out[f"eval/{name}/hallusion_{key}"] = value
     for c in results.get("comparisons", []):
         out[f"eval/{c['first']}_vs_{c['second']}/mcnemar_p"] = c["p_value"]
         if c["difference"] is not None:
@@ -100,6 +110,7 @@ def full_report(results: dict[str, Any]) -> str:
     """eval.md's body: the main table, the per-class and clinical tables, the paired comparisons."""
     parts = [
         markdown_table(results),
+        consistency_table(results),
         answer_tables(results),
         comparison_table(results.get("comparisons", [])),
     ]

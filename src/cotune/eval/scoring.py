@@ -143,3 +143,48 @@ def compare_models(correct: dict[str, list[bool | None]]) -> list[dict[str, Any]
             result = paired_comparison([x for x, _ in both], [y for _, y in both])
             out.append({"first": a, "second": b, **result})
     return out
+
+
+def consistency_accuracy(
+    groups: list[dict[str, str] | None], scores: list[dict | None], categories: list[str | None]
+) -> dict[str, dict[str, Any]] | None:
+    """HallusionBench's three accuracies, as VLMEvalKit reports them: ``aAcc`` (per question),
+    ``fAcc`` (per figure: every question asked of one picture right) and ``qAcc`` (per question:
+    right on the original and on every edited picture), over all scored questions ('Overall'), per
+    ``category`` and per l2 category.
+
+    Args:
+        groups: per sample its ``question_group`` (``data.benchmarks.question_group``) or None.
+        scores: per sample the ``score_answer`` dict, or None when not scored.
+        categories: per sample its category (or None).
+
+    Returns:
+        ``{split: {"aAcc", "fAcc", "qAcc" (fractions), "n" (questions)}}``, or None unless every
+        scored sample has a group.
+    """
+    rows = [(g, s["correct"], c) for g, s, c in zip(groups, scores, categories) if s is not None]
+    if not rows or any(g is None for g, _, _ in rows):
+        return None
+    splits: dict[str, list] = {"Overall": rows}
+    for g, correct, category in rows:
+        if category:
+            splits.setdefault(category, []).append((g, correct, category))
+    for g, correct, category in rows:
+        if g["l2"]:
+            splits.setdefault(f"l2: {g['l2']}", []).append((g, correct, category))
+    return {name: _consistency(split) for name, split in splits.items()}
+
+
+def _consistency(rows: list[tuple[dict[str, str], bool, Any]]) -> dict[str, Any]:
+    by_figure: dict[tuple, bool] = {}
+    by_question: dict[tuple, bool] = {}
+    for g, correct, _ in rows:
+        figure, question = (g["l2"], g["set"], g["figure"]), (g["l2"], g["set"], g["question"])
+        by_figure[figure] = by_figure.get(figure, True) and bool(correct)
+        by_question[question] = by_question.get(question, True) and bool(correct)
+    return {
+        "aAcc": sum(bool(c) for _, c, _ in rows) / len(rows),
+        "fAcc": sum(by_figure.values()) / len(by_figure),
+        "qAcc": sum(by_question.values()) / len(by_question),
+        "n": len(rows),
+    }

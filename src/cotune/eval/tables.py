@@ -124,6 +124,30 @@ def answer_tables(results: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def consistency_table(results: dict[str, Any]) -> str:
+    """HallusionBench's aAcc / fAcc / qAcc per split (rows) and model (columns), or ''."""
+    models = results["models"]
+    names = [n for n in models if models[n].get("consistency")]
+    if not names:
+        return ""
+    splits = list(dict.fromkeys(s for n in names for s in models[n]["consistency"]))
+    rows = []
+    for split in splits:
+        cells = []
+        for n in names:
+            c = models[n]["consistency"].get(split)
+            cells.append(
+                " / ".join(fmt(c[k], "pct") for k in ("aAcc", "fAcc", "qAcc")) + f" ({c['n']})" if c else "-"
+            )
+        rows.append([split, *cells])
+    intro = (
+        "\n## HallusionBench consistency (aAcc / fAcc / qAcc, questions)\n\naAcc: questions answered right; "
+        "fAcc: figures whose every question is right; qAcc: questions right on the original and on every "
+        "edited figure (VLMEvalKit's definitions).\n\n"
+    )
+    return intro + _table(["split", *names], rows)
+
+
 def comparison_table(comparisons: list[dict[str, Any]]) -> str:
     """The paired comparison of every two models on the same questions."""
     if not comparisons:
