@@ -246,6 +246,39 @@ def test_held_out_pairs_are_a_seeded_subset_read_as_held_out_samples_are(process
     assert all(row in picked[2] for row in picked[0])
 
 
+def test_data_check_reads_a_pairs_file_as_dpo_training_does(processor, pairs_file, tmp_path, capsys):
+    from cotune.cli import main
+    from cotune.config import load_options
+    from cotune.data.check import check_data
+    from cotune.data.pair_batches import encode_pairs
+    from cotune.models.families import MLLAMA
+
+    good = pairs_file.read_text().splitlines()
+    first = json.loads(good[0])
+    bad = [
+        "{not json",
+        json.dumps({k: v for k, v in first.items() if k != "rejected"}),
+        json.dumps(dict(first, image="nowhere.png")),
+        json.dumps(dict(first, rejected=first["rejected"] + " word" * 300)),  # too long on one side
+    ]
+    path = pairs_file.parent / "messy_pairs.jsonl"
+    path.write_text("\n".join(good[:3] + bad + good[3:]) + "\n")
+    cfg = load_options("data", overrides=[("data.max_seq_len", "400")]).options
+    report = check_data(cfg, path, processor, MLLAMA, log=lambda s: None)
+    pairs, problems = read_pairs(path)  # what training reads, then tokenizes
+    encoded, token_problems = encode_pairs(pairs, processor, MLLAMA, 400, "drop")
+    assert [str(p) for p in report.problems] == sorted(
+        map(str, problems + token_problems), key=lambda s: int(s.split(":")[1])
+    )
+    assert [p.where.split(":")[1] for p in report.problems] == ["4", "5", "6", "7"] and report.usable == len(
+        encoded
+    ) == 8
+    assert report.records == 12 and len(report.lengths) == 8 and min(report.label_tokens) > 0
+    assert main(["data", "check", str(pairs_file)]) == 0  # the clean file passes
+    out = capsys.readouterr().out
+    assert "preference pairs" in out and "result: OK" in out
+
+
 def _flags(model, pairs, out: Path, steps: int, **extra) -> list[str]:
     flags = {
         "model_name": model, "dataset": pairs, "output_dir": out, "method": "dpo", "beta": 0.1,

@@ -2,7 +2,8 @@
 
 ``check_data`` runs exactly the validation training runs (``build.load_data_file`` then, with a
 model, ``dataset.encode_samples``), so the records it lists as problems are exactly the ones
-training skips. On top it reports what does not stop training but deserves a look: LLaVA-CoT's
+training skips; a preference-pairs file (records with ``chosen`` and ``rejected``) is checked as
+``method: dpo`` training reads it (``check_pairs``). On top it reports what does not stop training but deserves a look: LLaVA-CoT's
 four-stage tags missing or out of order, augmentation settings that contradict the questions (hue
 jitter under colour questions, flips under left/right ones), and the distribution of token and
 label counts.
@@ -18,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from cotune.data.augment import augment_conflicts
+from cotune.data.chat import IGNORE_INDEX
 from cotune.data.cot import STAGES, parse_stages
+from cotune.data.pairs import is_pairs_file, read_pairs
 from cotune.data.records import Problem, Sample, problem_order
 from cotune.data.split import check_split
 
@@ -116,6 +119,8 @@ def check_data(
     from cotune.data.build import load_data_file
     from cotune.data.dataset import encode_samples
 
+    if cfg.data.format == "auto" and is_pairs_file(path):
+        return check_pairs(cfg, path, processor, family, log)
     report = CheckReport(path=str(path), max_seq_len=cfg.data.max_seq_len)
     if cfg.data.format != "auto":
         report.fmt = f"'{cfg.data.format}' (set by data.format)"
@@ -143,6 +148,37 @@ def check_data(
         report.usable = len(encoded)
     else:
         report.usable = len(samples)
+    report.problems = sorted(problems, key=lambda p: problem_order(p.where))
+    report.warnings.sort(key=lambda p: problem_order(p.where))
+    return report
+
+
+def check_pairs(
+    cfg: Any, path: str | Path, processor: Any = None, family: Any = None, log=print
+) -> CheckReport:
+    """A preference-pairs file checked as ``method: dpo`` training reads it (``pairs.read_pairs``:
+    structure and pictures; with a processor both replies of each pair tokenized, as
+    ``pair_batches.encode_pairs`` does): ``report.problems`` are the pairs training would skip.
+    Token lengths are a pair's longer side, label tokens its chosen reply's."""
+    from cotune.data.pair_batches import encode_pairs
+
+    d = cfg.data
+    report = CheckReport(path=str(path), max_seq_len=d.max_seq_len, fmt="preference pairs (for method dpo)")
+    log(f"{Path(path).name}: preference pairs (chosen / rejected)")
+    start = time.perf_counter()
+    pairs, problems = read_pairs(path, d.image_root, d.system_prompt, d.image_workers, d.image_check)
+    report.seconds = time.perf_counter() - start
+    chosen = [c for c, _ in pairs]
+    report.records, report.usable = len(pairs) + len(problems), len(pairs)
+    report.images, report.turns = sum(len(c.images) for c in chosen), [len(c.messages) for c in chosen]
+    report.images_per_record = Counter(len(c.images) for c in chosen)
+    _cot_warnings(chosen, report)
+    if processor is not None:
+        encoded, token_problems = encode_pairs(pairs, processor, family, d.max_seq_len, d.overlength)
+        problems += token_problems
+        report.lengths = [max(len(c.input_ids), len(r.input_ids)) for c, r in encoded]
+        report.label_tokens = [sum(t != IGNORE_INDEX for t in c.labels) for c, _ in encoded]
+        report.usable = len(encoded)
     report.problems = sorted(problems, key=lambda p: problem_order(p.where))
     report.warnings.sort(key=lambda p: problem_order(p.where))
     return report

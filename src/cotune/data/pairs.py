@@ -41,6 +41,17 @@ from cotune.data.sample import ROLES, Problem, Sample, conversation_to_messages,
 PAIR_LAYOUTS = ("cotune", "trl", "llamafactory")
 
 
+def is_pairs_file(path: str | Path) -> bool:
+    """True when ``path`` is a JSON or JSON-lines file whose first record holds 'chosen' and 'rejected'."""
+    path = Path(path)
+    if not path.is_file() or path.suffix.lower() not in (".json", ".jsonl"):
+        return False
+    for _, obj in iter_json_records(path):
+        if isinstance(obj, dict):
+            return "chosen" in obj and "rejected" in obj
+    return False
+
+
 def pair_layout(obj: dict) -> str:
     """Which layout a record is in (see the module docstring). Raises ValueError naming the fields."""
     if "chosen" not in obj or "rejected" not in obj:
