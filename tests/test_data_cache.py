@@ -172,6 +172,32 @@ def test_a_killed_build_leaves_no_entry_and_pickles_stay_small(processor, messy,
     assert np.array_equal(copy[3].input_ids, rows[3].input_ids) and copy[3].images == rows[3].images
 
 
+def test_the_cache_keeps_within_its_size_removing_the_least_recently_used(processor, messy, tmp_path):
+    import time
+
+    root, said = tmp_path / "c", []
+    cfg = load_config(None, options(messy, root, ("data.max_seq_len", "300")))
+    first = cache.prepare_file(messy, cfg.data, processor, MLLAMA, root, log=said.append).folder
+    size = sum(f.stat().st_size for f in first.iterdir())
+    old = time.time() - 7200  # two hours ago: not in use
+    os.utime(first / "meta.json", (old, old))
+    for n, seq in enumerate(("301", "302")):  # two more entries of the same size, used in turn
+        cfg = load_config(None, options(messy, root, ("data.max_seq_len", seq)))
+        cfg.data.cache_max_gib = 0  # no limit while building them
+        entry = cache.prepare_file(messy, cfg.data, processor, MLLAMA, root, log=said.append).folder
+        os.utime(entry / "meta.json", (old + 60 * (n + 1), old + 60 * (n + 1)))
+    cfg = load_config(None, options(messy, root, ("data.max_seq_len", "300")))
+    cache.prepare_file(messy, cfg.data, processor, MLLAMA, root, log=said.append)  # the first is used again
+    assert (first / "meta.json").stat().st_mtime > time.time() - 60
+    cfg = load_config(None, options(messy, root, ("data.max_seq_len", "303")))
+    cfg.data.cache_max_gib = 2.5 * size / 2**30  # room for two of the four
+    newest = cache.prepare_file(messy, cfg.data, processor, MLLAMA, root, log=said.append).folder
+    left = sorted(p.name for p in root.iterdir())
+    assert left == sorted([first.name, newest.name])  # the two used longest ago are gone
+    assert any("removed 2 least recently used entries" in s for s in said)
+    assert cache.evict(root, 1, keep=newest) == []  # the other was used this hour: kept over the limit
+
+
 def test_loader_defaults_use_workers_and_pinned_memory_on_a_gpu_only(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")

@@ -47,6 +47,7 @@ from cotune.models.families import ModelFamily
 CACHE_VERSION = 1
 CACHE_ENV = "COTUNE_DATA_CACHE"  # overrides the default folder (tests point it at a temporary one)
 STALE_SECONDS = 24 * 3600  # a temporary folder this old is a killed build's
+IN_USE_SECONDS = 3600  # an entry used this recently is never evicted (a running job may be reading it)
 
 
 def default_cache_dir() -> Path:
@@ -179,6 +180,42 @@ def _first_decides(value: Any, world_size: int) -> Any:
     return box[0]
 
 
+def _mark_used(entry: Path) -> None:
+    """Stamps ``entry`` as used now (its ``meta.json``'s modification time): eviction goes by it."""
+    try:
+        os.utime(entry / "meta.json")
+    except OSError:  # a read-only shared cache: the entry is used all the same
+        pass
+
+
+def _entry_bytes(entry: Path) -> int:
+    return sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
+
+
+def evict(
+    root: Path, max_bytes: int, keep: Path | None = None, log=print, idle: float = IN_USE_SECONDS
+) -> list[Path]:
+    """Removes the least recently used entries of ``root`` until they hold at most ``max_bytes``
+    (0: no limit). Never ``keep`` (the entry just built) nor one used in the last ``idle`` seconds
+    (another job may be reading it). Returns the removed entries."""
+    entries = [e for e in root.iterdir() if (e / "meta.json").is_file()] if max_bytes else []
+    sizes = {e: _entry_bytes(e) for e in entries}
+    total, removed = sum(sizes.values()), []
+    for entry in sorted(entries, key=lambda e: (e / "meta.json").stat().st_mtime):
+        if total <= max_bytes:
+            break
+        if entry == keep or time.time() - (entry / "meta.json").stat().st_mtime < idle:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        total -= sizes[entry]
+        removed.append(entry)
+    if removed:
+        freed = sum(sizes[e] for e in removed) / 2**30
+        log(f"data cache: removed {len(removed)} least recently used entries ({freed:.2f} GiB) to stay within "
+            f"data.cache_max_gib={max_bytes / 2**30:g} ({total / 2**30:.2f} GiB now in {root})")  # fmt: skip
+    return removed
+
+
 def remove_stale(root: Path, older_than: float = STALE_SECONDS) -> None:
     """Removes the temporary folders of builds killed more than ``older_than`` seconds ago."""
     for tmp in root.glob("*.tmp-*"):
@@ -223,6 +260,8 @@ def prepare_file(
     token = _first_decides("" if (final / "meta.json").exists() else secrets.token_hex(4), world_size)
     say = log if rank == 0 else (lambda s: None)
     if not token:
+        if rank == 0:
+            _mark_used(final)
         entry = EncodedFile(final)
         say(entry.meta.get("format_line") or f"{Path(path).name}: format '{d.format}'")
         say(f"{Path(path).name}: prepared data read from the cache {final} (built {entry.meta['built']})")
@@ -244,6 +283,7 @@ def prepare_file(
         say(
             f"{Path(path).name}: prepared in {time.perf_counter() - start:.1f} s by {world_size} process(es) into {final}"
         )
+        evict(root, int(getattr(d, "cache_max_gib", 0) * 2**30), keep=final, log=say)
     _barrier(world_size)
     return EncodedFile(final)
 

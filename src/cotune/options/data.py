@@ -119,6 +119,11 @@ class DataCacheOptions:
         "Folder of the prepared-data cache (default: $COTUNE_DATA_CACHE, else ~/.cache/cotune/data, "
         "shared by all runs).",
     )
+    cache_max_gib: float = opt(
+        50.0,
+        "Size the cache folder is kept within: after building an entry, the least recently used "
+        "others are removed (never one used in the last hour); 0: no limit.",
+    )
     prepare_workers: int = opt(
         -1,
         "Worker processes that check and tokenize a process's share of a data file as its cache "
