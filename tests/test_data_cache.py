@@ -92,6 +92,26 @@ def test_cached_batches_equal_in_memory_and_a_changed_file_or_setting_rebuilds(p
     assert len(list((tmp_path / "c").iterdir())) == 3
 
 
+@pytest.mark.parametrize("kind", ["parquet", "arrow"])
+def test_pictures_stored_in_a_table_are_cached_as_references_to_their_cells(processor, tmp_path, kind):
+    from cotune.data.formats import TABLE_MARK
+    from test_formats import write_hf
+
+    path, columns = write_hf(tmp_path, kind)
+    extra = [("data.columns", json.dumps(columns)), ("data.max_seq_len", "256"), ("run_validation", "False")]
+    said = []
+    cached = build_data(
+        load_config(None, options(path, tmp_path / "c", *extra)), processor, MLLAMA, log=said.append
+    )
+    plain = build_data(
+        load_config(None, options(path, tmp_path / "c", ("data.cache", "False"), *extra)), processor, MLLAMA
+    )
+    assert any("prepared in" in s for s in said)  # the table's data went through the cache
+    assert_same_batches(batches(cached.train), batches(plain.train))  # pixel values included
+    (entry,) = (tmp_path / "c").iterdir()
+    assert TABLE_MARK in prepared.EncodedFile(entry).column("images")[0]
+
+
 def test_problems_are_those_of_data_check(processor, messy, tmp_path):
     cfg = load_config(None, options(messy, tmp_path / "c", ("data.max_seq_len", "300")))
     splits = encode_splits(cfg, processor, MLLAMA, 0, 1, log=lambda s: None)

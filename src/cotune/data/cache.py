@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from cotune.data.formats import image_ref_text
 from cotune.data.prepared import EncodedFile
 from cotune.data.records import read_samples
 from cotune.data.shard_pool import encode_share
@@ -180,12 +181,18 @@ def _first_decides(value: Any, world_size: int) -> Any:
     return box[0]
 
 
-def _mark_used(entry: Path) -> None:
-    """Stamps ``entry`` as used now (its ``meta.json``'s modification time): eviction goes by it."""
-    try:
-        os.utime(entry / "meta.json")
-    except OSError:  # a read-only shared cache: the entry is used all the same
-        pass
+def _open_entry(final: Path, name: str, fmt: str, rank: int, say) -> EncodedFile:
+    """The entry built by an earlier run, stamped as used now (its ``meta.json``'s modification
+    time, which eviction goes by) and announced."""
+    if rank == 0:
+        try:
+            os.utime(final / "meta.json")
+        except OSError:  # a read-only shared cache: the entry is used all the same
+            pass
+    entry = EncodedFile(final)
+    say(entry.meta.get("format_line") or f"{name}: format '{fmt}'")
+    say(f"{name}: prepared data read from the cache {final} (built {entry.meta['built']})")
+    return entry
 
 
 def _entry_bytes(entry: Path) -> int:
@@ -248,7 +255,8 @@ def prepare_file(
         log: where the first process says what it did.
 
     Returns:
-        The entry, or None when the file's images are not files (bytes in a table): those samples
+        The entry, or None when the file's pictures live only in memory (bytes or images inside
+        JSON records; a table's stored pictures are cached as references into it): those samples
         are read again each run.
     """
     if not Path(path).exists():
@@ -260,12 +268,7 @@ def prepare_file(
     token = _first_decides("" if (final / "meta.json").exists() else secrets.token_hex(4), world_size)
     say = log if rank == 0 else (lambda s: None)
     if not token:
-        if rank == 0:
-            _mark_used(final)
-        entry = EncodedFile(final)
-        say(entry.meta.get("format_line") or f"{Path(path).name}: format '{d.format}'")
-        say(f"{Path(path).name}: prepared data read from the cache {final} (built {entry.meta['built']})")
-        return entry
+        return _open_entry(final, Path(path).name, d.format, rank, say)
     tmp = final.with_name(f"{final.name}.tmp-{token}")
     if rank == 0:
         _make_root(root)
@@ -293,13 +296,13 @@ def write_share(
 ) -> list[str] | None:
     """Process ``rank``'s part of a build: reads the file, checks the images of and encodes its
     share of the records, writes ``tmp/shard-<rank>``. Returns what reading said (the detected
-    format), or None when the images are not files (nothing written)."""
+    format), or None when the pictures live only in memory (nothing written)."""
     start, lines = time.perf_counter(), []
     samples, problems = read_samples(path, d.image_root, d.system_prompt, d.format, d.columns, lines.append)
     for line in lines:
         log(line)
-    if not all(isinstance(ref, str) for s in samples for ref in s.images):
-        return None  # every process sees the same records, so all return here
+    if any(image_ref_text(ref) is None for s in samples for ref in s.images):
+        return None  # pictures held in memory only; every process sees the same records, so all return here
     lo, hi = share_bounds(len(samples), rank, world_size)
     mine, problems = samples[lo:hi], problems if rank == 0 else []  # reading's problems: once
     del samples  # the other shares' records are not kept

@@ -325,6 +325,24 @@ class TableImage:
         return f"'{Path(self.source).name}' row {self.row + 1} column '{self.column}'{index}"
 
 
+TABLE_MARK = "\x01"  # starts a stored TableImage in the cache's image column (no path starts so)
+
+
+def image_ref_text(ref: Any) -> str | None:
+    """An image reference as the cache stores it: a path as it is, a ``TableImage`` as its
+    coordinates after ``TABLE_MARK``; None for what only lives in memory (bytes, PIL images)."""
+    if isinstance(ref, str):
+        return ref
+    if isinstance(ref, TableImage):
+        return TABLE_MARK + json.dumps([ref.source, ref.row, ref.column, ref.k])
+    return None
+
+
+def image_ref_from_text(text: str) -> Any:
+    """The reference ``image_ref_text`` stored."""
+    return TableImage(*json.loads(text[1:])) if text.startswith(TABLE_MARK) else text
+
+
 def _table_image_column(names: list[str], columns: dict) -> str | None:
     for canonical in ("images", "image"):
         if canonical in columns and columns[canonical] in names:

@@ -3,7 +3,7 @@
 An entry's files, per checked sample (a record that passed reading and the image check, in file
 order): ``status`` (``dataset.KEPT`` ...), ``rendered`` (tokens before the max_seq_len policy, -1
 when unrenderable), ``mentions`` (``augment.mention_flags``) and the strings ``where``, ``id``,
-``images`` (NUL-separated paths) and ``meta`` (JSON), each as ``<name>.bytes.npy`` (UTF-8) and
+``images`` (NUL-separated paths, or a table's stored pictures as ``formats.image_ref_text`` writes them) and ``meta`` (JSON), each as ``<name>.bytes.npy`` (UTF-8) and
 ``<name>.offsets.npy``; per kept sample: ``token_offsets`` into ``ids`` (int32 token ids) and
 ``labels`` (1 where the token is a label: labels are the tokens of the replies, so a mask holds
 them); ``meta.json``: the problems found reading and tokenizing, the shares of the build.
@@ -18,6 +18,7 @@ import numpy as np
 
 from cotune.data.chat import IGNORE_INDEX
 from cotune.data.dataset import TRUNCATED, Encoded, EncodeStats, encode_stats
+from cotune.data.formats import image_ref_from_text
 from cotune.data.sample import Problem, Sample
 
 STRINGS = ("where", "id", "images", "meta")  # per-sample string columns
@@ -58,7 +59,7 @@ class EncodedFile:
 
     def images(self, position: int) -> list[str]:
         joined = self.string("images", position)
-        return joined.split("\0") if joined else []
+        return [image_ref_from_text(t) for t in joined.split("\0")] if joined else []
 
     def tokens(self, position: int) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, labels) of a kept sample, as int64 arrays."""
@@ -78,7 +79,11 @@ class EncodedFile:
         columns = zip(*(self.column(name) for name in ("id", "images", "where", "meta")))
         return [
             Sample(
-                i, [], images.split("\0") if images else [], where, {} if meta == "{}" else json.loads(meta)
+                i,
+                [],
+                [image_ref_from_text(t) for t in images.split("\0")] if images else [],
+                where,
+                {} if meta == "{}" else json.loads(meta),
             )
             for i, images, where, meta in columns
         ]

@@ -21,6 +21,7 @@ import numpy as np
 from cotune.data.augment import mention_flags
 from cotune.data.chat import IGNORE_INDEX
 from cotune.data.dataset import KEPT, TRUNCATED, encode_one
+from cotune.data.formats import image_ref_text
 from cotune.data.prepared import DTYPES, STRINGS
 from cotune.data.records import check_sample_images
 from cotune.data.sample import Problem, Sample
@@ -93,7 +94,8 @@ class Shard:
 
 
 def _sample_strings(sample: Sample) -> tuple[str, str, str, str]:
-    return sample.where, str(sample.id), "\0".join(sample.images), json.dumps(sample.meta)
+    images = "\0".join(image_ref_text(ref) for ref in sample.images)
+    return sample.where, str(sample.id), images, json.dumps(sample.meta)
 
 
 def share_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
