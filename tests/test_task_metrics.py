@@ -1,6 +1,7 @@
 """Task metrics during training (train/task_metrics.py and the validation hook in train/loop.py)."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -24,8 +25,6 @@ def test_subset_is_fixed_by_the_seed_and_has_gold_answers(shapes):
     assert samples[0].id not in {s.id for s in a.samples}
     assert task_metrics.task_subset(samples, 0, seed=7) is None
     assert len(task_metrics.task_subset(samples, 100, seed=7).samples) == len(samples) - 1
-    with pytest.raises(ValueError, match="one process only"):
-        task_metrics.task_subset(samples, 4, seed=7, world_size=2)
 
 
 def test_greedy_reply_is_what_generate_answers(base, processor, shapes):
@@ -52,7 +51,7 @@ def test_training_logs_accuracy_at_each_validation_and_keeps_the_most_accurate(
     def measure(*args, **kwargs):
         figures = real(*args, **kwargs)
         seen.append(dict(figures))
-        return figures | {"eval_accuracy": next(scripted)}
+        return figures | {"eval_accuracy": next(scripted)}  # the current ``scripted``
 
     monkeypatch.setattr(task_metrics, "measure_task", measure)
     run = tmp_path / "run"
@@ -78,3 +77,49 @@ def test_training_logs_accuracy_at_each_validation_and_keeps_the_most_accurate(
     best = load_file(str(result.best_adapter_dir / "adapter_model.safetensors"))
     step1 = load_file(str(run / "checkpoints" / "step_00000001" / "adapter" / "adapter_model.safetensors"))
     assert best.keys() == step1.keys() and all(torch.equal(best[k], step1[k]) for k in best)
+
+    # resumed from step 1, a less accurate step 2 does not replace best_adapter: the best accuracy
+    # is in the checkpoint
+    state = json.loads((run / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
+    assert state["best_eval_accuracy"] == 0.75
+    shutil.rmtree(run / "checkpoints" / "step_00000002")
+    scripted = iter([0.5])
+    finetune(cfg.__class__(**{**vars(cfg), "resume": "auto"}), log=lambda s: None)
+    best = load_file(str(run / "best_adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(best[k], step1[k]) for k in best)
+
+
+@pytest.mark.slow
+def test_two_processes_answer_the_subset_as_one_does(tiny_mllama, shapes, tmp_path):
+    """Under torchrun (FSDP, 2 ranks) the ranks share the questions (3: one rank answers one again
+    and drops it) and log the figures one process logs with the same global batch."""
+    import sys
+
+    from cotune.train.metrics import read_metrics
+    from test_distributed import _in_process, _run
+
+    def flags(out, batch):
+        return [f"--{k}={v}" for k, v in {
+            "model_name": tiny_mllama, "dataset": shapes["train"], "test_file": shapes["test"], "output_dir": out,
+            "max_train_step": 1, "batch_size_training": batch, "lr": 1e-2, "max_eval_step": 1,
+            "eval_generate_samples": 3, "eval_generate_max_new_tokens": 4, "save_model": False,
+            "keep_last_checkpoints": 0, "progress": False, "data.max_seq_len": 1024,
+            "lora_config.lora_dropout": 0.0}.items()]  # fmt: skip
+
+    cmd = [sys.executable, "-m", "cotune", "train", "--enable_fsdp", "--nproc_per_node=2"]
+    done = _run(cmd + flags(tmp_path / "two", 1), timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    _in_process(flags(tmp_path / "one", 2))
+    two, one = (
+        [r for r in read_metrics(tmp_path / n / "metrics.jsonl") if "eval_accuracy" in r]
+        for n in ("two", "one")
+    )
+    assert len(two) == len(one) == 2  # step 0 and the end
+    for a, b in zip(two, one):
+        assert a["eval_generate_n"] == b["eval_generate_n"] == 3
+        for k in a:
+            if (
+                k.startswith(("eval_accuracy", "eval_answered", "eval_recall_"))
+                or k == "eval_generate_tokens"
+            ):
+                assert a[k] == b[k], (k, a, b)

@@ -11,10 +11,12 @@ embedding are all-gathered once per step by the root.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -329,6 +331,33 @@ def broadcast_object(obj: Any) -> Any:
         dist.broadcast_object_list(box, src=0)
         return box[0]
     return obj
+
+
+@contextlib.contextmanager
+def root_unsharded(root: torch.nn.Module) -> Iterator[None]:
+    """The FSDP root's own parameters (those outside the layer units: embeddings, the vision
+    tower's patch embedding, norms, the head) gathered for calls that do not go through the root's
+    forward, such as ``generate`` on the model it wraps; the layer units gather themselves as
+    they run. Nothing to do for a module that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(root, FSDPModule):
+        yield
+        return
+    root.unshard()
+    try:
+        yield
+    finally:
+        root.reshard()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order ([obj] in one process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
 
 
 def initialized() -> bool:

@@ -134,7 +134,7 @@ class LoopState:
     train_losses: list[float] = field(default_factory=list)
     eval_losses: list[float] = field(default_factory=list)
     best_adapter_dir: Path | None = None
-    best_eval_accuracy: float = -math.inf  # best_adapter_metric accuracy (not kept across a resume)
+    best_eval_accuracy: float = -math.inf  # highest task accuracy after a step (best_adapter_metric accuracy)
     audited: bool = False
     val_stages: dict = field(default_factory=dict)
 
@@ -219,7 +219,7 @@ def setup(cfg: TrainConfig, log=print) -> Run:
         resumed=resumed,
         resumed_from=resume_from,
         trackers=trackers,
-        task=task_metrics.task_subset(data.val_samples, cfg.eval_generate_samples, cfg.seed, dist.world_size)
+        task=task_metrics.task_subset(data.val_samples, cfg.eval_generate_samples, cfg.seed)
         if cfg.run_validation
         else None,
         objective=build_objective(cfg, model),
@@ -512,6 +512,7 @@ def initial_state(run: Run) -> LoopState:
     if saved is None:
         return state
     state.step, state.best_eval_loss = saved.step, saved.best_eval_loss
+    state.best_eval_accuracy = saved.best_eval_accuracy
     state.epoch, state.batches_done, warning = resume.resume_position(saved, run.global_batch)
     if warning:
         run.log(f"warning: {warning}")
@@ -694,9 +695,11 @@ def validate_task(run: Run) -> dict:
     if run.task is None:
         return {}
     inputs = functools.partial(model_inputs, run)
-    figures = task_metrics.measure_task(
-        run.model, run.processor, run.family, run.task, run.cfg.eval_generate_max_new_tokens, inputs
-    )
+    with distributed.root_unsharded(run.loss_model):  # generate calls the model, not the FSDP root
+        figures = task_metrics.measure_task(
+            run.model, run.processor, run.family, run.task, run.cfg.eval_generate_max_new_tokens, inputs,
+            run.dist.rank, run.dist.world_size,
+        )  # fmt: skip
     run.log(task_metrics.describe(figures))
     return figures
 
@@ -713,6 +716,7 @@ def checkpoint(run: Run, state: LoopState, epoch_complete: bool) -> None:
         batches_done=state.batches_done,
         epoch_complete=epoch_complete,
         best_eval_loss=state.best_eval_loss,
+        best_eval_accuracy=state.best_eval_accuracy,
         metrics_bytes=metrics.stat().st_size if metrics and metrics.exists() else None,
         world_size=run.dist.world_size,
         global_batch=run.global_batch,

@@ -5,7 +5,7 @@ A checkpoint is a directory ``output_dir/checkpoints/step_NNNNNNNN/``::
     .metadata, *.distcp      torch.distributed.checkpoint: LoRA weights + optimizer state, sharded
     adapter/                 the adapter in PEFT format (gathered to rank 0; loads without cotune)
     rng/rank_NNNNN.json      every rank's RNG states (python, numpy, torch, cuda)
-    trainer_state.json       step, epoch, position in the epoch, scheduler, best eval loss, metrics offset
+    trainer_state.json       step, epoch, position in the epoch, scheduler, best eval loss and accuracy, metrics offset
 
 It is written into ``.step_NNNNNNNN.tmp-write`` by every rank and renamed by rank 0 after a barrier,
 so a directory named ``step_*`` is always complete; a crash mid-write leaves the previous one whole.
@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import math
 import random
 import re
 import shutil
@@ -55,6 +56,8 @@ class TrainerState:
         global_batch: samples per loader batch over all ranks (batch per process x world size).
         scheduler: the learning-rate scheduler's ``state_dict``.
         scaler: the fp16 GradScaler's ``state_dict`` when one is used.
+        best_eval_accuracy: highest task accuracy after a step (``best_adapter_metric: accuracy``);
+            -inf in checkpoints written before it was kept.
     """
 
     step: int
@@ -67,6 +70,7 @@ class TrainerState:
     global_batch: int
     scheduler: dict = field(default_factory=dict)
     scaler: dict | None = None
+    best_eval_accuracy: float = -math.inf
 
 
 # ----------------------------------------------------------------------------- finding checkpoints

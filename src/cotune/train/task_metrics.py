@@ -8,8 +8,10 @@ needs no padding logic: the generation code of ``cotune generate`` lives in ``in
 above training, and the subset is small. What it costs (seconds, tokens) is printed at each
 validation. ``best_adapter_metric: accuracy`` keeps the adapter of the most accurate validation.
 
-Several processes (FSDP over ranks) are not supported yet: every rank would have to run the same
-number of forward passes while their answers end at different lengths.
+Under torchrun the ranks share the questions (rank r answers r, r + N, ...): every forward of a
+sharded model is collective, so each rank keeps stepping (``generate(synced_gpus=True)``) until all
+have finished their answer, and a rank short of a question answers one again and drops it; the
+verdicts are gathered and scored as one process scores them.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from cotune.data.cot import parse_stages
 from cotune.data.images import load_image
 from cotune.data.sample import Sample
 from cotune.models.families import ModelFamily
+from cotune.train import distributed
 
 
 @dataclass
@@ -41,19 +44,14 @@ class TaskSubset:
     settings: list[dict] = field(default_factory=list)
 
 
-def task_subset(samples: list[Sample], n: int, seed: int, world_size: int = 1) -> TaskSubset | None:
+def task_subset(samples: list[Sample], n: int, seed: int) -> TaskSubset | None:
     """``n`` of ``samples`` with a gold answer, drawn with ``seed`` (all of them if fewer); None when ``n`` is 0.
 
     Raises:
-        ValueError: several processes, or no validation sample has a gold answer.
+        ValueError: no validation sample has a gold answer.
     """
     if not n:
         return None
-    if world_size > 1:
-        raise ValueError(
-            "eval_generate_samples runs in one process only (not yet under torchrun with several processes): "
-            "set eval_generate_samples 0 there and run `cotune eval` on the saved adapters"
-        )
     answered = [s for s in samples if gold_answer(s) is not None]
     if not answered:
         raise ValueError(
@@ -74,10 +72,12 @@ def greedy_reply(
     sample: Sample,
     max_new_tokens: int,
     inputs_of: Callable[[dict], dict],
+    synced: bool = False,
 ) -> tuple[str, int]:
     """The greedy reply to ``sample``'s first turn, and the tokens it took (prompt + generated).
 
-    ``inputs_of`` puts a collated batch's model inputs on the device (the loop's ``model_inputs``).
+    ``inputs_of`` puts a collated batch's model inputs on the device (the loop's ``model_inputs``);
+    ``synced``: every rank of the job generates at once (a sharded model's forwards are collective).
     """
     tokenizer = processor.tokenizer
     messages = first_turn(sample)[0]
@@ -91,6 +91,7 @@ def greedy_reply(
     out = model.generate(
         **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
         pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None, use_cache=True,
+        synced_gpus=synced,
     )  # fmt: skip
     new = out[0, len(ids) :].tolist()
     cut = next((i for i, t in enumerate(new) if t in eos), len(new))
@@ -101,6 +102,30 @@ def _key(label: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_") or "blank"
 
 
+def _answer_share(
+    model, processor, family, subset: TaskSubset, max_new_tokens: int, inputs_of, rank: int, world_size: int
+) -> list[tuple]:
+    """This rank's questions (``rank``, ``rank + world_size``, ...) answered: per question (its
+    index, score, whether it had a CONCLUSION, tokens spent). Every rank answers as many times."""
+    n, out = len(subset.samples), []
+    for r in range(-(-n // world_size)):
+        i = rank + r * world_size
+        k = (
+            i if i < n else rank % n
+        )  # short of a question: answer one again, for the collectives, and drop it
+        reply, spent = greedy_reply(
+            model, processor, family, subset.samples[k], max_new_tokens, inputs_of, synced=world_size > 1
+        )
+        if i < n:
+            conclusion = parse_stages(reply).get("CONCLUSION", "")
+            setting = subset.settings[i]
+            score = score_answer(
+                conclusion, subset.golds[i], setting.get("kind"), None, setting.get("options")
+            )
+            out.append((i, score, bool(conclusion), spent))
+    return out
+
+
 def measure_task(
     model: torch.nn.Module,
     processor: Any,
@@ -108,30 +133,30 @@ def measure_task(
     subset: TaskSubset,
     max_new_tokens: int,
     inputs_of: Callable[[dict], dict],
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, float]:
-    """Answers the subset and scores the answers.
+    """Answers the subset (shared by the ``world_size`` ranks, every rank calls it) and scores the answers.
 
     Returns:
-        Flat figures for metrics.jsonl: ``eval_accuracy``, ``eval_answered`` (share of answers with
-        a CONCLUSION), ``eval_recall_<class>`` per gold class (yes/no, option letters, numbers, or
-        free text with up to 10 classes), ``eval_generate_seconds`` and ``eval_generate_tokens``.
+        Flat figures for metrics.jsonl, the same on every rank: ``eval_accuracy``, ``eval_answered``
+        (share of answers with a CONCLUSION), ``eval_recall_<class>`` per gold class (yes/no, option
+        letters, numbers, or free text with up to 10 classes), ``eval_generate_seconds`` and
+        ``eval_generate_tokens`` (all ranks').
     """
     was_training = model.training
     model.eval()
-    start, tokens, scores, answered = time.perf_counter(), 0, [], 0
+    start = time.perf_counter()
     try:
-        for sample, gold, setting in zip(subset.samples, subset.golds, subset.settings):
-            reply, spent = greedy_reply(model, processor, family, sample, max_new_tokens, inputs_of)
-            tokens += spent
-            conclusion = parse_stages(reply).get("CONCLUSION", "")
-            answered += bool(conclusion)
-            scores.append(score_answer(conclusion, gold, setting.get("kind"), None, setting.get("options")))
+        mine = _answer_share(model, processor, family, subset, max_new_tokens, inputs_of, rank, world_size)
     finally:
         model.train(was_training)
+    answers = sorted((a for share in distributed.all_gather_object(mine) for a in share), key=lambda a: a[0])
+    scores = [score for _, score, _, _ in answers]
     n = len(scores)
     figures = {
         "eval_accuracy": sum(s["correct"] for s in scores) / n,
-        "eval_answered": answered / n,
+        "eval_answered": sum(a[2] for a in answers) / n,
         "eval_generate_n": n,
     }
     by_class: dict[str, list[int]] = {}
@@ -142,7 +167,7 @@ def measure_task(
     if len(by_class) <= 10:
         figures |= {f"eval_recall_{_key(c)}": k / m for c, (k, m) in sorted(by_class.items())}
     figures["eval_generate_seconds"] = round(time.perf_counter() - start, 2)
-    figures["eval_generate_tokens"] = tokens
+    figures["eval_generate_tokens"] = sum(a[3] for a in answers)
     return figures
 
 
