@@ -247,12 +247,13 @@ def test_review_keys_write_decisions_reviewed_file_and_pairs(browser, url, files
     ]  # fmt: skip
 
 
-def _generate(tiny_mllama, adapters: list[str], image: str) -> dict[str, str]:
+def _generate(tiny_mllama, adapters: list[str], image: str, search: str = "none") -> dict[str, str]:
     """``cotune generate``'s replies, one per adapter (the library call behind the command)."""
     from cotune.config import load_options
     from cotune.infer.commands import run_generate
 
     overrides = [("model_name", str(tiny_mllama)), ("image", image), ("max_new_tokens", MAX_NEW_TOKENS)]
+    overrides.append(("search", search))
     overrides += [("adapter", a) for a in adapters]
     out = io.StringIO()
     run_generate(load_options("generate", overrides=overrides).options, QUESTION, out=out)
@@ -262,6 +263,7 @@ def _generate(tiny_mllama, adapters: list[str], image: str) -> dict[str, str]:
 
 def test_chat_answers_side_by_side_as_cotune_generate_does(browser, url, files, tiny_mllama, shots):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
 
     _open(browser, url, "chat")
     thumb = _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".thumbs img"))[0]
@@ -283,3 +285,9 @@ def test_chat_answers_side_by_side_as_cotune_generate_does(browser, url, files, 
     browser.find_element(By.ID, "chat-ask").click()
     _wait(browser, lambda d: d.execute_script(done) == ["true"], timeout=240)
     assert dict(browser.execute_script(texts)) == {"run": want["run"]}
+    for search in ("stage", "best-of-n"):  # the searches, seeded as `cotune generate --search ...` is
+        Select(browser.find_element(By.ID, "chat-search")).select_by_value(search)
+        browser.find_element(By.ID, "chat-ask").click()
+        _wait(browser, lambda d: d.execute_script(done) == ["true"], timeout=240)
+        searched = _generate(tiny_mllama, ["none", f"run={files['run'] / 'adapter'}"], str(image), search)
+        assert dict(browser.execute_script(texts)) == {"run": searched["run"]} != {"run": want["run"]}, search
