@@ -134,7 +134,27 @@ def test_two_shares_merge_into_the_one_process_entry(processor, messy, tmp_path)
         assert np.array_equal(values, two.arrays[name]), name
     assert whole.problems == two.problems and whole.encode_problems == two.encode_problems
     first, second = [s["records"] for s in two.meta["shares"]]
-    assert second - first in (0, 1) and first + second == len(whole) + 2  # with the 2 of bad images
+    assert first > 0 and second > 0 and first + second == len(whole) + 2  # with the 2 of bad images
+
+
+def test_shares_of_a_json_lines_file_read_each_line_once_numbered_as_in_the_whole(tmp_path):
+    import random
+
+    from cotune.data.formats import iter_json_records
+
+    path = tmp_path / "rows.jsonl"
+    lines = [json.dumps({"k": k, "text": "x" * random.Random(k).randrange(200)}).encode() for k in range(40)]
+    lines[5], lines[9], lines[12] = b"", b"{broken", b'{"bad": "\xff"}'
+    path.write_bytes(b"\n".join(lines) + b"\n\n")
+    whole = [(w, o if isinstance(o, dict) else type(o).__name__) for w, o in iter_json_records(path)]
+    assert [w for w, _ in whole][:6] == [f"rows.jsonl:{n}" for n in (1, 2, 3, 4, 5, 7)]  # line 6 is blank
+    assert len(whole) == 39 and dict(whole)["rows.jsonl:13"] == "JSONDecodeError"  # not UTF-8: a problem
+    size, rng = path.stat().st_size, random.Random(0)
+    for parts in (2, 3, 7):
+        cuts = [0, *sorted(rng.sample(range(1, size), parts - 1)), size]
+        shares = [list(iter_json_records(path, (a, b))) for a, b in zip(cuts, cuts[1:])]
+        got = [(w, o if isinstance(o, dict) else type(o).__name__) for share in shares for w, o in share]
+        assert got == whole, parts
 
 
 def test_worker_processes_build_the_entry_one_process_builds_alone(processor, messy, tmp_path):

@@ -18,8 +18,9 @@ setting or cotune builds a new entry. An entry is written into a temporary folde
 into place when complete: a process killed while writing leaves no half entry (and its temporary
 folder is removed by a later build after a day).
 
-Within one job (``torchrun``) each process reads the file, checks the images of and tokenizes its
-contiguous share of the records, writes it as a shard (``shards``), spreading the share over worker
+Within one job (``torchrun``) each process reads its contiguous share of the records (of a
+JSON-lines file only the lines that start in its share of the bytes), checks their images and
+tokenizes them, writes them as a shard (``shards``), spreading the share over worker
 processes when it has more than one CPU to itself (``shard_pool``, ``data.prepare_workers``); the
 first process concatenates the shards (in order, so the result equals one process's) and renames
 the entry into place while the others wait at a barrier.
@@ -38,9 +39,9 @@ from typing import Any
 
 import torch
 
-from cotune.data.formats import image_ref_text
+from cotune.data.formats import image_ref_text, is_json_lines
 from cotune.data.prepared import EncodedFile
-from cotune.data.records import read_samples
+from cotune.data.records import problem_order, read_samples
 from cotune.data.shard_pool import encode_share
 from cotune.data.shards import concat_shards, share_bounds
 from cotune.models.families import ModelFamily
@@ -154,6 +155,7 @@ def merge_shards(folder: Path, world_size: int, meta: dict) -> None:
             "shared by every process of the job (set data.cache_dir to a shared folder, or data.cache false)"
         )
     joined = concat_shards(shards, folder)
+    joined["problems"].sort(key=lambda p: problem_order(p[0]))  # in file order, however the file was shared
     meta = meta | {k: joined[k] for k in ("problems", "encode_problems", "samples")}
     keep = ("rank", "records", "seconds", "workers")
     meta["shares"] = [{k: v for k, v in i.items() if k in keep} for i in joined["infos"]]
@@ -170,6 +172,15 @@ def _collective(world_size: int) -> bool:
 def _barrier(world_size: int) -> None:
     if _collective(world_size):
         torch.distributed.barrier()
+
+
+def _all_agree(flag: bool, world_size: int) -> bool:
+    """True on every process when ``flag`` is true on every process."""
+    if not _collective(world_size):
+        return flag
+    flags: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(flags, flag)
+    return all(flags)
 
 
 def _first_decides(value: Any, world_size: int) -> Any:
@@ -294,20 +305,26 @@ def prepare_file(
 def write_share(
     path: str | Path, d: Any, processor: Any, family: ModelFamily, tmp: Path, rank: int, world_size: int, log
 ) -> list[str] | None:
-    """Process ``rank``'s part of a build: reads the file, checks the images of and encodes its
-    share of the records, writes ``tmp/shard-<rank>``. Returns what reading said (the detected
-    format), or None when the pictures live only in memory (nothing written)."""
+    """Process ``rank``'s part of a build: reads its share of the records (of a JSON-lines file only
+    the lines in its share of the bytes; of other files all, keeping its share), checks their
+    images and encodes them, writes ``tmp/shard-<rank>``. Returns what reading said (the detected
+    format), or None when the pictures live only in memory (nothing written, on every process)."""
     start, lines = time.perf_counter(), []
-    samples, problems = read_samples(path, d.image_root, d.system_prompt, d.format, d.columns, lines.append)
+    by_bytes = world_size > 1 and is_json_lines(Path(path))
+    byte_range = share_bounds(Path(path).stat().st_size, rank, world_size) if by_bytes else None
+    samples, problems = read_samples(
+        path, d.image_root, d.system_prompt, d.format, d.columns, lines.append, byte_range
+    )
     for line in lines:
         log(line)
-    if any(image_ref_text(ref) is None for s in samples for ref in s.images):
-        return None  # pictures held in memory only; every process sees the same records, so all return here
-    lo, hi = share_bounds(len(samples), rank, world_size)
-    mine, problems = samples[lo:hi], problems if rank == 0 else []  # reading's problems: once
-    del samples  # the other shares' records are not kept
-    info = {"rank": rank, "records": hi - lo}
-    encode_share(mine, problems, processor, family, d, tmp / f"shard-{rank}", info, start, log=log)
+    cached = all(image_ref_text(ref) is not None for s in samples for ref in s.images)
+    if not _all_agree(cached, world_size):
+        return None  # pictures held in memory only (in some process's share)
+    if not by_bytes:
+        lo, hi = share_bounds(len(samples), rank, world_size)
+        samples, problems = samples[lo:hi], problems if rank == 0 else []  # reading's problems: once
+    info = {"rank": rank, "records": len(samples)}
+    encode_share(samples, problems, processor, family, d, tmp / f"shard-{rank}", info, start, log=log)
     return lines
 
 

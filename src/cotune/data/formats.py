@@ -43,14 +43,14 @@ _PEEK_BYTES = 1 << 22
 
 def _json_layout(path: Path) -> str:
     """'list' for a JSON array, 'lines' for JSON objects one per line."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # a bad byte is its line's problem, not here
         head = f.read(4096).lstrip("\ufeff \t\r\n")
     return "list" if head.startswith("[") else "lines"
 
 
 def _first_record(path: Path) -> Any:
     if _json_layout(path) == "lines":
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.strip():
                     try:
@@ -147,17 +147,20 @@ def _iter_json_list_text(text: str, stop_after: int | None = None) -> Iterator[t
         pos = nxt
 
 
-def iter_json_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """Yields ("file:line", object or JSONDecodeError) for a JSON list or a JSON-lines file."""
+def is_json_lines(path: Path) -> bool:
+    """True for a JSON-lines file (one record a line): the layout a process can read a share of."""
+    return path.is_file() and path.suffix.lower() in (".jsonl", ".json") and _json_layout(path) == "lines"
+
+
+def iter_json_records(path: Path, byte_range: tuple[int, int] | None = None) -> Iterator[tuple[str, Any]]:
+    """Yields ("file:line", object or JSONDecodeError) for a JSON list or a JSON-lines file.
+
+    With ``byte_range`` ``(lo, hi)`` (JSON lines only), only the lines that start at a byte in
+    ``[lo, hi)``, numbered as in the whole file: the shares of ``[0, size)`` cut anywhere read every
+    line once, in order.
+    """
     if _json_layout(path) == "lines":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path.name}:{lineno}", json.loads(line.strip())
-                except json.JSONDecodeError as e:
-                    yield f"{path.name}:{lineno}", e
+        yield from _iter_json_lines(path, byte_range or (0, path.stat().st_size))
         return
     text = path.read_text(encoding="utf-8")
     try:
@@ -165,6 +168,41 @@ def iter_json_records(path: Path) -> Iterator[tuple[str, Any]]:
             yield f"{path.name}:{lineno}", obj
     except ValueError:
         yield f"{path.name}:1", json.JSONDecodeError("not a JSON list", text[:80], 0)
+
+
+def _iter_json_lines(path: Path, byte_range: tuple[int, int]) -> Iterator[tuple[str, Any]]:
+    lo, hi = byte_range
+    with open(path, "rb") as f:
+        if lo > 0:
+            f.seek(lo - 1)
+            f.readline()  # the rest of the line that started before lo: the previous share's
+        start = f.tell()
+        lineno = _newlines_before(path, start) + 1
+        while start < hi:
+            raw = f.readline()
+            if not raw:
+                return
+            where, lineno, start = f"{path.name}:{lineno}", lineno + 1, start + len(raw)
+            if not raw.strip():
+                continue
+            try:
+                yield where, json.loads(raw.decode("utf-8").strip())
+            except UnicodeDecodeError as e:
+                yield where, json.JSONDecodeError(f"not UTF-8 text ({e.reason} at byte {e.start + 1})", "", 0)
+            except json.JSONDecodeError as e:
+                yield where, e
+
+
+def _newlines_before(path: Path, end: int) -> int:
+    """Line breaks in the first ``end`` bytes of ``path``."""
+    count = 0
+    with open(path, "rb") as f:
+        while end > 0:
+            chunk = f.read(min(end, 1 << 24))
+            if not chunk:
+                break
+            count, end = count + chunk.count(b"\n"), end - len(chunk)
+    return count
 
 
 # ----------------------------------------------------------------------------- record parsers
@@ -393,9 +431,15 @@ def read_table(
 
 
 def read_records(
-    path: Path, fmt: str, root: Path, system_prompt: str = "", columns: dict | None = None
+    path: Path,
+    fmt: str,
+    root: Path,
+    system_prompt: str = "",
+    columns: dict | None = None,
+    byte_range: tuple[int, int] | None = None,
 ) -> tuple[list[Sample], list[Problem]]:
-    """Reads every record of ``path`` in format ``fmt`` (not 'auto'); images are not decoded here."""
+    """Reads every record of ``path`` in format ``fmt`` (not 'auto'), or of a JSON-lines file those
+    of ``byte_range`` (``iter_json_records``); images are not decoded here."""
     if fmt == "cookbook":
         raise DataError(f"{path} is a llama-cookbook dataset file: train with --custom_dataset.file {path}")
     if fmt not in FORMATS:
@@ -403,7 +447,7 @@ def read_records(
     if fmt == "hf" and (path.is_dir() or path.suffix.lower() in (".parquet", ".arrow")):
         return read_table(path, root, system_prompt, columns)
     samples, problems = [], []
-    for where, obj in iter_json_records(path):
+    for where, obj in iter_json_records(path, byte_range):
         if isinstance(obj, json.JSONDecodeError):
             problems.append(Problem(where, f"invalid JSON ({obj.msg} at column {obj.colno})"))
             continue

@@ -111,9 +111,11 @@ def read_samples(
     fmt: str = "auto",
     columns: dict | None = None,
     log=None,
+    byte_range: tuple[int, int] | None = None,
 ) -> tuple[list[Sample], list[Problem]]:
     """The first half of ``load_samples``: records parsed and their structure checked, images not
-    yet looked at (``data.cache`` checks each process's share of them)."""
+    yet looked at (``data.cache`` checks each process's share of them); of a JSON-lines file, with
+    ``byte_range``, only the lines that start in it (a process's share)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file '{path}' not found")
@@ -122,7 +124,7 @@ def read_samples(
         if log is not None:
             log(f"{path.name}: format '{fmt}' detected ({why}); set data.format to override")
     root = Path(image_root) if image_root else (path if path.is_dir() else path.parent)
-    return read_records(path, fmt, root, system_prompt, columns)
+    return read_records(path, fmt, root, system_prompt, columns, byte_range)
 
 
 def report_problems(problems: list[Problem], on_error: str, total: int, log=print) -> None:
