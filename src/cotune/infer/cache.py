@@ -420,6 +420,8 @@ def forward(
         out = model(**inputs, **masks, **(extra or {}), cache=cache, use_cache=True, logits_to_keep=1)
     finally:
         cache.plan = None
+    if slots == list(range(lo, hi)):  # every row fed, in order: a view, not a copy of (rows, vocab)
+        return out.logits[:, -1].float()
     return out.logits[[s - lo for s in slots], -1].float()
 
 
