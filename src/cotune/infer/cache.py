@@ -193,6 +193,21 @@ class BatchCache:
             self._look_at(slot, None)
             self.used[slot] = False
 
+    def move(self, src: int, dst: int) -> None:
+        """Moves row ``src`` into the free slot ``dst`` (its tokens copied, its image kept); ``src``
+        is free after. What keeps a batch's rows in its lowest slots when others leave."""
+        end = self.end[src]
+        for i in self.k:
+            self.k[i][dst, :, :end] = self.k[i][src, :, :end]
+            self.v[i][dst, :, :end] = self.v[i][src, :, :end]
+            self.copied += 2 * self.k[i][src, :, :end].nbytes
+        self.mask[dst] = self.mask[src]
+        self.end[dst], self.position[dst], self.used[dst] = end, self.position[src], True
+        self._look_at(dst, self.image[src])
+        for _, _, held in self._buffer.values():
+            held[dst] = None  # its per-slot image copy is made again when a forward mixes images
+        self.free([src])
+
     def fork(self, slot: int, n: int) -> list[int]:
         """``n`` new slots holding a copy of ``slot``'s tokens (``slot`` is kept); its image is shared."""
         out = []

@@ -327,6 +327,19 @@ class Engine:
         self.cache.free([c.slot for c in self.choices if c.done])
         self.choices = [self.choices[i] for i in keep]
         self.metrics.batch_size = len(self.choices)
+        self._compact()
+
+    def _compact(self) -> None:
+        """Keeps the running rows in the lowest slots: a step runs every slot between the lowest and
+        the highest running one, so the highest row moves into each free slot below it (one row's
+        keys and values copied, the others untouched)."""
+        while self.choices:
+            top = max(self.choices, key=lambda c: c.slot)
+            hole = next((s for s in range(top.slot) if not self.cache.used[s]), None)
+            if hole is None:
+                return
+            self.cache.move(top.slot, hole)
+            top.slot = hole
 
     def _emit(self, job: Job, event: dict) -> None:
         try:
