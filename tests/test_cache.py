@@ -59,7 +59,9 @@ def test_rows_joining_and_leaving_a_mixed_batch_answer_as_alone(base, processor,
     moved = engine.cache.copied
     while engine.choices:
         engine._step()
-        assert sorted(c.slot for c in engine.choices) == list(range(len(engine.choices)))  # no hole runs along
+        assert sorted(c.slot for c in engine.choices) == list(
+            range(len(engine.choices))
+        )  # no hole runs along
     assert engine.cache.copied > moved  # a row moved down into the slot the early leaver gave back
     assert [tokens[k] for k in range(len(items))] == reference
     assert engine.cache.rows() == 0 and engine.cache.images == []  # every slot and picture freed

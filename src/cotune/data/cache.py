@@ -28,6 +28,7 @@ the entry into place while the others wait at a barrier.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -196,10 +197,8 @@ def _open_entry(final: Path, name: str, fmt: str, rank: int, say) -> EncodedFile
     """The entry built by an earlier run, stamped as used now (its ``meta.json``'s modification
     time, which eviction goes by) and announced."""
     if rank == 0:
-        try:
+        with contextlib.suppress(OSError):  # a read-only shared cache: the entry is used all the same
             os.utime(final / "meta.json")
-        except OSError:  # a read-only shared cache: the entry is used all the same
-            pass
     entry = EncodedFile(final)
     say(entry.meta.get("format_line") or f"{name}: format '{fmt}'")
     say(f"{name}: prepared data read from the cache {final} (built {entry.meta['built']})")

@@ -196,16 +196,9 @@ class BatchCache:
     def move(self, src: int, dst: int) -> None:
         """Moves row ``src`` into the free slot ``dst`` (its tokens copied, its image kept); ``src``
         is free after. What keeps a batch's rows in its lowest slots when others leave."""
-        end = self.end[src]
-        for i in self.k:
-            self.k[i][dst, :, :end] = self.k[i][src, :, :end]
-            self.v[i][dst, :, :end] = self.v[i][src, :, :end]
-            self.copied += 2 * self.k[i][src, :, :end].nbytes
-        self.mask[dst] = self.mask[src]
-        self.end[dst], self.position[dst], self.used[dst] = end, self.position[src], True
+        self.used[dst] = True
         self._look_at(dst, self.image[src])
-        for _, _, held in self._buffer.values():
-            held[dst] = None  # its per-slot image copy is made again when a forward mixes images
+        self._copy_tokens(src, dst)
         self.free([src])
 
     def fork(self, slot: int, n: int) -> list[int]:
@@ -213,15 +206,19 @@ class BatchCache:
         out = []
         for _ in range(n):
             new = self.add(self.image[slot])
-            end = self.end[slot]
-            for i in self.k:
-                self.k[i][new, :, :end] = self.k[i][slot, :, :end]
-                self.v[i][new, :, :end] = self.v[i][slot, :, :end]
-                self.copied += 2 * self.k[i][slot, :, :end].nbytes
-            self.mask[new] = self.mask[slot]
-            self.end[new], self.position[new] = end, self.position[slot]
+            self._copy_tokens(slot, new)
             out.append(new)
         return out
+
+    def _copy_tokens(self, src: int, dst: int) -> None:
+        """Slot ``dst`` gets ``src``'s keys, values, mask and positions (its image is set apart)."""
+        end = self.end[src]
+        for i in self.k:
+            self.k[i][dst, :, :end] = self.k[i][src, :, :end]
+            self.v[i][dst, :, :end] = self.v[i][src, :, :end]
+            self.copied += 2 * self.k[i][src, :, :end].nbytes
+        self.mask[dst] = self.mask[src]
+        self.end[dst], self.position[dst] = end, self.position[src]
 
     def rows(self) -> int:
         return sum(self.used)
